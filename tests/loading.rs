@@ -1,0 +1,182 @@
+//! Loading a handler library, end to end: every way loading can fail ends the host with one
+//! actionable sentence and its documented exit code, and `inspect` prints the descriptor.
+
+use e2e::{artifacts, fixture, worker_host, Run, Sample};
+use serde_json::{json, Value};
+use std::path::Path;
+
+/// Runs a one-shot job on the handler at `path`.
+fn run_on(path: &Path) -> Run {
+    Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(path)
+            .args(["--test_input", r#"{"input": {"k": 1}}"#]),
+    )
+}
+
+/// Asserts one line on stderr, containing every fragment, and the exit code.
+fn assert_refused(run: &Run, code: i32, fragments: &[&str]) {
+    assert_eq!(run.code, Some(code), "stderr: {}", run.stderr);
+    assert_eq!(
+        run.stderr.trim_end().lines().count(),
+        1,
+        "one sentence: {}",
+        run.stderr
+    );
+    for fragment in fragments {
+        assert!(
+            run.stderr.contains(fragment),
+            "missing {fragment:?} in: {}",
+            run.stderr
+        );
+    }
+    assert!(run.stdout.is_empty(), "no result printed: {}", run.stdout);
+}
+
+/// A path that does not exist: exit 3, naming the path and the flag to fix.
+#[test]
+fn missing_file() {
+    let run = run_on(Path::new("/no/such/handler.so"));
+    assert_refused(
+        &run,
+        3,
+        &["/no/such/handler.so", "does not exist", "--handler"],
+    );
+}
+
+/// A file that is not a shared library: exit 4, with the loader's reason.
+#[test]
+fn not_a_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("handler.so");
+    std::fs::write(&path, "this is not an ELF file").unwrap();
+    let run = run_on(&path);
+    assert_refused(
+        &run,
+        4,
+        &["could not be loaded as a shared library", "handler.so"],
+    );
+}
+
+/// A library without `wh_handler_entry`: exit 5, saying how to export it.
+#[test]
+fn missing_entry_symbol() {
+    let run = run_on(&fixture("no_entry"));
+    assert_refused(
+        &run,
+        5,
+        &["does not export wh_handler_entry", "export_handler!"],
+    );
+}
+
+/// A handler built for ABI 2: exit 6, naming the ABI each side speaks.
+#[test]
+fn abi_major_mismatch() {
+    let run = run_on(&fixture("abi_2"));
+    assert_refused(&run, 6, &["built for handler ABI 2", "speaks ABI 1"]);
+}
+
+/// A descriptor smaller than ABI 1.0's, or one without a handle function: exit 7.
+#[test]
+fn invalid_descriptors() {
+    let run = run_on(&fixture("too_small"));
+    assert_refused(&run, 7, &["descriptor of 8 bytes", "smaller than"]);
+    let run = run_on(&fixture("null_handle"));
+    assert_refused(&run, 7, &["handle is NULL"]);
+}
+
+/// A failing init: exit 8, with the handler's own message; no job runs.
+#[test]
+fn init_failure() {
+    let run = Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(artifacts().library(Sample::Faulty))
+            .args(["--handler-config", r#"{"fail_init": "CUDA out of memory"}"#])
+            .args(["--test_input", r#"{"input": 1}"#]),
+    );
+    assert_refused(&run, 8, &["init failed", "CUDA out of memory"]);
+}
+
+/// A handler built against a later 1.x header (larger descriptor, higher minor) loads and runs.
+#[test]
+fn later_minor_version_still_runs() {
+    let run = run_on(&fixture("future_minor"));
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.result(), json!({"output": {"k": 1}}));
+}
+
+/// No handler at all: exit 2, naming the flag and the variable.
+#[test]
+fn no_handler_given() {
+    let run = Run::of(worker_host().args(["--test_input", r#"{"input": 1}"#]));
+    assert_refused(&run, 2, &["--handler", "WORKER_HOST_HANDLER"]);
+}
+
+/// The handler path can come from WORKER_HOST_HANDLER, and the config from an @file.
+#[test]
+fn handler_from_environment_and_config_from_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config.json");
+    std::fs::write(&config, r#"{"fail_init": "from the file"}"#).unwrap();
+    let run = Run::of(
+        worker_host()
+            .env("WORKER_HOST_HANDLER", artifacts().library(Sample::Faulty))
+            .arg("--handler-config")
+            .arg(format!("@{}", config.display()))
+            .args(["--test_input", r#"{"input": 1}"#]),
+    );
+    assert_refused(&run, 8, &["from the file"]);
+}
+
+/// `inspect` prints each sample's descriptor, as text and as JSON, without running init.
+#[test]
+fn inspect_prints_the_descriptor() {
+    let run = Run::of(
+        worker_host()
+            .args(["inspect", "--json", "--handler"])
+            .arg(artifacts().library(Sample::Stream)),
+    );
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    let info: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(info["name"], "stream-handler");
+    assert_eq!(info["version"], "0.1.0");
+    assert_eq!(
+        (info["abi_major"].as_u64(), info["abi_minor"].as_u64()),
+        (Some(1), Some(0))
+    );
+    assert_eq!(info["max_concurrency"], 0);
+    assert_eq!(info["streaming"], true);
+
+    let run = Run::of(
+        worker_host()
+            .arg("inspect")
+            .arg("--handler")
+            .arg(artifacts().library(Sample::CEcho)),
+    );
+    assert_eq!(run.code, Some(0));
+    assert!(
+        run.stdout.contains("name:            c-echo-handler"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("features:        none"),
+        "{}",
+        run.stdout
+    );
+
+    // inspect does not run init, so a handler whose init would fail is still described.
+    let run = Run::of(
+        worker_host()
+            .args([
+                "inspect",
+                "--handler-config",
+                r#"{"fail_init": "x"}"#,
+                "--handler",
+            ])
+            .arg(artifacts().library(Sample::Faulty)),
+    );
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+}

@@ -1,0 +1,201 @@
+//! Shared support for the end-to-end tests: building and locating the real `worker-host` binary
+//! and the real handler libraries, and running the binary in a clean environment.
+//!
+//! `cargo test` does not build the `cdylib` handlers or the binary of another package, so the
+//! first test that needs them runs `cargo build` for those packages (with the `cargo` that is
+//! running the tests) and reads where each artefact landed from cargo's own JSON messages.
+
+use serde_json::Value;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+
+/// The packages the tests load, and the binary they run.
+const PACKAGES: &[&str] = &[
+    "worker-host",
+    "echo-handler",
+    "stream-handler",
+    "faulty-handler",
+    "c-echo-handler",
+];
+
+/// A handler library the tests can load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sample {
+    /// The Rust echo handler.
+    Echo,
+    /// The Rust streaming handler.
+    Stream,
+    /// The Rust handler whose input picks a fault.
+    Faulty,
+    /// The echo handler written in C.
+    CEcho,
+}
+
+/// Where the build put the binary and each handler.
+#[derive(Debug)]
+pub struct Artifacts {
+    /// The `worker-host` executable.
+    pub worker_host: PathBuf,
+    libraries: HashMap<&'static str, PathBuf>,
+}
+
+impl Artifacts {
+    /// The shared library of a sample handler.
+    pub fn library(&self, sample: Sample) -> &Path {
+        let package = match sample {
+            Sample::Echo => "echo-handler",
+            Sample::Stream => "stream-handler",
+            Sample::Faulty => "faulty-handler",
+            Sample::CEcho => "c-echo-handler",
+        };
+        &self.libraries[package]
+    }
+}
+
+/// Builds (once per test process) and locates the binary and the sample handlers.
+pub fn artifacts() -> &'static Artifacts {
+    static ARTIFACTS: OnceLock<Artifacts> = OnceLock::new();
+    ARTIFACTS.get_or_init(build_artifacts)
+}
+
+fn build_artifacts() -> Artifacts {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("tests/ has a parent");
+    let mut command = Command::new(cargo);
+    command
+        .current_dir(workspace)
+        .args(["build", "--message-format=json-render-diagnostics"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    for package in PACKAGES {
+        command.args(["-p", package]);
+    }
+    let output = command.output().expect("cargo could not be started");
+    assert!(
+        output.status.success(),
+        "building the binary and the sample handlers failed"
+    );
+
+    let mut worker_host = None;
+    let mut libraries = HashMap::new();
+    for line in String::from_utf8_lossy(&output.stdout).lines() {
+        let Ok(message) = serde_json::from_str::<Value>(line) else {
+            continue;
+        };
+        let Some(package) = package_of(&message) else {
+            continue;
+        };
+        match message["reason"].as_str() {
+            Some("compiler-artifact") if package == "worker-host" => {
+                if let Some(path) = message["executable"].as_str() {
+                    worker_host = Some(PathBuf::from(path));
+                }
+            }
+            Some("compiler-artifact") => {
+                let shared = message["filenames"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_str)
+                    .find(|name| name.ends_with(".so"));
+                if let Some(path) = shared {
+                    libraries.insert(package, PathBuf::from(path));
+                }
+            }
+            // The C handler is linked by its build script into its OUT_DIR.
+            Some("build-script-executed") if package == "c-echo-handler" => {
+                let out_dir = message["out_dir"]
+                    .as_str()
+                    .expect("build scripts have an out_dir");
+                libraries.insert(package, Path::new(out_dir).join("libc_echo_handler.so"));
+            }
+            _ => {}
+        }
+    }
+    for package in &PACKAGES[1..] {
+        assert!(
+            libraries.contains_key(package),
+            "the build produced no library for {package}"
+        );
+    }
+    Artifacts {
+        worker_host: worker_host.expect("the build produced no worker-host executable"),
+        libraries,
+    }
+}
+
+/// The package name of a cargo JSON message, if it is one of ours.
+fn package_of(message: &Value) -> Option<&'static str> {
+    let id = message["package_id"].as_str()?;
+    // Package ids look like `path+file:///.../sample-handlers/echo#echo-handler@0.1.0`, or
+    // `path+file:///.../worker-host#0.1.0` when the directory has the package's name (or, with
+    // older cargo, `echo-handler 0.1.0 (path+file://...)`).
+    PACKAGES.iter().copied().find(|package| {
+        id.contains(&format!("#{package}@"))
+            || id.contains(&format!("/{package}#"))
+            || id.starts_with(&format!("{package} "))
+    })
+}
+
+/// The directory holding the deliberately broken handler libraries built by `build.rs`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("FIXTURE_DIR")).join(format!("lib{name}.so"))
+}
+
+/// A `worker-host` command with a clean environment: no RUNPOD_* or WORKER_HOST_* variable from
+/// the machine running the tests leaks in.
+pub fn worker_host() -> Command {
+    let mut command = Command::new(&artifacts().worker_host);
+    command.env_clear();
+    for name in ["PATH", "HOME", "LANG", "LD_LIBRARY_PATH"] {
+        if let Some(value) = std::env::var_os(name) {
+            command.env(name, value);
+        }
+    }
+    command.stdin(Stdio::null());
+    command
+}
+
+/// The finished run of a command, with its streams as text.
+#[derive(Debug)]
+pub struct Run {
+    /// The exit code; `None` when a signal ended the process.
+    pub code: Option<i32>,
+    /// Everything written to stdout.
+    pub stdout: String,
+    /// Everything written to stderr.
+    pub stderr: String,
+}
+
+impl Run {
+    /// Runs the command to its end.
+    pub fn of(command: &mut Command) -> Self {
+        let Output {
+            status,
+            stdout,
+            stderr,
+        } = command.output().expect("the command could not be started");
+        Self {
+            code: status.code(),
+            stdout: String::from_utf8(stdout).expect("stdout is UTF-8"),
+            stderr: String::from_utf8_lossy(&stderr).into_owned(),
+        }
+    }
+
+    /// stdout's lines, each parsed as JSON.
+    pub fn json_lines(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+            .collect()
+    }
+
+    /// The last stdout line: the job-done body of a one-shot run.
+    pub fn result(&self) -> Value {
+        self.json_lines().pop().expect("no result on stdout")
+    }
+}

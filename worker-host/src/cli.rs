@@ -1,0 +1,140 @@
+//! The command line, and the environment variables that stand in for its flags.
+//!
+//! Flag names follow the Python SDK where it has one (`--test_input`, `--rp_log_level`, ...), with
+//! a dashed alias in this host's own style. Everything is read here, at the edge; the library
+//! below gets a [`crate::config::Settings`] and never reads the environment itself.
+
+use crate::logging::LogFormat;
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+/// Runs a handler compiled as a shared library (.so) as a RunPod serverless worker.
+///
+/// With --test_input (or ./test_input.json, when RUNPOD_WEBHOOK_GET_JOB is not set) it runs one
+/// job and exits 0 on success, 1 on failure.
+#[derive(Debug, Parser)]
+#[command(name = "worker-host", version, about, long_about = None)]
+pub struct Cli {
+    /// What to do; without a command, run the handler.
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// The handler and how it is loaded.
+    #[command(flatten)]
+    pub handler: HandlerArgs,
+
+    /// The one-shot test run.
+    #[command(flatten)]
+    pub test: TestArgs,
+
+    /// Results and limits.
+    #[command(flatten)]
+    pub results: ResultArgs,
+
+    /// Logging.
+    #[command(flatten)]
+    pub logging: LogArgs,
+
+    /// The platform's environment.
+    #[command(flatten)]
+    pub platform: PlatformEnv,
+}
+
+/// Commands other than running the handler.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Load the handler, print its descriptor (name, version, ABI, concurrency, features) and exit.
+    /// Does not run init.
+    Inspect {
+        /// Print the descriptor as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Which handler to load and how to configure it.
+#[derive(Debug, Args)]
+pub struct HandlerArgs {
+    /// The handler's shared library (.so).
+    #[arg(long, env = "WORKER_HOST_HANDLER", value_name = "PATH", global = true)]
+    pub handler: Option<PathBuf>,
+
+    /// The handler's configuration, passed to its init: JSON, or @FILE to read it from a file.
+    #[arg(
+        long,
+        env = "WORKER_HOST_HANDLER_CONFIG",
+        value_name = "JSON|@FILE",
+        global = true
+    )]
+    pub handler_config: Option<String>,
+}
+
+/// The one-shot test run.
+#[derive(Debug, Args)]
+pub struct TestArgs {
+    /// Run one job and exit: the job as JSON ({"input": ...}), or @FILE.
+    #[arg(long = "test_input", alias = "test-input", value_name = "JSON|@FILE")]
+    pub test_input: Option<String>,
+
+    /// Compare the job's output with this JSON (or @FILE); on a difference print it and exit 1.
+    #[arg(long = "test_output", alias = "test-output", value_name = "JSON|@FILE")]
+    pub test_output: Option<String>,
+}
+
+/// How results are shaped and bounded.
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// For streaming handlers, put every chunk in the final result too (the SDK's
+    /// return_aggregate_stream); by default the final result's output is [].
+    #[arg(long, env = "WORKER_HOST_RETURN_AGGREGATE_STREAM")]
+    pub return_aggregate_stream: bool,
+
+    /// Add "stopPod": true to every result and exit after the first job (the SDK's config-level
+    /// refresh_worker).
+    #[arg(long, env = "WORKER_HOST_REFRESH_WORKER")]
+    pub refresh_worker: bool,
+
+    /// The largest output (or stream chunk, or progress value) a handler may return, in bytes.
+    #[arg(long, env = "WORKER_HOST_MAX_OUTPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_output_bytes: usize,
+}
+
+/// Logging.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level: TRACE, DEBUG, INFO, WARN (or WARNING), ERROR or NOTSET. Default INFO.
+    #[arg(long = "rp_log_level", alias = "log-level", value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// The SDK's log level variable; the flag wins over it.
+    #[arg(long, env = "RUNPOD_LOG_LEVEL", hide = true)]
+    pub runpod_log_level: Option<String>,
+
+    /// The SDK's fallback log level variable.
+    #[arg(long, env = "RUNPOD_DEBUG_LEVEL", hide = true)]
+    pub runpod_debug_level: Option<String>,
+
+    /// Log line format.
+    #[arg(long, env = "WORKER_HOST_LOG_FORMAT", value_enum, default_value_t = LogFormat::Auto)]
+    pub log_format: LogFormat,
+}
+
+/// Variables the RunPod platform sets in a worker's environment.
+#[derive(Debug, Args)]
+pub struct PlatformEnv {
+    /// The job-take URL template; when set (and no test input is given), run as a queue worker.
+    #[arg(long, env = "RUNPOD_WEBHOOK_GET_JOB", hide = true)]
+    pub webhook_get_job: Option<String>,
+
+    /// The endpoint id; when set, logs default to JSON lines.
+    #[arg(long, env = "RUNPOD_ENDPOINT_ID", hide = true)]
+    pub endpoint_id: Option<String>,
+
+    /// The worker id.
+    #[arg(long, env = "RUNPOD_POD_ID", hide = true)]
+    pub pod_id: Option<String>,
+
+    /// The worker's host name, reported in error payloads.
+    #[arg(long, env = "RUNPOD_POD_HOSTNAME", hide = true)]
+    pub pod_hostname: Option<String>,
+}

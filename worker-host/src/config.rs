@@ -1,0 +1,236 @@
+//! Turns the command line (and the environment standing in for it) into [`Settings`]: which mode
+//! to run in, the handler and its configuration, the test job, limits and log settings. All the
+//! reading of files named on the command line (`@file` arguments, `./test_input.json`) happens
+//! here, before the handler is loaded, so a mistake is reported before a slow `init`.
+
+use crate::cli::{Cli, Command};
+use crate::handler::Limits;
+use crate::job::{InputRule, Job, JobError, Origin};
+use crate::logging::{parse_level, LogFormat, UnknownLevel};
+use serde_json::value::RawValue;
+use std::path::{Path, PathBuf};
+use tracing_subscriber::filter::LevelFilter;
+
+/// The id a test job gets when its JSON has none (the SDK's).
+pub const LOCAL_TEST_JOB_ID: &str = "local_test";
+
+/// The file a one-shot run reads when no test input is given (the SDK's).
+pub const DEFAULT_TEST_INPUT_FILE: &str = "test_input.json";
+
+/// Why the settings could not be built. Each message says what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// No handler path was given.
+    #[error("no handler given: pass --handler PATH or set WORKER_HOST_HANDLER to the handler's .so file")]
+    NoHandler,
+    /// An `@file` argument could not be read.
+    #[error("cannot read {what} from {path}: {source}")]
+    UnreadableFile {
+        /// Which argument.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// An argument is not valid JSON.
+    #[error("{what} is not valid JSON: {reason}")]
+    InvalidJson {
+        /// Which argument.
+        what: &'static str,
+        /// The parser's message.
+        reason: String,
+    },
+    /// No test input was given and `./test_input.json` does not exist.
+    #[error("no test input: pass --test_input '{{\"input\": ...}}', create ./test_input.json, or set RUNPOD_WEBHOOK_GET_JOB to run as a queue worker")]
+    NoTestInput,
+    /// The test job is not a valid job.
+    #[error("the test input is not a valid job ({0}); it should look like {{\"input\": {{...}}}}")]
+    InvalidTestJob(JobError),
+    /// An unknown log level name.
+    #[error(transparent)]
+    LogLevel(#[from] UnknownLevel),
+}
+
+impl ConfigError {
+    /// Whether this is a problem with the test job, which the SDK reports as a failed run (exit 1)
+    /// rather than as a usage error.
+    pub fn is_test_input_error(&self) -> bool {
+        matches!(self, Self::NoTestInput | Self::InvalidTestJob(_))
+            || matches!(self, Self::InvalidJson { what, .. } | Self::UnreadableFile { what, .. } if *what == "the test input")
+    }
+}
+
+/// Everything the host needs to run, resolved.
+#[derive(Debug)]
+pub struct Settings {
+    /// What to do.
+    pub mode: Mode,
+    /// The handler library.
+    pub handler_path: PathBuf,
+    /// The handler configuration as JSON text (`{}` when none was given).
+    pub handler_config: String,
+    /// Size limits.
+    pub limits: Limits,
+    /// How results are shaped.
+    pub results: ResultOptions,
+    /// The log level.
+    pub log_level: LevelFilter,
+    /// The log format, with `Auto` resolved.
+    pub log_format: LogFormat,
+}
+
+/// What the host does once the handler is loaded.
+#[derive(Debug)]
+pub enum Mode {
+    /// Print the descriptor and exit (no `init`).
+    Inspect {
+        /// As one JSON object.
+        json: bool,
+    },
+    /// Run one job and exit.
+    OneShot(OneShot),
+    /// Take jobs from the platform.
+    Worker {
+        /// The job-take URL template.
+        job_take_url: String,
+    },
+}
+
+/// A one-shot run: the job, and optionally the output it must produce.
+#[derive(Debug)]
+pub struct OneShot {
+    /// The job.
+    pub job: Job,
+    /// The expected output (`--test_output`).
+    pub expected_output: Option<serde_json::Value>,
+}
+
+/// How results are shaped for the platform.
+#[derive(Debug, Clone, Default)]
+pub struct ResultOptions {
+    /// Put every streamed chunk in a streaming job's final result.
+    pub return_aggregate_stream: bool,
+    /// Add `stopPod` to every result and stop after one job.
+    pub refresh_worker: bool,
+    /// Where error payloads say they come from.
+    pub origin: Origin,
+}
+
+impl Settings {
+    /// Resolves the command line. `working_dir` is where `./test_input.json` is looked for.
+    pub fn from_cli(cli: Cli, working_dir: &Path) -> Result<Self, ConfigError> {
+        let log_name = cli
+            .logging
+            .log_level
+            .or(cli.logging.runpod_log_level)
+            .or(cli.logging.runpod_debug_level);
+        let log_level = match log_name {
+            Some(name) => parse_level(&name)?,
+            None => LevelFilter::INFO,
+        };
+        let log_format = match cli.logging.log_format {
+            LogFormat::Auto
+                if cli
+                    .platform
+                    .endpoint_id
+                    .as_deref()
+                    .is_some_and(|id| !id.is_empty()) =>
+            {
+                LogFormat::Json
+            }
+            LogFormat::Auto => LogFormat::Text,
+            other => other,
+        };
+        let handler_path = cli.handler.handler.ok_or(ConfigError::NoHandler)?;
+        let handler_config = match cli.handler.handler_config {
+            Some(argument) => json_argument("the handler configuration", &argument)?,
+            None => "{}".to_owned(),
+        };
+        let mode = match cli.command {
+            Some(Command::Inspect { json }) => Mode::Inspect { json },
+            None => match (cli.test.test_input, cli.platform.webhook_get_job) {
+                (Some(argument), _) => {
+                    let text = json_argument("the test input", &argument)?;
+                    Mode::OneShot(one_shot(&text, cli.test.test_output.as_deref())?)
+                }
+                (None, Some(job_take_url)) if !job_take_url.is_empty() => {
+                    Mode::Worker { job_take_url }
+                }
+                (None, _) => {
+                    let path = working_dir.join(DEFAULT_TEST_INPUT_FILE);
+                    if !path.is_file() {
+                        return Err(ConfigError::NoTestInput);
+                    }
+                    let text = json_argument("the test input", &format!("@{}", path.display()))?;
+                    Mode::OneShot(one_shot(&text, cli.test.test_output.as_deref())?)
+                }
+            },
+        };
+        let non_empty = |value: Option<String>| value.filter(|text| !text.is_empty());
+        let origin = Origin {
+            hostname: non_empty(cli.platform.pod_hostname).unwrap_or_else(|| "unknown".into()),
+            worker_id: non_empty(cli.platform.pod_id).unwrap_or_else(|| "unknown".into()),
+        };
+        Ok(Self {
+            mode,
+            handler_path,
+            handler_config,
+            limits: Limits {
+                max_output_bytes: cli.results.max_output_bytes,
+            },
+            results: ResultOptions {
+                return_aggregate_stream: cli.results.return_aggregate_stream,
+                refresh_worker: cli.results.refresh_worker,
+                origin,
+            },
+            log_level,
+            log_format,
+        })
+    }
+}
+
+fn one_shot(text: &str, test_output: Option<&str>) -> Result<OneShot, ConfigError> {
+    let raw: &RawValue = serde_json::from_str(text).map_err(|error| ConfigError::InvalidJson {
+        what: "the test input",
+        reason: error.to_string(),
+    })?;
+    let job = Job::parse(raw, Some(LOCAL_TEST_JOB_ID), InputRule::NotNull)
+        .map_err(ConfigError::InvalidTestJob)?;
+    let expected_output = match test_output {
+        Some(argument) => {
+            let text = json_argument("the expected test output", argument)?;
+            Some(
+                serde_json::from_str(&text).map_err(|error| ConfigError::InvalidJson {
+                    what: "the expected test output",
+                    reason: error.to_string(),
+                })?,
+            )
+        }
+        None => None,
+    };
+    Ok(OneShot {
+        job,
+        expected_output,
+    })
+}
+
+/// Reads a JSON argument: the text itself, or the contents of the file after `@`. Checks that it
+/// is one JSON value and returns it as text.
+fn json_argument(what: &'static str, argument: &str) -> Result<String, ConfigError> {
+    let text = match argument.strip_prefix('@') {
+        Some(path) => {
+            std::fs::read_to_string(path).map_err(|source| ConfigError::UnreadableFile {
+                what,
+                path: PathBuf::from(path),
+                source,
+            })?
+        }
+        None => argument.to_owned(),
+    };
+    serde_json::from_str::<&RawValue>(&text).map_err(|error| ConfigError::InvalidJson {
+        what,
+        reason: error.to_string(),
+    })?;
+    Ok(text)
+}
