@@ -1,6 +1,6 @@
 //! The `#[repr(C)]` mirror of `include/worker_host.h`, field for field.
 //!
-//! The header is the source of truth; this module must match it exactly, and the `layout` test
+//! The header is the source of truth; this module must match it exactly, and `tests/header.rs`
 //! compiles the header with the system C compiler and compares every size and offset. Names keep
 //! the header's `wh_` spelling so a reader can move between the two without a map.
 
