@@ -32,7 +32,8 @@ fn main() {
 }
 
 fn compile(compiler: &cc::Tool, source: &Path, include_dir: &Path, fixture: &str, library: &Path) {
-    let status = compiler.to_command()
+    let status = compiler
+        .to_command()
         .args([
             "-std=c11",
             "-shared",

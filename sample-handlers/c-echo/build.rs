@@ -22,7 +22,8 @@ fn main() {
         .cargo_metadata(false)
         .get_compiler();
     let library = out_dir.join("libc_echo_handler.so");
-    let status = compiler.to_command()
+    let status = compiler
+        .to_command()
         .args([
             "-std=c11",
             "-Wall",

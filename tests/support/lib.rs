@@ -5,6 +5,8 @@
 //! first test that needs them runs `cargo build` for those packages (with the `cargo` that is
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
+pub mod platform;
+
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -197,5 +199,81 @@ impl Run {
     /// The last stdout line: the job-done body of a one-shot run.
     pub fn result(&self) -> Value {
         self.json_lines().pop().expect("no result on stdout")
+    }
+}
+
+/// A `worker-host` process running as a queue worker, with stderr captured to a file.
+#[derive(Debug)]
+pub struct WorkerProcess {
+    child: std::process::Child,
+    stderr_file: tempfile::NamedTempFile,
+}
+
+impl WorkerProcess {
+    /// Starts the worker on `sample` against the stand-in platform, with extra arguments and
+    /// environment variables (which override the platform's).
+    pub fn start(
+        platform: &platform::Platform,
+        sample: Sample,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        let stderr_file = tempfile::NamedTempFile::new().expect("a temporary file");
+        let mut command = worker_host();
+        command.arg("--handler").arg(artifacts().library(sample));
+        command.args(args);
+        for (name, value) in platform.worker_env() {
+            command.env(name, value);
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command
+            .stdout(Stdio::null())
+            .stderr(stderr_file.reopen().expect("the temporary file reopens"));
+        let child = command.spawn().expect("worker-host could not be started");
+        Self { child, stderr_file }
+    }
+
+    /// Sends SIGTERM, as a container runtime does to stop a worker.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill could not be started");
+        assert!(status.success(), "kill -TERM failed");
+    }
+
+    /// Waits for the process to exit, up to `timeout`; returns its exit code (None = signal).
+    /// Panics, with the worker's stderr, if it is still running then.
+    pub fn wait(&mut self, timeout: std::time::Duration) -> Option<i32> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
+                return status.code();
+            }
+            if std::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "worker-host did not exit in {timeout:?}; stderr:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+
+    /// Everything the worker wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
+    }
+}
+
+impl Drop for WorkerProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }

@@ -31,6 +31,10 @@ pub struct Cli {
     #[command(flatten)]
     pub results: ResultArgs,
 
+    /// The queue worker.
+    #[command(flatten)]
+    pub worker: WorkerArgs,
+
     /// Logging.
     #[command(flatten)]
     pub logging: LogArgs,
@@ -94,9 +98,45 @@ pub struct ResultArgs {
     #[arg(long, env = "WORKER_HOST_REFRESH_WORKER")]
     pub refresh_worker: bool,
 
+    /// The largest job input the worker accepts, in bytes; a larger job fails with the reason.
+    #[arg(long, env = "WORKER_HOST_MAX_INPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
+    pub max_input_bytes: usize,
+
     /// The largest output (or stream chunk, or progress value) a handler may return, in bytes.
     #[arg(long, env = "WORKER_HOST_MAX_OUTPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_output_bytes: usize,
+}
+
+/// The queue worker.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// How many jobs run at once; capped by what the handler declares.
+    #[arg(
+        long,
+        env = "WORKER_HOST_CONCURRENCY",
+        value_name = "N",
+        default_value_t = 1
+    )]
+    pub concurrency: usize,
+
+    /// After SIGTERM or Ctrl-C, how long running jobs may go on before they are cancelled and
+    /// reported as failed.
+    #[arg(
+        long,
+        env = "WORKER_HOST_SHUTDOWN_GRACE_SECS",
+        value_name = "SECONDS",
+        default_value_t = 30.0
+    )]
+    pub shutdown_grace_secs: f64,
+
+    /// How long a result that cannot be delivered (connection error, timeout, 5xx) is retried.
+    #[arg(
+        long,
+        env = "WORKER_HOST_RESULT_RETRY_SECS",
+        value_name = "SECONDS",
+        default_value_t = 120.0
+    )]
+    pub result_retry_secs: f64,
 }
 
 /// Logging.
@@ -125,6 +165,31 @@ pub struct PlatformEnv {
     /// The job-take URL template; when set (and no test input is given), run as a queue worker.
     #[arg(long, env = "RUNPOD_WEBHOOK_GET_JOB", hide = true)]
     pub webhook_get_job: Option<String>,
+
+    /// The job-done URL template.
+    #[arg(long, env = "RUNPOD_WEBHOOK_POST_OUTPUT", hide = true)]
+    pub webhook_post_output: Option<String>,
+
+    /// The stream URL template.
+    #[arg(long, env = "RUNPOD_WEBHOOK_POST_STREAM", hide = true)]
+    pub webhook_post_stream: Option<String>,
+
+    /// The heartbeat URL template.
+    #[arg(long, env = "RUNPOD_WEBHOOK_PING", hide = true)]
+    pub webhook_ping: Option<String>,
+
+    /// The heartbeat period in milliseconds.
+    #[arg(
+        long,
+        env = "RUNPOD_PING_INTERVAL",
+        hide = true,
+        default_value_t = 10_000
+    )]
+    pub ping_interval: u64,
+
+    /// The platform's key, sent as `Authorization`.
+    #[arg(long, env = "RUNPOD_AI_API_KEY", hide = true, hide_env_values = true)]
+    pub api_key: Option<String>,
 
     /// The endpoint id; when set, logs default to JSON lines.
     #[arg(long, env = "RUNPOD_ENDPOINT_ID", hide = true)]

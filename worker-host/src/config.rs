@@ -7,8 +7,11 @@ use crate::cli::{Cli, Command};
 use crate::handler::Limits;
 use crate::job::{InputRule, Job, JobError, Origin};
 use crate::logging::{parse_level, LogFormat, UnknownLevel};
+use crate::runpod::PlatformUrls;
+use crate::worker::WorkerConfig;
 use serde_json::value::RawValue;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 use tracing_subscriber::filter::LevelFilter;
 
 /// The id a test job gets when its JSON has none (the SDK's).
@@ -47,6 +50,14 @@ pub enum ConfigError {
     /// The test job is not a valid job.
     #[error("the test input is not a valid job ({0}); it should look like {{\"input\": {{...}}}}")]
     InvalidTestJob(JobError),
+    /// A duration flag is negative or not a number.
+    #[error("{flag} must be a number of seconds, not {value}")]
+    InvalidDuration {
+        /// The flag.
+        flag: &'static str,
+        /// The value given.
+        value: f64,
+    },
     /// An unknown log level name.
     #[error(transparent)]
     LogLevel(#[from] UnknownLevel),
@@ -91,10 +102,7 @@ pub enum Mode {
     /// Run one job and exit.
     OneShot(OneShot),
     /// Take jobs from the platform.
-    Worker {
-        /// The job-take URL template.
-        job_take_url: String,
-    },
+    Worker(Box<Worker>),
 }
 
 /// A one-shot run: the job, and optionally the output it must produce.
@@ -104,6 +112,17 @@ pub struct OneShot {
     pub job: Job,
     /// The expected output (`--test_output`).
     pub expected_output: Option<serde_json::Value>,
+}
+
+/// A queue worker: where the platform is, and how to run.
+#[derive(Debug)]
+pub struct Worker {
+    /// The platform's URLs and key.
+    pub urls: PlatformUrls,
+    /// Operator settings (concurrency before the handler's cap).
+    pub config: WorkerConfig,
+    /// The largest job input, in bytes.
+    pub max_input_bytes: usize,
 }
 
 /// How results are shaped for the platform.
@@ -147,6 +166,15 @@ impl Settings {
             Some(argument) => json_argument("the handler configuration", &argument)?,
             None => "{}".to_owned(),
         };
+        let non_empty = |value: Option<String>| value.filter(|text| !text.is_empty());
+        let pod_id = non_empty(cli.platform.pod_id.clone());
+        let origin = Origin {
+            hostname: non_empty(cli.platform.pod_hostname.clone())
+                .unwrap_or_else(|| "unknown".into()),
+            worker_id: pod_id.clone().unwrap_or_else(|| "unknown".into()),
+        };
+        // Off the platform there is no RUNPOD_POD_ID; URLs still need a worker id (as in the SDK).
+        let worker_id = pod_id.unwrap_or_else(random_worker_id);
         let mode = match cli.command {
             Some(Command::Inspect { json }) => Mode::Inspect { json },
             None => match (cli.test.test_input, cli.platform.webhook_get_job) {
@@ -154,9 +182,30 @@ impl Settings {
                     let text = json_argument("the test input", &argument)?;
                     Mode::OneShot(one_shot(&text, cli.test.test_output.as_deref())?)
                 }
-                (None, Some(job_take_url)) if !job_take_url.is_empty() => {
-                    Mode::Worker { job_take_url }
-                }
+                (None, Some(job_take)) if !job_take.is_empty() => Mode::Worker(Box::new(Worker {
+                    urls: PlatformUrls {
+                        job_take,
+                        job_done: cli.platform.webhook_post_output.clone(),
+                        job_stream: cli.platform.webhook_post_stream.clone(),
+                        ping: cli.platform.webhook_ping.clone(),
+                        api_key: cli.platform.api_key.clone().unwrap_or_default(),
+                        worker_id: worker_id.clone(),
+                    },
+                    config: WorkerConfig {
+                        concurrency: cli.worker.concurrency.max(1),
+                        shutdown_grace: seconds(
+                            "--shutdown-grace-secs",
+                            cli.worker.shutdown_grace_secs,
+                        )?,
+                        result_retry: seconds("--result-retry-secs", cli.worker.result_retry_secs)?,
+                        ping_interval: Duration::from_millis(cli.platform.ping_interval),
+                        max_output_bytes: cli.results.max_output_bytes,
+                        return_aggregate_stream: cli.results.return_aggregate_stream,
+                        refresh_worker: cli.results.refresh_worker,
+                        origin: origin.clone(),
+                    },
+                    max_input_bytes: cli.results.max_input_bytes,
+                })),
                 (None, _) => {
                     let path = working_dir.join(DEFAULT_TEST_INPUT_FILE);
                     if !path.is_file() {
@@ -166,11 +215,6 @@ impl Settings {
                     Mode::OneShot(one_shot(&text, cli.test.test_output.as_deref())?)
                 }
             },
-        };
-        let non_empty = |value: Option<String>| value.filter(|text| !text.is_empty());
-        let origin = Origin {
-            hostname: non_empty(cli.platform.pod_hostname).unwrap_or_else(|| "unknown".into()),
-            worker_id: non_empty(cli.platform.pod_id).unwrap_or_else(|| "unknown".into()),
         };
         Ok(Self {
             mode,
@@ -188,6 +232,15 @@ impl Settings {
             log_format,
         })
     }
+}
+
+/// A random worker id, 32 hex digits, for a worker started off the platform.
+fn random_worker_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+fn seconds(flag: &'static str, value: f64) -> Result<Duration, ConfigError> {
+    Duration::try_from_secs_f64(value).map_err(|_| ConfigError::InvalidDuration { flag, value })
 }
 
 fn one_shot(text: &str, test_output: Option<&str>) -> Result<OneShot, ConfigError> {

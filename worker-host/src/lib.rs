@@ -1,7 +1,7 @@
 //! worker-host: runs a handler compiled as a shared library as a RunPod serverless worker.
 //!
-//! The data flows one way: [`cli`] → [`config`] → [`handler`] (load, check, init) → a mode
-//! ([`oneshot`] today). `main` only parses, sets up logging, calls [`run`] and maps the result to
+//! The data flows one way: [`cli`] → [`config`] → [`handler`] (load, check, init) → a mode:
+//! [`oneshot`] (one test job) or [`worker`] (the RunPod queue worker, over [`runpod`]). `main` only parses, sets up logging, calls [`run`] and maps the result to
 //! an exit code ([`exit`]).
 
 pub mod cli;
@@ -11,6 +11,8 @@ pub mod handler;
 pub mod job;
 pub mod logging;
 pub mod oneshot;
+pub mod runpod;
+pub mod worker;
 
 use config::{ConfigError, Mode, Settings};
 use handler::{Handler, HandlerInfo, HandlerLibrary, LoadError};
@@ -24,9 +26,15 @@ pub enum HostError {
     /// The handler could not be loaded or initialised.
     #[error(transparent)]
     Load(#[from] LoadError),
-    /// The queue worker is not available in this build.
-    #[error("RUNPOD_WEBHOOK_GET_JOB is set, but this build of worker-host cannot run as a queue worker yet: pass --test_input to run one job")]
-    WorkerUnavailable,
+    /// A platform URL template is not a URL.
+    #[error(transparent)]
+    Url(#[from] runpod::UrlError),
+    /// The handler's init failed in production (reported to the platform as unhealthy).
+    #[error("{0}")]
+    WorkerInitFailed(LoadError),
+    /// The async runtime could not start.
+    #[error("the async runtime could not start: {0}")]
+    Runtime(std::io::Error),
 }
 
 impl HostError {
@@ -34,7 +42,8 @@ impl HostError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Config(error) if error.is_test_input_error() => exit::JOB_FAILED,
-            Self::Config(_) | Self::WorkerUnavailable => exit::USAGE,
+            Self::Config(_) | Self::Url(_) => exit::USAGE,
+            Self::WorkerInitFailed(_) | Self::Runtime(_) => exit::JOB_FAILED,
             Self::Load(error) => exit::for_load_error(error),
         }
     }
@@ -71,7 +80,73 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
                 }
             })
         }
-        Mode::Worker { .. } => Err(HostError::WorkerUnavailable),
+        Mode::Worker(worker) => run_worker(handler, &settings.handler_config, *worker),
+    }
+}
+
+/// Runs the queue worker until a shutdown signal (or, with refresh_worker, one job).
+fn run_worker(
+    handler: HandlerLibrary,
+    handler_config: &str,
+    worker: config::Worker,
+) -> Result<u8, HostError> {
+    let client = runpod::PlatformClient::new(&worker.urls, worker.max_input_bytes)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("worker-host-io")
+        .build()
+        .map_err(HostError::Runtime)?;
+    if let Err(error) = handler.init(handler_config) {
+        // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
+        runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
+        return Err(HostError::WorkerInitFailed(error));
+    }
+    let info = handler.info().clone();
+    let mut config = worker.config;
+    if info.max_concurrency > 0 && config.concurrency > info.max_concurrency as usize {
+        tracing::warn!(
+            "Concurrency {} lowered to {}, the most the handler allows.",
+            config.concurrency,
+            info.max_concurrency
+        );
+        config.concurrency = info.max_concurrency as usize;
+    }
+    tracing::info!(
+        handler = %info.name,
+        version = %info.version,
+        concurrency = config.concurrency,
+        "--- Starting Serverless Worker |  Version {} ---",
+        env!("CARGO_PKG_VERSION")
+    );
+    let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
+    runtime.block_on(worker::run(
+        handler.clone(),
+        client,
+        config,
+        shutdown_signal(),
+    ));
+    handler.teardown();
+    // Handler threads of jobs cancelled at shutdown may still be running; do not wait for them.
+    runtime.shutdown_background();
+    Ok(exit::SUCCESS)
+}
+
+/// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(error) => {
+                tracing::warn!("cannot listen for SIGTERM: {error}");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
     }
 }
 

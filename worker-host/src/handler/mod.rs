@@ -91,7 +91,7 @@ impl Default for Limits {
 }
 
 /// A handler ready to run jobs: loaded, checked and initialised.
-pub trait Handler: Send + Sync {
+pub trait Handler: Send + Sync + std::fmt::Debug {
     /// What the handler says about itself.
     fn info(&self) -> &HandlerInfo;
 

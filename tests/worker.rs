@@ -1,0 +1,425 @@
+//! The RunPod queue worker, end to end: the real `worker-host` binary and real handler libraries
+//! against a stand-in of the platform on loopback that records every request and injects faults.
+
+use e2e::platform::{Fault, Platform, Recorded, Route};
+use e2e::{Sample, WorkerProcess};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::Duration;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// The job-done posts that carry a final result (not progress), successfully answered.
+fn results(requests: &[Recorded]) -> Vec<&Recorded> {
+    requests
+        .iter()
+        .filter(|r| r.route == Route::Done && r.status == 200 && r.json().get("status").is_none())
+        .collect()
+}
+
+/// Final results by job id; panics if any job got two.
+fn results_by_id(requests: &[Recorded]) -> HashMap<String, Value> {
+    let mut by_id = HashMap::new();
+    for post in results(requests) {
+        let id = post.job_id().expect("a job id in the path");
+        assert!(
+            by_id.insert(id.clone(), post.json()).is_none(),
+            "job {id} got two results"
+        );
+    }
+    by_id
+}
+
+/// The inner error payload of a job-done body.
+fn error_message(body: &Value) -> String {
+    let text = body["error"].as_str().expect("error is a string");
+    let payload: Value = serde_json::from_str(text).expect("the error string holds JSON");
+    payload["error_message"].as_str().unwrap().to_owned()
+}
+
+fn jobs(count: usize, prefix: &str) -> Vec<Value> {
+    (0..count)
+        .map(|n| json!({"id": format!("{prefix}-{n}"), "input": {"n": n, "text": "héllo ✓"}, "extra": "e"}))
+        .collect()
+}
+
+/// Every job is delivered exactly once with the SDK's body and headers, at concurrency 1.
+#[test]
+fn delivers_each_job_once_at_concurrency_1() {
+    let platform = Platform::start();
+    for job in jobs(5, "s") {
+        platform.push_job(job);
+    }
+    let _worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    let requests = platform.wait_for(WAIT, "five results", |r| results(r).len() >= 5);
+    let by_id = results_by_id(&requests);
+    for n in 0..5 {
+        assert_eq!(
+            by_id[&format!("s-{n}")],
+            json!({"output": {"n": n, "text": "héllo ✓"}})
+        );
+    }
+    for post in results(&requests) {
+        assert_eq!(post.header("x-request-id"), post.job_id().as_deref());
+        assert_eq!(post.header("authorization"), Some("test-key"));
+        assert_eq!(post.query_value("isStream"), Some("false"));
+        assert_eq!(post.query_value("gpu"), Some("test"));
+    }
+    let takes: Vec<&Recorded> = requests.iter().filter(|r| r.route == Route::Take).collect();
+    assert!(!takes.is_empty());
+    assert!(
+        takes.iter().all(|t| t.header("x-request-id").is_none()),
+        "no stale X-Request-ID on takes"
+    );
+    assert_eq!(takes[0].query_value("job_in_progress"), Some("0"));
+    assert!(
+        requests.iter().all(|r| r.route != Route::Other),
+        "no malformed URL"
+    );
+}
+
+/// At concurrency 4 the worker takes in batches of its free slots and still delivers each job
+/// exactly once.
+#[test]
+fn batch_takes_at_concurrency_4() {
+    let platform = Platform::start();
+    for job in jobs(12, "b") {
+        platform.push_job(job);
+    }
+    let _worker = WorkerProcess::start(&platform, Sample::Echo, &["--concurrency", "4"], &[]);
+    let requests = platform.wait_for(WAIT, "twelve results", |r| results(r).len() >= 12);
+    assert_eq!(results_by_id(&requests).len(), 12);
+    let first = requests
+        .iter()
+        .find(|r| matches!(r.route, Route::Take | Route::TakeBatch))
+        .unwrap();
+    assert_eq!(first.route, Route::TakeBatch);
+    assert_eq!(first.query_value("batch_size"), Some("4"));
+}
+
+/// A streaming job's chunks are posted in order to the stream URL, its progress to job-done, and
+/// both before its final result (`{"output": []}`, isStream=true).
+#[test]
+fn streams_chunks_and_progress_before_the_result() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "g-1", "input": {"chunks": [{"part": 1}, "two", [3]]}}));
+    let _worker = WorkerProcess::start(&platform, Sample::Stream, &[], &[]);
+    let requests = platform.wait_for(WAIT, "the final result", |r| !results(r).is_empty());
+    let job_posts: Vec<&Recorded> = requests
+        .iter()
+        .filter(|r| matches!(r.route, Route::Done | Route::Stream))
+        .collect();
+    let chunks: Vec<Value> = job_posts
+        .iter()
+        .filter(|r| r.route == Route::Stream)
+        .map(|r| r.json())
+        .collect();
+    assert_eq!(
+        chunks,
+        vec![
+            json!({"output": {"part": 1}}),
+            json!({"output": "two"}),
+            json!({"output": [3]})
+        ]
+    );
+    let last = job_posts.last().unwrap();
+    assert_eq!(last.json(), json!({"output": []}));
+    assert_eq!(last.query_value("isStream"), Some("true"));
+    let progress: Vec<Value> = job_posts
+        .iter()
+        .filter(|r| r.route == Route::Done && r.json().get("status").is_some())
+        .map(|r| r.json())
+        .collect();
+    assert_eq!(progress.len(), 3);
+    assert_eq!(
+        progress[0],
+        json!({"status": "IN_PROGRESS", "output": {"done": 0, "total": 3}})
+    );
+}
+
+/// Job-done answering 5xx, then a dropped connection, still ends in exactly one delivery.
+#[test]
+fn result_post_failures_are_retried_to_one_delivery() {
+    let platform = Platform::start();
+    platform.inject(Route::Done, Fault::Status(503), 2);
+    platform.inject(Route::Done, Fault::Drop, 1);
+    platform.push_job(json!({"id": "r-1", "input": {"keep": "me"}}));
+    let _worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    let requests = platform.wait_for(WAIT, "a delivered result", |r| !results(r).is_empty());
+    let attempts = requests.iter().filter(|r| r.route == Route::Done).count();
+    assert_eq!(attempts, 4, "two 503s, one dropped connection, one success");
+    assert_eq!(
+        results_by_id(&requests)["r-1"],
+        json!({"output": {"keep": "me"}})
+    );
+}
+
+/// While the platform fails every take, the worker backs off instead of hammering it.
+#[test]
+fn take_failures_back_off() {
+    let platform = Platform::start();
+    platform.inject(Route::Take, Fault::Status(500), 10_000);
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    let start = std::time::Instant::now();
+    let requests = platform.wait_for(WAIT, "six failed takes", |r| {
+        r.iter().filter(|r| r.route == Route::Take).count() >= 6
+    });
+    let elapsed = start.elapsed();
+    // Backoff starts at 100 ms and doubles: six attempts take well over a second. Without it
+    // (the SDK) they would take a few milliseconds.
+    assert!(
+        elapsed >= Duration::from_millis(600),
+        "six takes in {elapsed:?}: {}",
+        worker.stderr()
+    );
+    assert!(requests.iter().all(|r| r.route != Route::Done));
+    assert!(
+        worker.stderr().contains("Failed to get job"),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// A 429 with Retry-After pauses taking for that long.
+#[test]
+fn rate_limited_take_honours_retry_after() {
+    let platform = Platform::start();
+    platform.inject(Route::Take, Fault::TooManyRequests(Some(1)), 1);
+    let _worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    let requests = platform.wait_for(WAIT, "a second take", |r| {
+        r.iter().filter(|r| r.route == Route::Take).count() >= 2
+    });
+    let takes: Vec<&Recorded> = requests.iter().filter(|r| r.route == Route::Take).collect();
+    let gap = takes[1].at - takes[0].at;
+    assert!(gap >= Duration::from_millis(950), "retried after {gap:?}");
+}
+
+/// A job-stop reaches the running handler at once; nothing is posted for the stopped job and the
+/// worker goes on with the next one.
+#[test]
+fn job_stop_cancels_the_handler() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "long", "input": {"mode": "sleep", "ms": 60_000}}));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "a heartbeat listing the job", |r| {
+        r.iter()
+            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("long"))
+    });
+    platform.stop_job("long");
+    platform.push_job(json!({"id": "next", "input": {"mode": "echo"}}));
+    let requests = platform.wait_for(WAIT, "the next job's result", |r| !results(r).is_empty());
+    let by_id = results_by_id(&requests);
+    assert!(by_id.contains_key("next"));
+    assert!(
+        !by_id.contains_key("long"),
+        "nothing is posted for a stopped job"
+    );
+    assert!(
+        worker.stderr().contains("Stopping job."),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// SIGTERM: a job that finishes within the grace period delivers its own result; one that does
+/// not is cancelled and reported as failed; the worker exits 0.
+#[test]
+fn sigterm_drains_then_reports_unfinished_jobs() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "quick", "input": {"mode": "sleep", "ms": 300}}));
+    platform.push_job(json!({"id": "slow", "input": {"mode": "sleep", "ms": 60_000}}));
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &["--concurrency", "2", "--shutdown-grace-secs", "1.5"],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "both jobs running", |r| {
+        r.iter().any(|r| {
+            r.route == Route::Ping
+                && r.query_value("job_id")
+                    .is_some_and(|ids| ids.contains("quick") && ids.contains("slow"))
+        })
+    });
+    worker.terminate();
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(
+        by_id["quick"],
+        json!({"output": {"mode": "sleep", "ms": 300}})
+    );
+    assert_eq!(
+        error_message(&by_id["slow"]),
+        "worker shut down before the job finished"
+    );
+}
+
+/// SIGTERM while idle abandons the open long-poll: the worker exits at once, not when the poll
+/// would have ended.
+#[test]
+fn sigterm_while_idle_exits_promptly() {
+    let platform = Platform::start();
+    platform.set_hold(Duration::from_secs(60));
+    let mut worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    platform.wait_for(WAIT, "a take", |r| r.iter().any(|r| r.route == Route::Take));
+    let start = std::time::Instant::now();
+    worker.terminate();
+    assert_eq!(worker.wait(Duration::from_secs(10)), Some(0));
+    assert!(start.elapsed() < Duration::from_secs(5));
+}
+
+/// Malformed jobs in a batch: one with an id but no input fails with a reason, ones without an
+/// id are skipped, the valid one runs, and the worker goes on.
+#[test]
+fn malformed_jobs_fail_alone() {
+    let platform = Platform::start();
+    platform
+        .push_raw_take(r#"[{"input": 1}, 7, {"id": "no-input"}, {"id": "ok", "input": {"a": 1}}]"#);
+    platform.push_raw_take("<html>garbage</html>");
+    platform.push_job(json!({"id": "after", "input": 2}));
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    let requests = platform.wait_for(WAIT, "three results", |r| results(r).len() >= 3);
+    let by_id = results_by_id(&requests);
+    assert_eq!(by_id["ok"], json!({"output": {"a": 1}}));
+    assert_eq!(by_id["after"], json!({"output": 2}));
+    assert_eq!(error_message(&by_id["no-input"]), "the job has no input");
+    assert!(
+        worker.stderr().contains("cannot be identified"),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// Over the size limits: an oversize output and an oversize input each fail their job with the
+/// size and the limit; the worker goes on.
+#[test]
+fn oversize_input_and_output_fail_their_job() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "big-out", "input": {"mode": "big", "bytes": 5000}}));
+    platform.push_job(json!({"id": "big-in", "input": {"blob": "x".repeat(5000)}}));
+    platform.push_job(json!({"id": "fine", "input": {"mode": "echo"}}));
+    let _worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &["--max-output-bytes", "1000", "--max-input-bytes", "2000"],
+        &[],
+    );
+    let requests = platform.wait_for(WAIT, "three results", |r| results(r).len() >= 3);
+    let by_id = results_by_id(&requests);
+    let out = error_message(&by_id["big-out"]);
+    assert!(
+        out.contains("5002 bytes") && out.contains("limit of 1000"),
+        "{out}"
+    );
+    let input = error_message(&by_id["big-in"]);
+    assert!(input.contains("over the limit of 2000 bytes"), "{input}");
+    assert_eq!(by_id["fine"], json!({"output": {"mode": "echo"}}));
+}
+
+/// The heartbeat keeps its period while a handler is busy, lists the running job, and carries
+/// the protocol version.
+#[test]
+fn heartbeat_lists_the_running_job() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "busy", "input": {"mode": "sleep", "ms": 1500}}));
+    let _worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    let requests = platform.wait_for(WAIT, "three heartbeats with the job", |r| {
+        r.iter()
+            .filter(|r| r.route == Route::Ping && r.query_value("job_id") == Some("busy"))
+            .count()
+            >= 3
+    });
+    let ping = requests.iter().find(|r| r.route == Route::Ping).unwrap();
+    assert_eq!(ping.query_value("runpod_version"), Some("1.12.0"));
+    assert_eq!(ping.query_value("gpu"), Some("test"));
+    assert_eq!(ping.header("authorization"), Some("test-key"));
+}
+
+/// URL templates without a `?` still get well-formed query strings.
+#[test]
+fn url_templates_without_a_query() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "q-1", "input": 1}));
+    let base = platform.base_url();
+    let env = [
+        (
+            "RUNPOD_WEBHOOK_GET_JOB",
+            format!("{base}/v2/ep/job-take/$RUNPOD_POD_ID"),
+        ),
+        (
+            "RUNPOD_WEBHOOK_POST_OUTPUT",
+            format!("{base}/v2/ep/job-done/$RUNPOD_POD_ID/$ID"),
+        ),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let _worker = WorkerProcess::start(&platform, Sample::Echo, &[], &env);
+    let requests = platform.wait_for(WAIT, "the result", |r| !results(r).is_empty());
+    assert!(
+        requests.iter().all(|r| r.route != Route::Other),
+        "a malformed URL was requested"
+    );
+    let take = requests.iter().find(|r| r.route == Route::Take).unwrap();
+    assert_eq!(take.path, "/v2/ep/job-take/wk1");
+    assert_eq!(take.raw_query, "job_in_progress=0");
+    let done = results(&requests)[0];
+    assert_eq!(done.raw_query, "isStream=false");
+}
+
+/// A failing init in production reports `unhealthy` once to the ping URL, takes no job, and exits 1.
+#[test]
+fn init_failure_reports_unhealthy() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "never", "input": 1}));
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &["--handler-config", r#"{"fail_init": "no GPU found"}"#],
+        &[],
+    );
+    assert_eq!(worker.wait(WAIT), Some(1));
+    let requests = platform.requests();
+    let report = requests
+        .iter()
+        .find(|r| r.route == Route::Ping)
+        .expect("an unhealthy report");
+    assert_eq!(report.query_value("status"), Some("unhealthy"));
+    assert_eq!(report.query_value("check"), Some("handler_init"));
+    assert!(report
+        .query_value("reason")
+        .unwrap()
+        .contains("no GPU found"));
+    assert!(
+        requests.iter().all(|r| r.route != Route::Take),
+        "no job taken"
+    );
+    assert!(worker.stderr().contains("no GPU found"));
+}
+
+/// A second copy of a job id that is already running is ignored: one result for the id.
+#[test]
+fn duplicate_job_id_in_flight_runs_once() {
+    let platform = Platform::start();
+    platform.push_raw_take(
+        r#"[{"id": "dup", "input": {"mode": "sleep", "ms": 300}}, {"id": "dup", "input": {"mode": "sleep", "ms": 300}}]"#,
+    );
+    platform.push_job(json!({"id": "then", "input": 1}));
+    let worker = WorkerProcess::start(&platform, Sample::Faulty, &["--concurrency", "2"], &[]);
+    let requests = platform.wait_for(WAIT, "two results", |r| results(r).len() >= 2);
+    let by_id = results_by_id(&requests);
+    assert!(by_id.contains_key("dup") && by_id.contains_key("then"));
+    assert!(
+        worker.stderr().contains("duplicate is ignored"),
+        "{}",
+        worker.stderr()
+    );
+}
