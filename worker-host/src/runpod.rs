@@ -94,10 +94,26 @@ pub struct JobDone {
     template: String,
 }
 
+impl JobDone {
+    const VARIABLE: &'static str = "RUNPOD_WEBHOOK_POST_OUTPUT";
+
+    fn url(&self, worker_id: &str, job_id: &str, is_stream: bool) -> Result<Url, UrlError> {
+        job_url(Self::VARIABLE, &self.template, worker_id, job_id, is_stream)
+    }
+}
+
 /// `POST <RUNPOD_WEBHOOK_POST_STREAM with $ID = job id>&isStream=false` — one stream chunk.
 #[derive(Debug, Clone)]
 pub struct JobStream {
     template: String,
+}
+
+impl JobStream {
+    const VARIABLE: &'static str = "RUNPOD_WEBHOOK_POST_STREAM";
+
+    fn url(&self, worker_id: &str, job_id: &str) -> Result<Url, UrlError> {
+        job_url(Self::VARIABLE, &self.template, worker_id, job_id, false)
+    }
 }
 
 /// `GET <RUNPOD_WEBHOOK_PING>&job_id=a,b&runpod_version=V` — the heartbeat, and once the
@@ -419,51 +435,32 @@ impl PlatformClient {
 
     /// Sends one per-job POST once. The body is JSON text; headers as the SDK sends them.
     pub async fn post(&self, kind: Post, job_id: &str, body: String) -> Result<(), PostError> {
-        let not_set = |name: &str| PostError {
-            reason: format!("{name} is not set, so results cannot be delivered"),
-            retryable: false,
-        };
+        let worker_id = &self.worker_id;
         let url = match kind {
-            Post::Done { is_stream } => {
-                let done = self
-                    .done
-                    .as_ref()
-                    .ok_or_else(|| not_set("RUNPOD_WEBHOOK_POST_OUTPUT"))?;
-                job_url(
-                    "RUNPOD_WEBHOOK_POST_OUTPUT",
-                    &done.template,
-                    &self.worker_id,
-                    job_id,
-                    is_stream,
-                )
-            }
-            Post::Progress => {
-                let done = self
-                    .done
-                    .as_ref()
-                    .ok_or_else(|| not_set("RUNPOD_WEBHOOK_POST_OUTPUT"))?;
-                job_url(
-                    "RUNPOD_WEBHOOK_POST_OUTPUT",
-                    &done.template,
-                    &self.worker_id,
-                    job_id,
-                    false,
-                )
-            }
-            Post::Stream => {
-                let stream = self
-                    .stream
-                    .as_ref()
-                    .ok_or_else(|| not_set("RUNPOD_WEBHOOK_POST_STREAM"))?;
-                job_url(
-                    "RUNPOD_WEBHOOK_POST_STREAM",
-                    &stream.template,
-                    &self.worker_id,
-                    job_id,
-                    false,
-                )
-            }
+            Post::Done { is_stream } => self
+                .done
+                .as_ref()
+                .map(|done| done.url(worker_id, job_id, is_stream)),
+            Post::Progress => self
+                .done
+                .as_ref()
+                .map(|done| done.url(worker_id, job_id, false)),
+            Post::Stream => self
+                .stream
+                .as_ref()
+                .map(|stream| stream.url(worker_id, job_id)),
         }
+        .ok_or_else(|| PostError {
+            reason: format!(
+                "{} is not set, so results cannot be delivered",
+                if kind == Post::Stream {
+                    JobStream::VARIABLE
+                } else {
+                    JobDone::VARIABLE
+                }
+            ),
+            retryable: false,
+        })?
         .map_err(|error| PostError {
             reason: error.to_string(),
             retryable: false,

@@ -561,6 +561,13 @@ unsafe extern "C" fn host_set_error(
     ffi::WH_STATUS_OK
 }
 
+/// What a handler hands over while a job runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Event {
+    Chunk,
+    Progress,
+}
+
 /// The shared body of `emit` and `progress`.
 ///
 /// # Safety
@@ -569,9 +576,7 @@ unsafe fn deliver(
     call: *mut ffi::wh_call,
     json: *const c_char,
     json_len: usize,
-    what: &str,
-    send: impl FnOnce(&dyn JobEvents, RawJson),
-    needs_streaming: bool,
+    event: Event,
 ) -> ffi::wh_status {
     // SAFETY: per the caller.
     let Some(state) = (unsafe { call_state(call) }) else {
@@ -580,7 +585,7 @@ unsafe fn deliver(
     let Some(events) = state.events.filter(|_| state.phase == Phase::Job) else {
         return ffi::WH_STATUS_INVALID_STATE;
     };
-    if needs_streaming && !state.streaming {
+    if event == Event::Chunk && !state.streaming {
         return ffi::WH_STATUS_INVALID_STATE;
     }
     if state.is_cancelled() {
@@ -588,12 +593,19 @@ unsafe fn deliver(
     }
     // SAFETY: per the caller.
     let bytes = unsafe { handler_bytes(json, json_len) };
+    let what = match event {
+        Event::Chunk => "stream chunk",
+        Event::Progress => "progress",
+    };
     match state.accept_json(what, bytes) {
         Ok(value) => {
             // Holding the record lock while handing over keeps chunks from concurrent threads in
             // the order their `emit` calls were accepted.
             let _order = state.record();
-            send(events, value);
+            match event {
+                Event::Chunk => events.chunk(value),
+                Event::Progress => events.progress(value),
+            }
             ffi::WH_STATUS_OK
         }
         Err((status, _)) => status,
@@ -606,16 +618,7 @@ unsafe extern "C" fn host_emit(
     json_len: usize,
 ) -> ffi::wh_status {
     // SAFETY: the header's rules for `emit` are those `deliver` requires.
-    unsafe {
-        deliver(
-            call,
-            json,
-            json_len,
-            "stream chunk",
-            |events, chunk| events.chunk(chunk),
-            true,
-        )
-    }
+    unsafe { deliver(call, json, json_len, Event::Chunk) }
 }
 
 unsafe extern "C" fn host_progress(
@@ -624,16 +627,7 @@ unsafe extern "C" fn host_progress(
     json_len: usize,
 ) -> ffi::wh_status {
     // SAFETY: the header's rules for `progress` are those `deliver` requires.
-    unsafe {
-        deliver(
-            call,
-            json,
-            json_len,
-            "progress",
-            |events, progress| events.progress(progress),
-            false,
-        )
-    }
+    unsafe { deliver(call, json, json_len, Event::Progress) }
 }
 
 unsafe extern "C" fn host_is_cancelled(call: *mut ffi::wh_call) -> bool {
