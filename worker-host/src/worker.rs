@@ -437,9 +437,10 @@ async fn finish(shared: &Arc<Shared>, id: &str, ending: Ending, chunks: &[RawJso
         body = job_done_body(&oversize, &config.origin, None, config.refresh_worker);
     }
     let is_stream = shared.handler.info().streaming && matches!(result.outcome, Outcome::Streamed);
-    // Forget the job first, so the next heartbeat no longer lists it while the POST is retried.
-    shared.in_flight().remove(id);
+    // The job stays in the heartbeat's list until its result is delivered (or given up), so the
+    // platform does not take it for lost while a POST is being retried.
     deliver(shared, Post::Done { is_stream }, id, body).await;
+    shared.in_flight().remove(id);
     tracing::info!("Finished.");
     if config.refresh_worker {
         tracing::info!("refresh_worker is set: stopping after this job.");
