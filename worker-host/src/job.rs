@@ -368,13 +368,20 @@ fn to_raw<T: Serialize + ?Sized>(value: &T) -> RawJson {
     serde_json::value::to_raw_value(value).expect("plain values always serialize")
 }
 
-/// The keys of an output object the SDK gives meaning to.
+/// The keys of an output object the SDK gives meaning to. `Some` whenever the key is present,
+/// even with a `null` value: the SDK removes the key from the output in either case.
 #[derive(Deserialize)]
 struct SpecialKeys<'a> {
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     error: Option<&'a RawValue>,
-    #[serde(borrow, default)]
+    #[serde(borrow, default, deserialize_with = "present")]
     refresh_worker: Option<&'a RawValue>,
+}
+
+/// Deserializes a present key's value as it is, `null` included (a plain `Option` would read a
+/// `null` as an absent key).
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(deserializer).map(Some)
 }
 
 /// The output's truthy `error` value, if it is an object that has one (the SDK's way for a handler
