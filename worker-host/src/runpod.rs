@@ -433,8 +433,14 @@ impl PlatformClient {
         }
     }
 
-    /// Sends one per-job POST once. The body is JSON text; headers as the SDK sends them.
-    pub async fn post(&self, kind: Post, job_id: &str, body: String) -> Result<(), PostError> {
+    /// Sends one per-job POST once. The body is JSON text (as `Bytes`, so a retry shares it instead
+    /// of copying it); headers as the SDK sends them.
+    pub async fn post(
+        &self,
+        kind: Post,
+        job_id: &str,
+        body: bytes::Bytes,
+    ) -> Result<(), PostError> {
         let worker_id = &self.worker_id;
         let url = match kind {
             Post::Done { is_stream } => self

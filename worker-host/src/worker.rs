@@ -436,7 +436,7 @@ async fn finish(shared: &Arc<Shared>, id: &str, ending: Ending, chunks: &[RawJso
         };
         body = job_done_body(&oversize, &config.origin, None, config.refresh_worker);
     }
-    let is_stream = shared.handler.info().streaming && matches!(result.outcome, Outcome::Streamed);
+    let is_stream = matches!(result.outcome, Outcome::Streamed);
     // The job stays in the heartbeat's list until its result is delivered (or given up), so the
     // platform does not take it for lost while a POST is being retried.
     deliver(shared, Post::Done { is_stream }, id, body).await;
@@ -451,6 +451,7 @@ async fn finish(shared: &Arc<Shared>, id: &str, ending: Ending, chunks: &[RawJso
 /// Posts with retries: connection errors, timeouts, 408, 429 and 5xx are retried with backoff
 /// until the result retry time is spent. Every failure and the final give-up are logged.
 async fn deliver(shared: &Shared, kind: Post, id: &str, body: String) {
+    let body = bytes::Bytes::from(body);
     let deadline = Instant::now() + shared.config.result_retry;
     let mut backoff = Backoff::new();
     let mut attempt = 1;
