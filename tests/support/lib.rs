@@ -5,6 +5,7 @@
 //! first test that needs them runs `cargo build` for those packages (with the `cargo` that is
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
+pub mod dev_api;
 pub mod platform;
 
 use serde_json::Value;

@@ -35,6 +35,10 @@ pub struct Cli {
     #[command(flatten)]
     pub worker: WorkerArgs,
 
+    /// The local dev API.
+    #[command(flatten)]
+    pub dev_api: DevApiArgs,
+
     /// Logging.
     #[command(flatten)]
     pub logging: LogArgs,
@@ -113,6 +117,7 @@ pub struct WorkerArgs {
     /// How many jobs run at once; capped by what the handler declares.
     #[arg(
         long,
+        alias = "rp_api_concurrency",
         env = "WORKER_HOST_CONCURRENCY",
         value_name = "N",
         default_value_t = 1
@@ -137,6 +142,59 @@ pub struct WorkerArgs {
         default_value_t = 120.0
     )]
     pub result_retry_secs: f64,
+}
+
+/// The local dev API: RunPod's public endpoint API on this machine.
+#[derive(Debug, Args)]
+pub struct DevApiArgs {
+    /// Serve RunPod's endpoint API (/run, /runsync, /status, /stream, /cancel, /health, ...)
+    /// locally and run jobs submitted to it; point the official client at it with
+    /// RUNPOD_ENDPOINT_BASE_URL=http://HOST:PORT/v2.
+    #[arg(
+        long = "rp_serve_api",
+        alias = "serve-api",
+        conflicts_with = "test_input"
+    )]
+    pub serve_api: bool,
+
+    /// The address the dev API listens on (0.0.0.0 to reach it from other machines).
+    #[arg(
+        long = "rp_api_host",
+        alias = "api-host",
+        env = "WORKER_HOST_API_HOST",
+        value_name = "HOST",
+        default_value = "127.0.0.1"
+    )]
+    pub host: String,
+
+    /// The dev API's port (0 picks a free one; the log says which).
+    #[arg(
+        long = "rp_api_port",
+        alias = "api-port",
+        env = "WORKER_HOST_API_PORT",
+        value_name = "PORT",
+        default_value_t = 8000
+    )]
+    pub port: u16,
+
+    /// Require this key from dev API clients (Authorization: Bearer KEY); off by default.
+    #[arg(
+        long,
+        env = "WORKER_HOST_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// How long the dev API waits before retrying a failed webhook (two retries, as the
+    /// platform does).
+    #[arg(
+        long,
+        env = "WORKER_HOST_WEBHOOK_RETRY_SECS",
+        value_name = "SECONDS",
+        default_value_t = 10.0
+    )]
+    pub webhook_retry_secs: f64,
 }
 
 /// Logging.

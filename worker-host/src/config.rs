@@ -3,7 +3,9 @@
 //! reading of files named on the command line (`@file` arguments, `./test_input.json`) happens
 //! here, before the handler is loaded, so a mistake is reported before a slow `init`.
 
-use crate::cli::{Cli, Command};
+use crate::cli::{Cli, Command, ResultArgs, WorkerArgs};
+use crate::dev_api::store::StoreLimits;
+use crate::dev_api::DevApiConfig;
 use crate::handler::Limits;
 use crate::job::{InputRule, Job, JobError, Origin};
 use crate::logging::{parse_level, LogFormat, UnknownLevel};
@@ -103,6 +105,8 @@ pub enum Mode {
     OneShot(OneShot),
     /// Take jobs from the platform.
     Worker(Box<Worker>),
+    /// Serve the local dev API and run the jobs submitted to it.
+    DevApi(Box<DevApi>),
 }
 
 /// A one-shot run: the job, and optionally the output it must produce.
@@ -123,6 +127,19 @@ pub struct Worker {
     pub config: WorkerConfig,
     /// The largest job input, in bytes.
     pub max_input_bytes: usize,
+}
+
+/// The local dev API: where it listens, and how its worker runs.
+#[derive(Debug)]
+pub struct DevApi {
+    /// The address to listen on.
+    pub host: String,
+    /// The port (0: any free port).
+    pub port: u16,
+    /// The API's own settings.
+    pub api: DevApiConfig,
+    /// The worker's settings (concurrency before the handler's cap).
+    pub worker: WorkerConfig,
 }
 
 /// How results are shaped for the platform.
@@ -177,11 +194,34 @@ impl Settings {
         let worker_id = pod_id.unwrap_or_else(random_worker_id);
         let mode = match cli.command {
             Some(Command::Inspect { json }) => Mode::Inspect { json },
-            None => match (cli.test.test_input, cli.platform.webhook_get_job) {
+            None => match (
+                cli.test.test_input.clone(),
+                cli.platform.webhook_get_job.clone(),
+            ) {
                 (Some(argument), _) => {
                     let text = json_argument("the test input", &argument)?;
                     Mode::OneShot(one_shot(&text, cli.test.test_output.as_deref())?)
                 }
+                (None, _) if cli.dev_api.serve_api => Mode::DevApi(Box::new(DevApi {
+                    host: cli.dev_api.host.clone(),
+                    port: cli.dev_api.port,
+                    api: DevApiConfig {
+                        api_key: cli.dev_api.api_key.clone().filter(|key| !key.is_empty()),
+                        webhook_retry: seconds(
+                            "--webhook-retry-secs",
+                            cli.dev_api.webhook_retry_secs,
+                        )?,
+                        limits: StoreLimits::default(),
+                        worker_id: worker_id.clone(),
+                        max_input_bytes: cli.results.max_input_bytes,
+                    },
+                    worker: worker_config(
+                        &cli.worker,
+                        &cli.results,
+                        cli.platform.ping_interval,
+                        &origin,
+                    )?,
+                })),
                 (None, Some(job_take)) if !job_take.is_empty() => Mode::Worker(Box::new(Worker {
                     urls: PlatformUrls {
                         job_take,
@@ -191,19 +231,12 @@ impl Settings {
                         api_key: cli.platform.api_key.clone().unwrap_or_default(),
                         worker_id: worker_id.clone(),
                     },
-                    config: WorkerConfig {
-                        concurrency: cli.worker.concurrency.max(1),
-                        shutdown_grace: seconds(
-                            "--shutdown-grace-secs",
-                            cli.worker.shutdown_grace_secs,
-                        )?,
-                        result_retry: seconds("--result-retry-secs", cli.worker.result_retry_secs)?,
-                        ping_interval: Duration::from_millis(cli.platform.ping_interval),
-                        max_output_bytes: cli.results.max_output_bytes,
-                        return_aggregate_stream: cli.results.return_aggregate_stream,
-                        refresh_worker: cli.results.refresh_worker,
-                        origin: origin.clone(),
-                    },
+                    config: worker_config(
+                        &cli.worker,
+                        &cli.results,
+                        cli.platform.ping_interval,
+                        &origin,
+                    )?,
                     max_input_bytes: cli.results.max_input_bytes,
                 })),
                 (None, _) => {
@@ -232,6 +265,25 @@ impl Settings {
             log_format,
         })
     }
+}
+
+/// The queue worker's settings, for production and for the dev API alike.
+fn worker_config(
+    worker: &WorkerArgs,
+    results: &ResultArgs,
+    ping_interval_ms: u64,
+    origin: &Origin,
+) -> Result<WorkerConfig, ConfigError> {
+    Ok(WorkerConfig {
+        concurrency: worker.concurrency.max(1),
+        shutdown_grace: seconds("--shutdown-grace-secs", worker.shutdown_grace_secs)?,
+        result_retry: seconds("--result-retry-secs", worker.result_retry_secs)?,
+        ping_interval: Duration::from_millis(ping_interval_ms),
+        max_output_bytes: results.max_output_bytes,
+        return_aggregate_stream: results.return_aggregate_stream,
+        refresh_worker: results.refresh_worker,
+        origin: origin.clone(),
+    })
 }
 
 /// A random worker id, 32 hex digits, for a worker started off the platform.

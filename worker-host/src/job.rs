@@ -157,7 +157,7 @@ impl OrderedRawMap {
     }
 
     /// The object as JSON text with a string member `key: value` put first.
-    fn with_first(&self, key: &str, value: &str) -> RawJson {
+    pub fn with_first(&self, key: &str, value: &str) -> RawJson {
         let mut members = Vec::with_capacity(self.0.len() + 1);
         let value = serde_json::value::to_raw_value(value).expect("a string always serializes");
         members.push((key.to_owned(), value));

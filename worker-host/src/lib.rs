@@ -1,11 +1,13 @@
 //! worker-host: runs a handler compiled as a shared library as a RunPod serverless worker.
 //!
 //! The data flows one way: [`cli`] → [`config`] → [`handler`] (load, check, init) → a mode:
-//! [`oneshot`] (one test job) or [`worker`] (the RunPod queue worker, over [`runpod`]). `main` only parses, sets up logging, calls [`run`] and maps the result to
-//! an exit code ([`exit`]).
+//! [`oneshot`] (one test job), [`worker`] (the RunPod queue worker, over [`runpod`]) or
+//! [`dev_api`] (RunPod's public API on localhost, with the same worker behind it). `main` only
+//! parses, sets up logging, calls [`run`] and maps the result to an exit code ([`exit`]).
 
 pub mod cli;
 pub mod config;
+pub mod dev_api;
 pub mod exit;
 pub mod handler;
 pub mod job;
@@ -32,6 +34,9 @@ pub enum HostError {
     /// The handler's init failed in production (reported to the platform as unhealthy).
     #[error("{0}")]
     WorkerInitFailed(LoadError),
+    /// The local dev API could not start.
+    #[error(transparent)]
+    DevApi(#[from] dev_api::DevApiError),
     /// The async runtime could not start.
     #[error("the async runtime could not start: {0}")]
     Runtime(std::io::Error),
@@ -43,6 +48,8 @@ impl HostError {
         match self {
             Self::Config(error) if error.is_test_input_error() => exit::JOB_FAILED,
             Self::Config(_) | Self::Url(_) => exit::USAGE,
+            Self::DevApi(dev_api::DevApiError::Bind { .. }) => exit::USAGE,
+            Self::DevApi(_) => exit::JOB_FAILED,
             Self::WorkerInitFailed(_) | Self::Runtime(_) => exit::JOB_FAILED,
             Self::Load(error) => exit::for_load_error(error),
         }
@@ -81,28 +88,56 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
             })
         }
         Mode::Worker(worker) => run_worker(handler, &settings.handler_config, *worker),
+        Mode::DevApi(dev) => run_dev_api(handler, &settings.handler_config, *dev),
     }
 }
 
-/// Runs the queue worker until a shutdown signal (or, with refresh_worker, one job).
-fn run_worker(
+/// Serves the local dev API, with the queue worker behind it, until a shutdown signal.
+fn run_dev_api(
     handler: HandlerLibrary,
     handler_config: &str,
-    worker: config::Worker,
+    dev: config::DevApi,
 ) -> Result<u8, HostError> {
-    let client = runpod::PlatformClient::new(&worker.urls, worker.max_input_bytes)?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+    // Bound before init, so a port in use is reported before a slow model load; connections
+    // that arrive during init wait in the backlog.
+    let listener = dev_api::bind(&dev.host, dev.port)?;
+    let runtime = io_runtime()?;
+    handler.init(handler_config)?;
+    let mut worker = worker_settings(&handler, dev.worker);
+    if worker.refresh_worker {
+        tracing::warn!(
+            "--refresh-worker has no effect with the dev API: the worker keeps serving."
+        );
+        worker.refresh_worker = false;
+    }
+    let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
+    runtime.block_on(dev_api::serve(
+        handler.clone(),
+        listener,
+        dev.api,
+        worker,
+        shutdown_signal(),
+    ))?;
+    handler.teardown();
+    runtime.shutdown_background();
+    Ok(exit::SUCCESS)
+}
+
+/// The async runtime for the worker and the dev API.
+fn io_runtime() -> Result<tokio::runtime::Runtime, HostError> {
+    tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("worker-host-io")
         .build()
-        .map_err(HostError::Runtime)?;
-    if let Err(error) = handler.init(handler_config) {
-        // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
-        runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
-        return Err(HostError::WorkerInitFailed(error));
-    }
-    let info = handler.info().clone();
-    let mut config = worker.config;
+        .map_err(HostError::Runtime)
+}
+
+/// The worker settings once the handler is up: concurrency capped by what the handler allows.
+fn worker_settings(
+    handler: &HandlerLibrary,
+    mut config: worker::WorkerConfig,
+) -> worker::WorkerConfig {
+    let info = handler.info();
     if info.max_concurrency > 0 && config.concurrency > info.max_concurrency as usize {
         tracing::warn!(
             "Concurrency {} lowered to {}, the most the handler allows.",
@@ -118,6 +153,23 @@ fn run_worker(
         "--- Starting Serverless Worker |  Version {} ---",
         env!("CARGO_PKG_VERSION")
     );
+    config
+}
+
+/// Runs the queue worker until a shutdown signal (or, with refresh_worker, one job).
+fn run_worker(
+    handler: HandlerLibrary,
+    handler_config: &str,
+    worker: config::Worker,
+) -> Result<u8, HostError> {
+    let client = runpod::PlatformClient::new(&worker.urls, worker.max_input_bytes)?;
+    let runtime = io_runtime()?;
+    if let Err(error) = handler.init(handler_config) {
+        // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
+        runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
+        return Err(HostError::WorkerInitFailed(error));
+    }
+    let config = worker_settings(&handler, worker.config);
     let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
     runtime.block_on(worker::run(
         handler.clone(),

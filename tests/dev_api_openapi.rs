@@ -1,0 +1,1 @@
+//! Keeps the dev API OpenAPI document true (being written).

@@ -1,0 +1,754 @@
+//! The dev API's job store: every job submitted to the public API, from queue to expiry, and the
+//! one source of truth both halves of the dev API read and write.
+//!
+//! The store is plain synchronous state behind one mutex (held for microseconds, never across an
+//! await), plus three wake-ups: `queued` for job-take long-polls, `stops` for job-stop long-polls,
+//! and `timers` for the sweeper when an earlier deadline appears. Each job also has its own
+//! wake-up, so a `/runsync` or `/stream` waiter sleeps until its job changes.
+//!
+//! Every job has at most one armed deadline, the next instant at which something happens to it
+//! unprompted: its time-to-live (`policy.ttl`, counted from submission) while queued; the earlier
+//! of its execution timeout and its TTL while running; the earlier of its retention and its TTL
+//! once finished. [`Store::sweep`] applies what is due and re-arms. So memory is bounded: a
+//! finished job is forgotten after its retention, and at most [`StoreLimits::max_finished`]
+//! finished jobs are kept at all (the oldest go first).
+
+use crate::job::{OrderedRawMap, RawJson};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+
+/// The platform's default execution timeout (`policy.executionTimeout`), 10 minutes.
+pub const DEFAULT_EXECUTION_TIMEOUT: Duration = Duration::from_secs(600);
+/// The platform's default time-to-live (`policy.ttl`), 24 hours.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+/// The smallest execution timeout the platform accepts, in ms.
+pub const MIN_EXECUTION_TIMEOUT_MS: u64 = 5_000;
+/// The smallest TTL the platform accepts, in ms.
+pub const MIN_TTL_MS: u64 = 10_000;
+/// The largest execution timeout or TTL the platform accepts (7 days), in ms.
+pub const MAX_POLICY_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// How a job was submitted; it decides how long its result is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Submission {
+    /// `/run`: kept 30 minutes after it finishes.
+    Async,
+    /// `/runsync`: kept 1 minute after it finishes.
+    Sync,
+}
+
+/// A job's state, named as the platform names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum Status {
+    /// Waiting for the worker.
+    InQueue,
+    /// Taken by the worker.
+    InProgress,
+    /// Finished with an output.
+    Completed,
+    /// Finished with an error.
+    Failed,
+    /// Cancelled through `/cancel`.
+    Cancelled,
+    /// Ran past its execution timeout.
+    TimedOut,
+}
+
+impl Status {
+    /// Whether the job is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, Self::InQueue | Self::InProgress)
+    }
+}
+
+/// How long results are kept, and how many.
+#[derive(Debug, Clone)]
+pub struct StoreLimits {
+    /// How long a `/run` job's result is kept after it finishes.
+    pub async_retention: Duration,
+    /// How long a `/runsync` job's result is kept after it finishes.
+    pub sync_retention: Duration,
+    /// The most finished jobs kept; past it the oldest finished job is forgotten.
+    pub max_finished: usize,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            async_retention: Duration::from_secs(30 * 60),
+            sync_retention: Duration::from_secs(60),
+            max_finished: 100_000,
+        }
+    }
+}
+
+/// A job request the public API has already validated.
+#[derive(Debug)]
+pub struct NewJob {
+    /// The request body's members, in order (`id` is added in front by the store).
+    pub request: OrderedRawMap,
+    /// `/run` or `/runsync`.
+    pub submission: Submission,
+    /// Where to POST the final status object.
+    pub webhook: Option<String>,
+    /// `policy.executionTimeout`.
+    pub execution_timeout: Duration,
+    /// `policy.ttl`.
+    pub ttl: Duration,
+}
+
+/// A final status object to POST to a job's webhook.
+#[derive(Debug)]
+pub struct WebhookCall {
+    /// The webhook URL.
+    pub url: String,
+    /// The job id (for logs).
+    pub job_id: String,
+    /// The status object, as JSON text.
+    pub body: String,
+}
+
+/// What `/retry` can answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RetryOutcome {
+    /// Requeued.
+    Requeued,
+    /// Only failed and timed-out jobs can be retried; this one is in this state.
+    NotRetryable(Status),
+}
+
+/// The job and worker counts `/health` reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counts {
+    /// Jobs completed since start.
+    pub completed: u64,
+    /// Jobs failed (or timed out) since start.
+    pub failed: u64,
+    /// Jobs running now.
+    pub in_progress: u64,
+    /// Jobs waiting now.
+    pub in_queue: u64,
+    /// Retries requested since start.
+    pub retried: u64,
+}
+
+/// The shared job store. See the module docs.
+#[derive(Debug)]
+pub struct Store {
+    state: Mutex<State>,
+    limits: StoreLimits,
+    worker_id: String,
+    queued: Notify,
+    stops: Notify,
+    timers: Notify,
+    webhooks: mpsc::UnboundedSender<WebhookCall>,
+}
+
+/// A deadline's key in the ordered deadline map: when, and a tie-breaking sequence number.
+type DeadlineKey = (Instant, u64);
+
+#[derive(Debug, Default)]
+struct State {
+    jobs: HashMap<String, Record>,
+    /// Ids in submission order; an id whose job is no longer queued is skipped when reached.
+    queue: VecDeque<String>,
+    /// Ids the worker must stop, not yet handed to a job-stop poll.
+    to_stop: Vec<String>,
+    /// Every armed deadline, earliest first.
+    deadlines: BTreeMap<DeadlineKey, String>,
+    /// Every finished job, oldest first (for the cap on finished jobs).
+    finished: BTreeMap<DeadlineKey, String>,
+    sequence: u64,
+    in_queue: u64,
+    in_progress: u64,
+    completed: u64,
+    failed: u64,
+    retried: u64,
+}
+
+#[derive(Debug)]
+struct Record {
+    /// The job as the worker receives it: `{"id": ..., <request members>}`.
+    job_json: Arc<str>,
+    submission: Submission,
+    webhook: Option<String>,
+    execution_timeout: Duration,
+    submitted: Instant,
+    expires: Instant,
+    started: Option<Instant>,
+    ended: Option<Instant>,
+    status: Status,
+    output: Option<RawJson>,
+    error: Option<RawJson>,
+    /// Chunks not yet returned by `/stream`.
+    unread: Vec<RawJson>,
+    /// Whether the worker streamed any chunk (then the final output is not a chunk too).
+    streamed: bool,
+    deadline: Option<DeadlineKey>,
+    finished_key: Option<DeadlineKey>,
+    changed: Arc<Notify>,
+}
+
+/// The platform's status object, in its key order.
+#[derive(Serialize)]
+struct StatusObject<'a> {
+    #[serde(rename = "delayTime", skip_serializing_if = "Option::is_none")]
+    delay_time: Option<u128>,
+    #[serde(rename = "executionTime", skip_serializing_if = "Option::is_none")]
+    execution_time: Option<u128>,
+    id: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    output: Option<&'a RawValue>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a RawValue>,
+    status: Status,
+    #[serde(rename = "workerId", skip_serializing_if = "Option::is_none")]
+    worker_id: Option<&'a str>,
+}
+
+/// A `/stream` answer.
+#[derive(Serialize)]
+struct StreamAnswer<'a> {
+    id: &'a str,
+    status: Status,
+    stream: Vec<ChunkObject<'a>>,
+}
+
+#[derive(Serialize)]
+struct ChunkObject<'a> {
+    output: &'a RawValue,
+}
+
+impl Record {
+    fn status_json(&self, id: &str, worker_id: &str) -> String {
+        let object = StatusObject {
+            delay_time: self
+                .started
+                .map(|started| (started - self.submitted).as_millis()),
+            execution_time: self
+                .started
+                .zip(self.ended)
+                .map(|(started, ended)| (ended - started).as_millis()),
+            id,
+            output: self.output.as_deref(),
+            error: self.error.as_deref(),
+            status: self.status,
+            worker_id: self.started.map(|_| worker_id),
+        };
+        serde_json::to_string(&object).expect("a status object always serializes")
+    }
+
+    /// The next instant something happens to this job unprompted, if any.
+    fn next_deadline(&self, limits: &StoreLimits) -> Instant {
+        match (self.status, self.started, self.ended) {
+            (Status::InProgress, Some(started), _) => {
+                (started + self.execution_timeout).min(self.expires)
+            }
+            (status, _, Some(ended)) if status.is_final() => {
+                let retention = match self.submission {
+                    Submission::Async => limits.async_retention,
+                    Submission::Sync => limits.sync_retention,
+                };
+                (ended + retention).min(self.expires)
+            }
+            _ => self.expires,
+        }
+    }
+}
+
+impl State {
+    fn next_key(&mut self, at: Instant) -> DeadlineKey {
+        self.sequence += 1;
+        (at, self.sequence)
+    }
+
+    /// Arms the job's deadline from its state; returns whether it is now the earliest one.
+    fn arm(&mut self, id: &str, limits: &StoreLimits) -> bool {
+        let Some(at) = self.jobs.get(id).map(|job| job.next_deadline(limits)) else {
+            return false;
+        };
+        let key = self.next_key(at);
+        let job = self.jobs.get_mut(id).expect("checked above");
+        if let Some(old) = job.deadline.replace(key) {
+            self.deadlines.remove(&old);
+        }
+        self.deadlines.insert(key, id.to_owned());
+        self.deadlines.keys().next() == Some(&key)
+    }
+
+    /// Forgets a job entirely. A running job is added to the stop list.
+    fn forget(&mut self, id: &str) -> Option<Record> {
+        let job = self.jobs.remove(id)?;
+        if let Some(key) = job.deadline {
+            self.deadlines.remove(&key);
+        }
+        if let Some(key) = job.finished_key {
+            self.finished.remove(&key);
+        }
+        match job.status {
+            Status::InQueue => self.in_queue -= 1,
+            Status::InProgress => {
+                self.in_progress -= 1;
+                self.to_stop.push(id.to_owned());
+            }
+            _ => {}
+        }
+        job.changed.notify_waiters();
+        Some(job)
+    }
+}
+
+impl Store {
+    /// An empty store. Final status objects of jobs with a webhook are sent to `webhooks`.
+    pub fn new(
+        limits: StoreLimits,
+        worker_id: String,
+        webhooks: mpsc::UnboundedSender<WebhookCall>,
+    ) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            limits,
+            worker_id,
+            queued: Notify::new(),
+            stops: Notify::new(),
+            timers: Notify::new(),
+            webhooks,
+        }
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Queues a job; returns its new id.
+    pub fn submit(&self, new: NewJob) -> String {
+        let id = uuid::Uuid::new_v4().to_string();
+        let mut request = new.request;
+        request.remove("id");
+        let job_json: Arc<str> = Arc::from(request.with_first("id", &id).get());
+        let now = Instant::now();
+        let record = Record {
+            job_json,
+            submission: new.submission,
+            webhook: new.webhook,
+            execution_timeout: new.execution_timeout,
+            submitted: now,
+            expires: now + new.ttl,
+            started: None,
+            ended: None,
+            status: Status::InQueue,
+            output: None,
+            error: None,
+            unread: Vec::new(),
+            streamed: false,
+            deadline: None,
+            finished_key: None,
+            changed: Arc::new(Notify::new()),
+        };
+        let earliest = {
+            let mut state = self.state();
+            state.jobs.insert(id.clone(), record);
+            state.queue.push_back(id.clone());
+            state.in_queue += 1;
+            state.arm(&id, &self.limits)
+        };
+        if earliest {
+            self.timers.notify_one();
+        }
+        self.queued.notify_waiters();
+        id
+    }
+
+    /// The job's status object, or `None` for an unknown job.
+    pub fn status(&self, id: &str) -> Option<String> {
+        let state = self.state();
+        state
+            .jobs
+            .get(id)
+            .map(|job| job.status_json(id, &self.worker_id))
+    }
+
+    /// Waits until the job is final or `timeout` passes; returns its status object then, or
+    /// `None` if the job is unknown (or was forgotten meanwhile).
+    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let changed = {
+                let state = self.state();
+                let job = state.jobs.get(id)?;
+                if job.status.is_final() {
+                    return Some(job.status_json(id, &self.worker_id));
+                }
+                job.changed.clone()
+            };
+            let notified = changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            // Re-check: a change between the read above and `enable` would otherwise be missed.
+            {
+                let state = self.state();
+                let job = state.jobs.get(id)?;
+                if job.status.is_final() {
+                    return Some(job.status_json(id, &self.worker_id));
+                }
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    return self.status(id);
+                }
+            }
+        }
+    }
+
+    /// The `/stream` answer: the chunks not returned before (waiting up to `wait` for one, or for
+    /// the job's end, when there is none yet), or `None` for an unknown job.
+    pub async fn read_stream(&self, id: &str, wait: Duration) -> Option<String> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let changed = {
+                let mut state = self.state();
+                let job = state.jobs.get_mut(id)?;
+                if !job.unread.is_empty() || job.status.is_final() {
+                    return Some(Self::drain_stream(id, job));
+                }
+                job.changed.clone()
+            };
+            let notified = changed.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            {
+                let mut state = self.state();
+                let job = state.jobs.get_mut(id)?;
+                if !job.unread.is_empty() || job.status.is_final() {
+                    return Some(Self::drain_stream(id, job));
+                }
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => {
+                    let mut state = self.state();
+                    let job = state.jobs.get_mut(id)?;
+                    return Some(Self::drain_stream(id, job));
+                }
+            }
+        }
+    }
+
+    fn drain_stream(id: &str, job: &mut Record) -> String {
+        let chunks = std::mem::take(&mut job.unread);
+        let answer = StreamAnswer {
+            id,
+            status: job.status,
+            stream: chunks
+                .iter()
+                .map(|chunk| ChunkObject { output: chunk })
+                .collect(),
+        };
+        serde_json::to_string(&answer).expect("a stream answer always serializes")
+    }
+
+    /// Cancels a queued or running job. Returns its status afterwards, or `None` when unknown.
+    pub fn cancel(&self, id: &str) -> Option<Status> {
+        let mut state = self.state();
+        let status = state.jobs.get(id)?.status;
+        if status.is_final() {
+            return Some(status);
+        }
+        if status == Status::InProgress {
+            state.to_stop.push(id.to_owned());
+            self.stops.notify_waiters();
+        }
+        self.end(&mut state, id, Status::Cancelled, None, None);
+        Some(Status::Cancelled)
+    }
+
+    /// Requeues a failed or timed-out job under its id. `None` when unknown.
+    pub fn retry(&self, id: &str) -> Option<RetryOutcome> {
+        let earliest = {
+            let mut state = self.state();
+            let job = state.jobs.get_mut(id)?;
+            if !matches!(job.status, Status::Failed | Status::TimedOut) {
+                return Some(RetryOutcome::NotRetryable(job.status));
+            }
+            job.status = Status::InQueue;
+            job.started = None;
+            job.ended = None;
+            job.output = None;
+            job.error = None;
+            job.unread.clear();
+            job.streamed = false;
+            let finished_key = job.finished_key.take();
+            job.changed.notify_waiters();
+            if let Some(key) = finished_key {
+                state.finished.remove(&key);
+            }
+            state.queue.push_back(id.to_owned());
+            state.in_queue += 1;
+            state.retried += 1;
+            state.arm(id, &self.limits)
+        };
+        if earliest {
+            self.timers.notify_one();
+        }
+        self.queued.notify_waiters();
+        Some(RetryOutcome::Requeued)
+    }
+
+    /// Forgets every queued job; returns how many there were.
+    pub fn purge_queue(&self) -> u64 {
+        let mut state = self.state();
+        let queue = std::mem::take(&mut state.queue);
+        let mut removed = 0;
+        for id in queue {
+            if state.jobs.get(&id).map(|job| job.status) == Some(Status::InQueue) {
+                state.forget(&id);
+                removed += 1;
+            }
+        }
+        removed
+    }
+
+    /// The `/health` counts.
+    pub fn counts(&self) -> Counts {
+        let state = self.state();
+        Counts {
+            completed: state.completed,
+            failed: state.failed,
+            in_progress: state.in_progress,
+            in_queue: state.in_queue,
+            retried: state.retried,
+        }
+    }
+
+    /// Hands up to `max` queued jobs to the worker (marking them in progress), as job JSON texts.
+    pub fn take(&self, max: usize) -> Vec<Arc<str>> {
+        let mut taken = Vec::new();
+        let mut state = self.state();
+        let now = Instant::now();
+        while taken.len() < max {
+            let Some(id) = state.queue.pop_front() else {
+                break;
+            };
+            let Some(job) = state.jobs.get_mut(&id) else {
+                continue;
+            };
+            if job.status != Status::InQueue {
+                continue;
+            }
+            job.status = Status::InProgress;
+            job.started = Some(now);
+            job.changed.notify_waiters();
+            taken.push(job.job_json.clone());
+            state.in_queue -= 1;
+            state.in_progress += 1;
+            if state.arm(&id, &self.limits) {
+                self.timers.notify_one();
+            }
+        }
+        taken
+    }
+
+    /// Waits up to `hold` for queued jobs and takes up to `max` of them (a job-take long-poll).
+    pub async fn take_wait(&self, max: usize, hold: Duration) -> Vec<Arc<str>> {
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            let notified = self.queued.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let jobs = self.take(max);
+            if !jobs.is_empty() {
+                return jobs;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return Vec::new(),
+            }
+        }
+    }
+
+    /// Waits up to `hold` for jobs the worker must stop, and hands them over (a job-stop poll).
+    pub async fn stops_wait(&self, hold: Duration) -> Vec<String> {
+        let deadline = tokio::time::Instant::now() + hold;
+        loop {
+            let notified = self.stops.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let ids = std::mem::take(&mut self.state().to_stop);
+            if !ids.is_empty() {
+                return ids;
+            }
+            tokio::select! {
+                () = notified => {}
+                () = tokio::time::sleep_until(deadline) => return Vec::new(),
+            }
+        }
+    }
+
+    /// Records a stream chunk the worker posted for a running job (others are ignored).
+    pub fn add_chunk(&self, id: &str, chunk: RawJson) {
+        let mut state = self.state();
+        if let Some(job) = state.jobs.get_mut(id) {
+            if job.status == Status::InProgress {
+                job.unread.push(chunk);
+                job.streamed = true;
+                job.changed.notify_waiters();
+            }
+        }
+    }
+
+    /// Records a job-done POST for a running job: a progress update (`{"status": "IN_PROGRESS",
+    /// "output": ...}`) or its result. A result for a job no longer running (cancelled, timed
+    /// out, forgotten) is ignored, as the platform does.
+    pub fn add_result(&self, id: &str, body: OrderedRawMap, is_stream: bool) {
+        let mut state = self.state();
+        let Some(job) = state.jobs.get_mut(id) else {
+            return;
+        };
+        if job.status != Status::InProgress {
+            return;
+        }
+        let mut body = body;
+        let output = body.remove("output");
+        if body
+            .get("status")
+            .is_some_and(|status| status.get() == r#""IN_PROGRESS""#)
+        {
+            job.output = output;
+            job.changed.notify_waiters();
+            return;
+        }
+        let error = body.remove("error");
+        if !is_stream && !job.streamed {
+            if let Some(output) = &output {
+                job.unread.push(output.clone());
+            }
+        }
+        let status = if error.is_some() {
+            Status::Failed
+        } else {
+            Status::Completed
+        };
+        self.end(&mut state, id, status, output, error);
+    }
+
+    /// Moves a queued or running job to a final state; arms its retention; sends its webhook.
+    fn end(
+        &self,
+        state: &mut State,
+        id: &str,
+        status: Status,
+        output: Option<RawJson>,
+        error: Option<RawJson>,
+    ) {
+        let now = Instant::now();
+        let job = state.jobs.get_mut(id).expect("the caller checked the job");
+        match job.status {
+            Status::InQueue => state.in_queue -= 1,
+            Status::InProgress => state.in_progress -= 1,
+            _ => {}
+        }
+        let job = state.jobs.get_mut(id).expect("the caller checked the job");
+        job.status = status;
+        job.ended = Some(now);
+        // A final result replaces any progress value; a cancelled or timed-out job keeps none.
+        job.output = output;
+        job.error = error;
+        job.changed.notify_waiters();
+        let webhook = job
+            .webhook
+            .clone()
+            .map(|url| (url, job.status_json(id, &self.worker_id)));
+        match status {
+            Status::Completed => state.completed += 1,
+            Status::Failed | Status::TimedOut => state.failed += 1,
+            _ => {}
+        }
+        let key = state.next_key(now);
+        state.finished.insert(key, id.to_owned());
+        state
+            .jobs
+            .get_mut(id)
+            .expect("the caller checked the job")
+            .finished_key = Some(key);
+        if state.arm(id, &self.limits) {
+            self.timers.notify_one();
+        }
+        while state.finished.len() > self.limits.max_finished {
+            let Some((_, oldest)) = state.finished.pop_first() else {
+                break;
+            };
+            if let Some(job) = state.jobs.get_mut(&oldest) {
+                job.finished_key = None;
+            }
+            state.forget(&oldest);
+            tracing::debug!(job_id = %oldest, "Result dropped: too many finished jobs are kept.");
+        }
+        if let Some((url, body)) = webhook {
+            let _ = self.webhooks.send(WebhookCall {
+                url,
+                job_id: id.to_owned(),
+                body,
+            });
+        }
+    }
+
+    /// Applies every deadline due at `now` (timeouts, TTLs, retention); returns the next one.
+    pub fn sweep(&self, now: Instant) -> Option<Instant> {
+        let mut state = self.state();
+        let mut stopped = false;
+        while let Some(entry) = state.deadlines.first_entry() {
+            if entry.key().0 > now {
+                break;
+            }
+            let id = entry.remove();
+            let Some(job) = state.jobs.get_mut(&id) else {
+                continue;
+            };
+            job.deadline = None;
+            if now >= job.expires {
+                tracing::info!(job_id = %id, "Job expired (policy.ttl): forgotten.");
+                let was_running = job.status == Status::InProgress;
+                state.forget(&id);
+                stopped |= was_running;
+            } else if job.status == Status::InProgress {
+                tracing::warn!(job_id = %id, "Job ran past its execution timeout: TIMED_OUT.");
+                state.to_stop.push(id.clone());
+                stopped = true;
+                self.end(&mut state, &id, Status::TimedOut, None, None);
+            } else if job.status.is_final() {
+                state.forget(&id);
+            } else {
+                state.arm(&id, &self.limits);
+            }
+        }
+        if stopped {
+            self.stops.notify_waiters();
+        }
+        state.deadlines.keys().next().map(|(at, _)| *at)
+    }
+
+    /// Runs [`Store::sweep`] whenever a deadline is due, forever.
+    pub async fn sweep_forever(&self) {
+        loop {
+            let notified = self.timers.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let next = self.sweep(Instant::now());
+            match next {
+                Some(at) => {
+                    tokio::select! {
+                        () = notified => {}
+                        () = tokio::time::sleep_until(at.into()) => {}
+                    }
+                }
+                None => notified.await,
+            }
+        }
+    }
+}
