@@ -52,6 +52,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+#[path = "common.rs"]
+mod common;
+use common::{artefact, cpu_model, describe_binary, python_runpod};
+
 /// How long an empty take is held (long-poll) before the 204.
 const TAKE_HOLD: Duration = Duration::from_secs(2);
 /// How long a job-stop poll is held before the 204 (nothing is ever stopped here).
@@ -897,65 +901,6 @@ fn print_memory(report: &RunReport) {
         thousands(last_done as u64),
         if growth <= allowed { "flat" } else { "GROWING" }
     );
-}
-
-/// Where `name` should be: next to this executable (`target/release`).
-fn artefact(name: &str) -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-    let dir = exe.parent().ok_or("this executable has no directory")?;
-    let path = dir.join(name);
-    if path.is_file() {
-        Ok(path)
-    } else {
-        Err(format!(
-            "{} is missing: build it with `cargo build --release -p worker-host -p echo-handler`",
-            path.display()
-        ))
-    }
-}
-
-/// Whether `python3 -c "import runpod"` works; the reason when not.
-fn python_runpod() -> Result<String, String> {
-    let output = Command::new("python3")
-        .args(["-c", "import runpod; print(runpod.__version__)"])
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("python3 cannot be started: {e}"))?;
-    if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
-    } else {
-        Err("`python3 -c \"import runpod\"` failed (pip install runpod==1.12.0)".into())
-    }
-}
-
-/// The binary's path, `--version` and build time, so a stale build is noticed.
-fn describe_binary(binary: &FsPath) -> String {
-    let version = Command::new(binary)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()
-        .ok()
-        .map(|out| String::from_utf8_lossy(&out.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let age = std::fs::metadata(binary)
-        .and_then(|meta| meta.modified())
-        .ok()
-        .and_then(|modified| modified.elapsed().ok())
-        .map(|age| format!(", built {} min ago", age.as_secs() / 60))
-        .unwrap_or_default();
-    format!("{} ({version}{age})", binary.display())
-}
-
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .and_then(|rest| rest.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into())
 }
 
 fn main() -> ExitCode {

@@ -752,3 +752,295 @@ impl Store {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Duration = Duration::from_secs(60);
+
+    fn store(limits: StoreLimits) -> (Store, mpsc::UnboundedReceiver<WebhookCall>) {
+        let (sender, receiver) = mpsc::unbounded_channel();
+        (Store::new(limits, "wk".into(), sender), receiver)
+    }
+
+    fn request(text: &str) -> OrderedRawMap {
+        OrderedRawMap::parse(text).expect("test requests are objects")
+    }
+
+    fn job(submission: Submission) -> NewJob {
+        NewJob {
+            request: request(r#"{"input": {"n": 1}}"#),
+            submission,
+            webhook: None,
+            execution_timeout: DEFAULT_EXECUTION_TIMEOUT,
+            ttl: DEFAULT_TTL,
+        }
+    }
+
+    /// Takes one job and finishes it with `body`.
+    fn run(store: &Store, id: &str, body: &str) {
+        let taken = store.take(1);
+        assert_eq!(taken.len(), 1, "nothing to take for {id}");
+        assert!(taken[0].contains(id));
+        store.add_result(id, request(body), false);
+    }
+
+    fn status_of(store: &Store, id: &str) -> serde_json::Value {
+        let text = store
+            .status(id)
+            .unwrap_or_else(|| panic!("{id} is unknown"));
+        serde_json::from_str(&text).expect("status objects are JSON")
+    }
+
+    fn live_jobs(store: &Store) -> (usize, usize, usize) {
+        let state = store.state();
+        (
+            state.jobs.len(),
+            state.deadlines.len(),
+            state.finished.len(),
+        )
+    }
+
+    /// A /runsync result is forgotten after a minute, a /run result after 30 minutes, and
+    /// nothing of either is left behind.
+    #[test]
+    fn finished_jobs_are_forgotten_after_their_retention() {
+        let (store, _) = store(StoreLimits::default());
+        let sync = store.submit(job(Submission::Sync));
+        run(&store, &sync, r#"{"output": 1}"#);
+        let run_id = store.submit(job(Submission::Async));
+        run(&store, &run_id, r#"{"output": 2}"#);
+        let now = Instant::now();
+
+        store.sweep(now + MINUTE - Duration::from_secs(1));
+        assert!(store.status(&sync).is_some(), "kept for its first minute");
+        store.sweep(now + MINUTE + Duration::from_secs(1));
+        assert!(
+            store.status(&sync).is_none(),
+            "a /runsync result is kept 1 minute"
+        );
+        assert!(store.status(&run_id).is_some());
+        store.sweep(now + 30 * MINUTE + Duration::from_secs(1));
+        assert!(
+            store.status(&run_id).is_none(),
+            "a /run result is kept 30 minutes"
+        );
+        assert_eq!(live_jobs(&store), (0, 0, 0));
+    }
+
+    /// However fast jobs finish, at most `max_finished` results are kept, the oldest dropped.
+    #[test]
+    fn the_number_of_kept_results_is_capped() {
+        let (store, _) = store(StoreLimits {
+            max_finished: 3,
+            ..StoreLimits::default()
+        });
+        let ids: Vec<String> = (0..5)
+            .map(|_| {
+                let id = store.submit(job(Submission::Async));
+                run(&store, &id, r#"{"output": 0}"#);
+                id
+            })
+            .collect();
+        let kept: Vec<bool> = ids.iter().map(|id| store.status(id).is_some()).collect();
+        assert_eq!(kept, [false, false, true, true, true]);
+        assert_eq!(live_jobs(&store), (3, 3, 3));
+    }
+
+    /// A job running past its execution timeout ends TIMED_OUT, the worker is told to stop it,
+    /// and its late result is ignored.
+    #[test]
+    fn execution_timeout_ends_a_running_job() {
+        let (store, _) = store(StoreLimits::default());
+        let mut new = job(Submission::Async);
+        new.execution_timeout = Duration::from_secs(5);
+        let id = store.submit(new);
+        assert_eq!(store.take(1).len(), 1);
+        store.sweep(Instant::now() + Duration::from_secs(6));
+        assert_eq!(status_of(&store, &id)["status"], "TIMED_OUT");
+        assert_eq!(std::mem::take(&mut store.state().to_stop), vec![id.clone()]);
+        store.add_result(&id, request(r#"{"output": "late"}"#), false);
+        let status = status_of(&store, &id);
+        assert_eq!(status["status"], "TIMED_OUT");
+        assert!(status.get("output").is_none(), "{status}");
+        assert_eq!(store.counts().failed, 1);
+        assert_eq!(store.counts().in_progress, 0);
+    }
+
+    /// A job's TTL counts from submission and forgets it in any state; a running one is stopped.
+    #[test]
+    fn ttl_forgets_queued_and_running_jobs() {
+        let (store, _) = store(StoreLimits::default());
+        let mut running = job(Submission::Async);
+        running.ttl = Duration::from_secs(10);
+        let running = store.submit(running);
+        assert_eq!(store.take(1).len(), 1);
+        let mut queued = job(Submission::Async);
+        queued.ttl = Duration::from_secs(10);
+        let queued = store.submit(queued);
+        store.sweep(Instant::now() + Duration::from_secs(11));
+        assert!(store.status(&running).is_none());
+        assert!(store.status(&queued).is_none());
+        assert_eq!(store.state().to_stop, vec![running]);
+        assert_eq!(store.counts(), Counts::default());
+        assert!(store.take(1).is_empty());
+        assert_eq!(live_jobs(&store), (0, 0, 0));
+    }
+
+    /// A cancelled queued job never runs; a cancelled running job is handed to the worker to stop.
+    #[test]
+    fn cancel_skips_queued_jobs_and_stops_running_ones() {
+        let (store, _) = store(StoreLimits::default());
+        let first = store.submit(job(Submission::Async));
+        let second = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        assert_eq!(store.cancel(&second), Some(Status::Cancelled));
+        assert!(
+            store.take(1).is_empty(),
+            "a cancelled job is not handed out"
+        );
+        assert_eq!(store.cancel(&first), Some(Status::Cancelled));
+        assert_eq!(store.state().to_stop, vec![first.clone()]);
+        assert_eq!(store.cancel(&first), Some(Status::Cancelled));
+        assert_eq!(store.cancel("unknown"), None);
+        assert_eq!(store.counts().in_queue + store.counts().in_progress, 0);
+    }
+
+    /// Progress shows as the output while running; the final result replaces it, even when the
+    /// final result has no output.
+    #[test]
+    fn progress_shows_until_the_result() {
+        let (store, _) = store(StoreLimits::default());
+        let id = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        store.add_result(
+            &id,
+            request(r#"{"status": "IN_PROGRESS", "output": {"done": 1}}"#),
+            false,
+        );
+        let status = status_of(&store, &id);
+        assert_eq!(status["status"], "IN_PROGRESS");
+        assert_eq!(status["output"], serde_json::json!({"done": 1}));
+        store.add_result(&id, request("{}"), false);
+        let status = status_of(&store, &id);
+        assert_eq!(status["status"], "COMPLETED");
+        assert!(status.get("output").is_none(), "{status}");
+    }
+
+    /// A failed job can be retried under its id; it runs again and is counted.
+    #[test]
+    fn retry_requeues_failed_jobs_only() {
+        let (store, _) = store(StoreLimits::default());
+        let id = store.submit(job(Submission::Async));
+        run(&store, &id, r#"{"error": "boom"}"#);
+        assert_eq!(status_of(&store, &id)["error"], "boom");
+        assert_eq!(store.retry(&id), Some(RetryOutcome::Requeued));
+        let status = status_of(&store, &id);
+        assert_eq!(status["status"], "IN_QUEUE");
+        assert!(status.get("error").is_none(), "{status}");
+        run(&store, &id, r#"{"output": "ok"}"#);
+        assert_eq!(
+            store.retry(&id),
+            Some(RetryOutcome::NotRetryable(Status::Completed))
+        );
+        assert_eq!(store.counts().retried, 1);
+        assert_eq!(live_jobs(&store), (1, 1, 1));
+    }
+
+    /// Purging drops only queued jobs.
+    #[test]
+    fn purge_drops_only_queued_jobs() {
+        let (store, _) = store(StoreLimits::default());
+        let running = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        let queued: Vec<String> = (0..3)
+            .map(|_| store.submit(job(Submission::Async)))
+            .collect();
+        assert_eq!(store.purge_queue(), 3);
+        assert!(queued.iter().all(|id| store.status(id).is_none()));
+        assert_eq!(status_of(&store, &running)["status"], "IN_PROGRESS");
+        assert_eq!(store.counts().in_queue, 0);
+        assert_eq!(live_jobs(&store).0, 1);
+    }
+
+    /// `/stream` hands each chunk out once; a non-streaming job's output is one chunk.
+    #[tokio::test]
+    async fn stream_chunks_are_handed_out_once() {
+        let (store, _) = store(StoreLimits::default());
+        let streaming = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        let chunk = |text: &str| RawValue::from_string(text.to_owned()).expect("valid JSON");
+        store.add_chunk(&streaming, chunk("1"));
+        store.add_chunk(&streaming, chunk("2"));
+        let wait = Duration::from_millis(10);
+        let first = store.read_stream(&streaming, wait).await.expect("known");
+        assert_eq!(
+            first,
+            format!(
+                r#"{{"id":"{streaming}","status":"IN_PROGRESS","stream":[{{"output":1}},{{"output":2}}]}}"#
+            )
+        );
+        store.add_chunk(&streaming, chunk("3"));
+        store.add_result(&streaming, request(r#"{"output": []}"#), true);
+        let last = store.read_stream(&streaming, wait).await.expect("known");
+        assert!(
+            last.ends_with(r#""status":"COMPLETED","stream":[{"output":3}]}"#),
+            "{last}"
+        );
+        let empty = store.read_stream(&streaming, wait).await.expect("known");
+        assert!(empty.ends_with(r#""stream":[]}"#), "{empty}");
+
+        let plain = store.submit(job(Submission::Async));
+        run(&store, &plain, r#"{"output": {"a": 1}}"#);
+        let answer = store.read_stream(&plain, wait).await.expect("known");
+        assert!(
+            answer.ends_with(r#""stream":[{"output":{"a": 1}}]}"#),
+            "{answer}"
+        );
+    }
+
+    /// `/runsync` waits for the result, and gives the current status when the wait runs out.
+    #[tokio::test]
+    async fn wait_final_returns_the_result_or_the_current_status() {
+        let (store, _) = store(StoreLimits::default());
+        let store = Arc::new(store);
+        let id = store.submit(job(Submission::Sync));
+        let waiting = {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move { store.wait_final(&id, Duration::from_secs(30)).await })
+        };
+        assert_eq!(store.take(1).len(), 1);
+        store.add_result(&id, request(r#"{"output": "done"}"#), false);
+        let answer = waiting.await.expect("the waiter ran").expect("known");
+        assert!(
+            answer.contains(r#""output":"done","status":"COMPLETED""#),
+            "{answer}"
+        );
+
+        let slow = store.submit(job(Submission::Sync));
+        let answer = store
+            .wait_final(&slow, Duration::from_millis(20))
+            .await
+            .expect("known");
+        assert!(answer.contains(r#""status":"IN_QUEUE""#), "{answer}");
+    }
+
+    /// A job with a webhook sends its final status object there once.
+    #[test]
+    fn a_final_status_goes_to_the_webhook() {
+        let (store, mut webhooks) = store(StoreLimits::default());
+        let mut new = job(Submission::Async);
+        new.webhook = Some("http://127.0.0.1:9/hook".into());
+        let id = store.submit(new);
+        run(&store, &id, r#"{"output": 7}"#);
+        let call = webhooks.try_recv().expect("one webhook call");
+        assert_eq!(call.url, "http://127.0.0.1:9/hook");
+        let body: serde_json::Value = serde_json::from_str(&call.body).expect("JSON");
+        assert_eq!(body["id"], id);
+        assert_eq!(body["status"], "COMPLETED");
+        assert_eq!(body["output"], 7);
+        assert!(webhooks.try_recv().is_err(), "only one call");
+    }
+}
