@@ -1,7 +1,7 @@
 //! Runs the real `worker-host` binary as a local dev API (`--rp_serve_api`) on a free loopback
 //! port, for tests that drive it over HTTP.
 
-use crate::{artifacts, worker_host, Sample};
+use crate::{artifacts, send_sigterm, wait_for_exit, worker_host, Sample};
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -109,30 +109,16 @@ impl DevApi {
 
     /// Sends SIGTERM.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill could not be started");
-        assert!(status.success(), "kill -TERM failed");
+        send_sigterm(self.child.id());
     }
 
     /// Waits for the process to exit, up to `timeout`; returns its exit code (None = signal).
     /// Panics, with stderr, if it is still running then.
     pub fn wait(&mut self, timeout: Duration) -> Option<i32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
-                return status.code();
-            }
-            if Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "worker-host did not exit in {timeout:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let stderr = self.stderr.clone();
+        wait_for_exit(&mut self.child, timeout, || {
+            stderr.lock().unwrap_or_else(|e| e.into_inner()).clone()
+        })
     }
 }
 

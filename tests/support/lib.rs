@@ -203,6 +203,38 @@ impl Run {
     }
 }
 
+/// Sends SIGTERM to a process, as a container runtime does to stop a worker.
+pub fn send_sigterm(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("kill could not be started");
+    assert!(status.success(), "kill -TERM failed");
+}
+
+/// Waits for `child` to exit, up to `timeout`; returns its exit code (None = signal). Kills it and
+/// panics, showing `stderr()`, if it is still running then.
+pub fn wait_for_exit(
+    child: &mut std::process::Child,
+    timeout: std::time::Duration,
+    stderr: impl Fn() -> String,
+) -> Option<i32> {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("the child can be waited for") {
+            return status.code();
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            panic!(
+                "worker-host did not exit in {timeout:?}; stderr:\n{}",
+                stderr()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// A `worker-host` process running as a queue worker, with stderr captured to a file.
 #[derive(Debug)]
 pub struct WorkerProcess {
@@ -238,30 +270,16 @@ impl WorkerProcess {
 
     /// Sends SIGTERM, as a container runtime does to stop a worker.
     pub fn terminate(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .expect("kill could not be started");
-        assert!(status.success(), "kill -TERM failed");
+        send_sigterm(self.child.id());
     }
 
     /// Waits for the process to exit, up to `timeout`; returns its exit code (None = signal).
     /// Panics, with the worker's stderr, if it is still running then.
     pub fn wait(&mut self, timeout: std::time::Duration) -> Option<i32> {
-        let deadline = std::time::Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("the child can be waited for") {
-                return status.code();
-            }
-            if std::time::Instant::now() >= deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "worker-host did not exit in {timeout:?}; stderr:\n{}",
-                    self.stderr()
-                );
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
+        let stderr_path = self.stderr_file.path().to_owned();
+        wait_for_exit(&mut self.child, timeout, || {
+            std::fs::read_to_string(&stderr_path).unwrap_or_default()
+        })
     }
 
     /// Everything the worker wrote to stderr so far.
