@@ -245,8 +245,14 @@ pub struct PlatformEnv {
     )]
     pub ping_interval: u64,
 
-    /// The platform's key, sent as `Authorization`.
-    #[arg(long, env = "RUNPOD_AI_API_KEY", hide = true, hide_env_values = true)]
+    /// The platform's key, sent as `Authorization` (not the dev API's `--api-key`).
+    #[arg(
+        long = "runpod-ai-api-key",
+        id = "runpod_ai_api_key",
+        env = "RUNPOD_AI_API_KEY",
+        hide = true,
+        hide_env_values = true
+    )]
     pub api_key: Option<String>,
 
     /// The endpoint id; when set, logs default to JSON lines.
@@ -260,4 +266,26 @@ pub struct PlatformEnv {
     /// The worker's host name, reported in error payloads.
     #[arg(long, env = "RUNPOD_POD_HOSTNAME", hide = true)]
     pub pod_hostname: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// clap's own consistency checks: unique names, valid defaults, no flag clashes (a clash
+    /// would otherwise only surface as a panic at start in debug builds).
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    /// The dev API's key and the platform's key are separate settings.
+    #[test]
+    fn the_dev_api_key_is_not_the_platform_key() {
+        let cli = Cli::try_parse_from(["worker-host", "--api-key", "dev", "--rp_serve_api"])
+            .expect("valid command line");
+        assert_eq!(cli.dev_api.api_key.as_deref(), Some("dev"));
+        assert_eq!(cli.platform.api_key, None);
+    }
 }

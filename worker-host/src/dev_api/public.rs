@@ -115,7 +115,7 @@ async fn require_key(State(api): State<Arc<PublicApi>>, request: Request, next: 
     let Some(key) = &api.api_key else {
         return next.run(request).await;
     };
-    if request.uri().path().ends_with("/openapi.json") {
+    if is_openapi_route(request.uri().path()) {
         return next.run(request).await;
     }
     let given = request
@@ -136,6 +136,17 @@ async fn require_key(State(api): State<Arc<PublicApi>>, request: Request, next: 
         StatusCode::UNAUTHORIZED,
         "missing or wrong API key: send Authorization: Bearer <the key given to --api-key>",
     )
+}
+
+/// Whether `path` is `/openapi.json` or `/v2/{endpoint_id}/openapi.json`, the one route that
+/// needs no key.
+fn is_openapi_route(path: &str) -> bool {
+    match path.strip_prefix("/v2/") {
+        Some(rest) => rest
+            .split_once('/')
+            .is_some_and(|(endpoint, route)| !endpoint.is_empty() && route == "openapi.json"),
+        None => path == "/openapi.json",
+    }
 }
 
 /// The `{job_id}` of a route (an `{endpoint_id}` in front is ignored).
@@ -407,6 +418,16 @@ mod tests {
         assert_eq!(new.ttl, DEFAULT_TTL);
         assert_eq!(new.webhook.as_deref(), Some("http://127.0.0.1:9/hook"));
         assert_eq!(new.submission, Submission::Sync);
+    }
+
+    /// Only the OpenAPI route itself is open without a key, not a job id that looks like it.
+    #[test]
+    fn only_the_openapi_route_is_exempt_from_the_key() {
+        assert!(is_openapi_route("/openapi.json"));
+        assert!(is_openapi_route("/v2/ep/openapi.json"));
+        assert!(!is_openapi_route("/status/openapi.json"));
+        assert!(!is_openapi_route("/v2/ep/status/openapi.json"));
+        assert!(!is_openapi_route("/v2//openapi.json"));
     }
 
     /// `?wait=` defaults to 90 s, is clamped to the platform's range, and must be a number.
