@@ -8,7 +8,8 @@
 //! `/purge-queue`, `/openapi.json`, with and without the `/v2/{endpoint_id}` prefix; handler
 //! failures, request validation and body limits, the API key, `policy.executionTimeout` and
 //! `policy.ttl`, webhooks and their retries, SIGTERM while a job runs, a port already in use, a
-//! failing handler init, and the C handler. The wire contract is the README's "The local dev API" and `openapi.json`.
+//! failing handler init, and the C handler. The wire contract is the README's "The local dev
+//! API" and `worker-host/src/dev_api/openapi.json`.
 //!
 //! No assertion is about how long something took; waits poll with generous deadlines.
 
