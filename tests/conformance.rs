@@ -22,11 +22,7 @@ use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::sync::OnceLock;
 use std::time::Duration;
-
-/// The SDK version the protocol notes describe and worker-host imitates.
-const SDK_VERSION: &str = "1.12.0";
 
 /// How long the SDK may take: it imports slowly and idles ~1 s after every job (§21 item 12).
 const SDK_WAIT: Duration = Duration::from_secs(45);
@@ -47,41 +43,6 @@ const POST_HEADERS: &[&str] = &["authorization", "x-request-id", "content-type",
 /// `X-Request-ID` on these GETs is a known defect worker-host does not repeat (§21 item 5), so it
 /// is not compared.
 const GET_HEADERS: &[&str] = &["authorization", "content-type"];
-
-/// Whether the SDK can run here. When it cannot, fails under CI (`CI` set, where `.ci/run`
-/// installs it), and otherwise prints why and returns false: the caller skips.
-fn sdk_available() -> bool {
-    static PROBLEM: OnceLock<Option<String>> = OnceLock::new();
-    let problem = PROBLEM.get_or_init(|| {
-        let output = Command::new("python3")
-            .args(["-c", "import runpod; print(runpod.__version__)"])
-            .stdin(Stdio::null())
-            .output();
-        match &output {
-            Err(error) => Some(format!("python3 could not be started: {error}")),
-            Ok(output) if !output.status.success() => Some(format!(
-                "`import runpod` failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )),
-            Ok(output) => {
-                let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-                (version != SDK_VERSION).then(|| {
-                    format!("runpod {version} is installed, the comparison needs {SDK_VERSION}")
-                })
-            }
-        }
-    });
-    let Some(problem) = problem else {
-        return true;
-    };
-    let install = format!("python3 -m pip install runpod=={SDK_VERSION}");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must provide the Python SDK: {problem}; install it with `{install}`"
-    );
-    eprintln!("skipping the SDK conformance test: {problem}; install it with `{install}`");
-    false
-}
 
 /// The official Python worker, running one handler of `tests/python/sdk_worker.py` in its own
 /// process group (the SDK's heartbeat runs in a child process), with its output in a file.
@@ -246,7 +207,7 @@ fn job_id(job: &Value) -> String {
 
 /// Runs worker-host, then the SDK, on the scenario and compares what the two platforms saw.
 fn compare(scenario: &Scenario) {
-    if !sdk_available() {
+    if !e2e::python_sdk_available("the SDK conformance test") {
         return;
     }
     let host = observe(scenario, "worker-host", HOST_WAIT, None, |platform| {
@@ -547,7 +508,10 @@ impl Beat {
         if let Some(ids) = job_ids {
             query.push(("job_id".to_owned(), ids.to_owned()));
         }
-        query.push(("runpod_version".to_owned(), SDK_VERSION.to_owned()));
+        query.push((
+            "runpod_version".to_owned(),
+            e2e::PYTHON_SDK_VERSION.to_owned(),
+        ));
         Self {
             path: "/v2/ep/ping/wk1".to_owned(),
             query,

@@ -20,11 +20,7 @@ use e2e::{Run, Sample};
 use serde_json::{json, Value};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
-
-/// The client version the scenarios are written against.
-const SDK_VERSION: &str = "1.12.0";
 
 /// How long a scenario script may run before it is killed: importing the client takes a second
 /// or two and every scenario finishes well under 10 s.
@@ -32,43 +28,6 @@ const SCRIPT_WAIT: Duration = Duration::from_secs(60);
 
 /// The key the client sends when the dev API was started without `--api-key` (any will do).
 const NO_KEY: &str = "unused-local-key";
-
-/// Whether the client can run here. When it cannot, fails under CI (`CI` set, where `.ci/run`
-/// installs it), and otherwise prints why and returns false: the caller skips.
-fn sdk_available() -> bool {
-    static PROBLEM: OnceLock<Option<String>> = OnceLock::new();
-    let problem = PROBLEM.get_or_init(|| {
-        let output = Command::new("python3")
-            .args(["-c", "import runpod; print(runpod.__version__)"])
-            .stdin(Stdio::null())
-            .output();
-        match &output {
-            Err(error) => Some(format!("python3 could not be started: {error}")),
-            Ok(output) if !output.status.success() => Some(format!(
-                "`import runpod` failed: {}",
-                String::from_utf8_lossy(&output.stderr).trim()
-            )),
-            Ok(output) => {
-                let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
-                (version != SDK_VERSION).then(|| {
-                    format!("runpod {version} is installed, the scenarios need {SDK_VERSION}")
-                })
-            }
-        }
-    });
-    let Some(problem) = problem else {
-        return true;
-    };
-    let install = format!("python3 -m pip install runpod=={SDK_VERSION}");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must provide the Python client: {problem}; install it with `{install}`"
-    );
-    eprintln!(
-        "skipping the official client's dev API test: {problem}; install it with `{install}`"
-    );
-    false
-}
 
 /// Runs `tests/python/dev_api_client.py <scenario>` against `host` with `key` as the client's
 /// API key, to its end. Kills it and panics, showing both sides' stderr, if it runs past
@@ -127,9 +86,9 @@ fn run_script(host: &DevApi, scenario: &str, key: &str) -> Run {
 /// Starts the dev API on `sample` with `args`, runs `scenario` against it with `key`, and hands
 /// the one JSON line the script printed to `check`. When the script fails or `check` panics,
 /// shows the script's output and worker-host's stderr too. Returns at once, doing nothing, when
-/// the client is not installed (see [`sdk_available`]).
+/// the client is not installed (see [`e2e::python_sdk_available`]).
 fn scenario(scenario: &str, sample: Sample, args: &[&str], key: &str, check: impl FnOnce(&Value)) {
-    if !sdk_available() {
+    if !e2e::python_sdk_available("the official client's dev API test") {
         return;
     }
     let host = DevApi::start(sample, args);

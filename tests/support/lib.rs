@@ -169,6 +169,45 @@ pub fn fixture(name: &str) -> PathBuf {
     Path::new(env!("FIXTURE_DIR")).join(format!("lib{name}.so"))
 }
 
+/// The runpod-python release the conformance and client tests are written against.
+pub const PYTHON_SDK_VERSION: &str = "1.12.0";
+
+/// Whether `python3` with runpod [`PYTHON_SDK_VERSION`] can run here. When it cannot, fails under
+/// CI (`CI` set, where `.ci/run` installs it), and otherwise prints why `what` is skipped and
+/// returns false: the caller skips.
+pub fn python_sdk_available(what: &str) -> bool {
+    static PROBLEM: OnceLock<Option<String>> = OnceLock::new();
+    let problem = PROBLEM.get_or_init(|| {
+        let output = Command::new("python3")
+            .args(["-c", "import runpod; print(runpod.__version__)"])
+            .stdin(Stdio::null())
+            .output();
+        match &output {
+            Err(error) => Some(format!("python3 could not be started: {error}")),
+            Ok(output) if !output.status.success() => Some(format!(
+                "`import runpod` failed: {}",
+                String::from_utf8_lossy(&output.stderr).trim()
+            )),
+            Ok(output) => {
+                let version = String::from_utf8_lossy(&output.stdout).trim().to_owned();
+                (version != PYTHON_SDK_VERSION).then(|| {
+                    format!("runpod {version} is installed, the tests need {PYTHON_SDK_VERSION}")
+                })
+            }
+        }
+    });
+    let Some(problem) = problem else {
+        return true;
+    };
+    let install = format!("python3 -m pip install runpod=={PYTHON_SDK_VERSION}");
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "CI must provide the Python SDK: {problem}; install it with `{install}`"
+    );
+    eprintln!("skipping {what}: {problem}; install it with `{install}`");
+    false
+}
+
 /// A `worker-host` command with a clean environment: no RUNPOD_* or WORKER_HOST_* variable from
 /// the machine running the tests leaks in.
 pub fn worker_host() -> Command {

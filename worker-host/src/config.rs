@@ -215,11 +215,15 @@ impl Settings {
                         worker_id: worker_id.clone(),
                         max_input_bytes: cli.results.max_input_bytes,
                     },
+                    // Error payloads name the local worker, as status objects do (`workerId`).
                     worker: worker_config(
                         &cli.worker,
                         &cli.results,
                         cli.platform.ping_interval,
-                        &origin,
+                        &Origin {
+                            worker_id: worker_id.clone(),
+                            ..origin.clone()
+                        },
                     )?,
                 })),
                 (None, Some(job_take)) if !job_take.is_empty() => Mode::Worker(Box::new(Worker {
