@@ -12,7 +12,7 @@
 //! - `POST /runsync` from 8 client threads against `--concurrency 8`: jobs per second.
 //!
 //! When the official Python SDK is installed (`pip install runpod==1.12.0`), its own dev API
-//! (`python_echo.py --rp_serve_api`) gets the same sequential `/runsync` run for comparison.
+//! (`python_echo.py --rp_serve_api`) is measured too, for comparison.
 //! Every answer is checked (COMPLETED, output equal to input); the bench exits 1 when one is not.
 //!
 //! ```text
@@ -209,13 +209,15 @@ fn micros(duration: Duration) -> String {
 struct Row {
     what: String,
     latencies: Vec<Duration>,
+    /// /runsync jobs per second from [`PARALLEL`] client threads, for the /runsync rows.
+    throughput: Option<f64>,
 }
 
 fn worker_host_rows(
     binary: &PathBuf,
     handler: &PathBuf,
     options: &Options,
-) -> Result<(Vec<Row>, f64), String> {
+) -> Result<Vec<Row>, String> {
     let port = free_port();
     let mut command = Command::new(binary);
     command
@@ -232,19 +234,18 @@ fn worker_host_rows(
     let runsync_url = format!("{}/v2/bench/runsync", server.base);
     let runsync = sequential(&Request::RunSync(runsync_url.clone()), options.requests)?;
     let throughput = parallel(&runsync_url, options.requests)?;
-    Ok((
-        vec![
-            Row {
-                what: "worker-host GET /health (HTTP alone)".into(),
-                latencies: health,
-            },
-            Row {
-                what: "worker-host POST /runsync (echo job)".into(),
-                latencies: runsync,
-            },
-        ],
-        throughput,
-    ))
+    Ok(vec![
+        Row {
+            what: "worker-host GET /health (HTTP alone)".into(),
+            latencies: health,
+            throughput: None,
+        },
+        Row {
+            what: "worker-host POST /runsync (echo job)".into(),
+            latencies: runsync,
+            throughput: Some(throughput),
+        },
+    ])
 }
 
 fn python_row(options: &Options) -> Result<Row, String> {
@@ -257,13 +258,13 @@ fn python_row(options: &Options) -> Result<Row, String> {
         .args(["--rp_serve_api", "--rp_api_port"])
         .arg(port.to_string());
     let server = start(command, port, "/runsync")?;
-    let latencies = sequential(
-        &Request::RunSync(format!("{}/runsync", server.base)),
-        options.python_requests,
-    )?;
+    let url = format!("{}/runsync", server.base);
+    let latencies = sequential(&Request::RunSync(url.clone()), options.python_requests)?;
+    let throughput = parallel(&url, options.python_requests)?;
     Ok(Row {
         what: format!("runpod {version} --rp_serve_api POST /runsync"),
         latencies,
+        throughput: Some(throughput),
     })
 }
 
@@ -276,7 +277,7 @@ fn run(options: &Options) -> Result<(), String> {
         "{} measured requests per worker-host row ({WARM_UP} warm-up), one keep-alive connection\n",
         options.requests
     );
-    let (mut rows, throughput) = worker_host_rows(&binary, &handler, options)?;
+    let mut rows = worker_host_rows(&binary, &handler, options)?;
     let mut python_note = None;
     if !options.skip_python {
         match python_row(options) {
@@ -284,15 +285,17 @@ fn run(options: &Options) -> Result<(), String> {
             Err(reason) => python_note = Some(reason),
         }
     }
-    println!("| what | p50 | p99 | max |");
-    println!("|---|---|---|---|");
+    println!("| what | p50 | p99 | max | jobs/s, {PARALLEL} clients |");
+    println!("|---|---|---|---|---|");
     for row in &rows {
         println!(
-            "| {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} |",
             row.what,
             micros(percentile(&row.latencies, 0.50)),
             micros(percentile(&row.latencies, 0.99)),
             micros(*row.latencies.last().expect("rows are not empty")),
+            row.throughput
+                .map_or_else(|| "-".to_owned(), |rate| format!("{rate:.0}")),
         );
     }
     let health = percentile(&rows[0].latencies, 0.50);
@@ -304,7 +307,7 @@ fn run(options: &Options) -> Result<(), String> {
         micros(runsync.saturating_sub(health)),
     );
     println!(
-        "{PARALLEL} client threads, --concurrency {PARALLEL}: {throughput:.0} /runsync jobs/s"
+        "(jobs/s: {PARALLEL} client threads at once; worker-host runs with --concurrency {PARALLEL})"
     );
     if let Some(reason) = python_note {
         println!("(the Python SDK's dev API was not measured: {reason})");

@@ -22,6 +22,7 @@ pub mod worker_facing;
 use crate::handler::Handler;
 use crate::runpod::{PlatformClient, PlatformUrls, UrlError};
 use crate::worker::WorkerConfig;
+use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -121,7 +122,7 @@ pub async fn serve(
     }));
     let facing_stop = worker_done.clone();
     background.spawn(async move {
-        let server = axum::serve(loopback, facing)
+        let server = axum::serve(loopback.tap_io(no_delay), facing)
             .with_graceful_shutdown(async move { facing_stop.cancelled().await });
         if let Err(error) = server.await {
             tracing::error!("The worker's loopback server failed: {error}");
@@ -135,7 +136,7 @@ pub async fn serve(
     }));
     let public_stop = stop_accepting.clone();
     let public_server = tokio::spawn(async move {
-        let server = axum::serve(public_listener, public)
+        let server = axum::serve(public_listener.tap_io(no_delay), public)
             .with_graceful_shutdown(async move { public_stop.cancelled().await });
         if let Err(error) = server.await {
             tracing::error!("The dev API server failed: {error}");
@@ -158,6 +159,13 @@ pub async fn serve(
     sweeper.abort();
     webhooks.abort();
     Ok(())
+}
+
+/// Small answers go out at once instead of waiting on Nagle's algorithm.
+fn no_delay(stream: &mut tokio::net::TcpStream) {
+    if let Err(error) = stream.set_nodelay(true) {
+        tracing::debug!("cannot set TCP_NODELAY: {error}");
+    }
 }
 
 /// The platform URLs the worker uses: the private loopback port, in the platform's shapes.
