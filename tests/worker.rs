@@ -226,6 +226,44 @@ fn job_stop_cancels_the_handler() {
     );
 }
 
+/// A stopped job whose handler ignores cancellation keeps its slot until the handler returns: at
+/// concurrency 1 the next job starts only after it, so no more than `--concurrency` handlers
+/// ever run at once.
+#[test]
+fn a_stopped_job_keeps_its_slot_until_its_handler_returns() {
+    let platform = Platform::start();
+    platform.push_job(json!({
+        "id": "stubborn",
+        "input": {"mode": "sleep", "ms": 1500, "ignore_cancel": true}
+    }));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &["--concurrency", "1"],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "a heartbeat listing the job", |r| {
+        r.iter()
+            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("stubborn"))
+    });
+    platform.stop_job("stubborn");
+    platform.push_job(json!({"id": "next", "input": {"mode": "echo"}}));
+    platform.wait_for(WAIT, "the next job's result", |r| !results(r).is_empty());
+    let stderr = worker.stderr();
+    let position = |needle: &str| {
+        stderr
+            .lines()
+            .position(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{stderr}"))
+    };
+    let stubborn_returned = position("job_id=stubborn}: slept");
+    let next_started = position("job_id=next}: Started.");
+    assert!(
+        stubborn_returned < next_started,
+        "the next job started while the stopped handler still ran:\n{stderr}"
+    );
+}
+
 /// SIGTERM: a job that finishes within the grace period delivers its own result; one that does
 /// not is cancelled and reported as failed; the worker exits 0.
 #[test]

@@ -370,10 +370,15 @@ async fn run_job(
     let handler_cancel = cancel.clone();
     let span = tracing::Span::current();
     // A blocking-pool thread: the handler may block for minutes without touching the runtime.
+    // The slot goes with it and frees when the handler returns, before the result is posted (the
+    // next take need not wait for delivery), but never earlier: a job that was stopped or ended
+    // by shutdown keeps its slot until its handler has noticed, so no more than --concurrency
+    // handlers ever run at once.
     let _handler_thread = tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
         let result = handler.run(&job, &events, &handler_cancel);
         let _ = events.0.send(JobMessage::Final(Ending::Completed(result)));
+        drop(permit);
     });
     drop(sender);
 
@@ -390,8 +395,6 @@ async fn run_job(
                 deliver(&shared, Post::Progress, &id, progress_body(&progress)).await;
             }
             JobMessage::Final(ending) => {
-                // The slot frees before the POST: the next take need not wait for delivery.
-                drop(permit);
                 finish(&shared, &id, ending, &chunks).await;
                 return;
             }

@@ -5,14 +5,15 @@
 //! - `error`: fail with `{"type", "message"}` from the input;
 //! - `error_key`: return `{"error": message}` as output (the Python SDK's way to fail a job);
 //! - `panic`: panic with `message`;
-//! - `sleep`: sleep `ms` milliseconds in 10 ms steps, failing early if the job is cancelled;
+//! - `sleep`: sleep `ms` milliseconds in 10 ms steps, failing early if the job is cancelled
+//!   (unless `ignore_cancel` is true); logs "slept" at INFO when it returns;
 //! - `crash`: raise SIGSEGV, killing the process;
 //! - `recycle`: ask for the worker to be recycled, then return the input;
 //! - `big`: return a string of `bytes` bytes.
 //!
 //! Config: `{"fail_init": "<message>"}` makes `init` fail with that message.
 
-use handler_abi::{export_handler, Handler, HandlerError, Job, RawJson};
+use handler_abi::{export_handler, Handler, HandlerError, Job, LogLevel, RawJson};
 use serde::Deserialize;
 use serde_json::Value;
 use std::time::{Duration, Instant};
@@ -30,6 +31,8 @@ struct Fault {
     ms: u64,
     #[serde(default)]
     bytes: usize,
+    #[serde(default)]
+    ignore_cancel: bool,
 }
 
 /// Keeps no state.
@@ -54,6 +57,7 @@ impl Handler for Faulty {
             error_type: None,
             ms: 0,
             bytes: 0,
+            ignore_cancel: false,
         });
         match fault.mode.as_str() {
             "error" => Err(HandlerError::new(
@@ -67,11 +71,13 @@ impl Handler for Faulty {
             "sleep" => {
                 let deadline = Instant::now() + Duration::from_millis(fault.ms);
                 while Instant::now() < deadline {
-                    if job.is_cancelled() {
+                    if job.is_cancelled() && !fault.ignore_cancel {
+                        job.log(LogLevel::Info, "slept (cancelled)");
                         return Err(HandlerError::new("Cancelled", "the job was cancelled"));
                     }
                     std::thread::sleep(Duration::from_millis(10));
                 }
+                job.log(LogLevel::Info, "slept");
                 Ok(input)
             }
             "crash" => crash(),
