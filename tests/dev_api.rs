@@ -1224,6 +1224,52 @@ fn failing_webhook_gets_three_attempts() {
 // Process
 // ---------------------------------------------------------------------------------------------
 
+/// While the worker drains after SIGTERM, new jobs are refused with 503 and a JSON reason, and
+/// the running job stays readable; the host exits 0 once it is done.
+#[test]
+fn during_the_drain_new_jobs_are_refused_and_running_ones_stay_readable() {
+    let mut api = Api::start(Sample::Faulty, &["--shutdown-grace-secs", "20"]);
+    let id = api.run(json!({"mode": "sleep", "ms": 3000}));
+    api.wait_for(&id, "IN_PROGRESS");
+    api.host.terminate();
+    let refused = loop {
+        let reply = api.post_json("/run", &json!({"input": {"mode": "echo"}}));
+        if reply.code != 200 {
+            break reply;
+        }
+        std::thread::sleep(POLL);
+    };
+    assert_eq!(refused.code, 503, "{}", api.show(&refused));
+    let body = api.json_body(&refused);
+    assert!(
+        body["error"]
+            .as_str()
+            .is_some_and(|m| m.contains("shutting down")),
+        "{}",
+        api.show(&refused)
+    );
+    let status = api.get(&format!("/status/{id}"));
+    assert_eq!(
+        api.ok(&status)["status"],
+        "IN_PROGRESS",
+        "{}",
+        api.show(&status)
+    );
+    assert_eq!(
+        api.host.wait(WAIT),
+        Some(0),
+        "stderr:\n{}",
+        api.host.stderr()
+    );
+    assert!(
+        !api.host
+            .stderr()
+            .contains("Skipping the handler's teardown"),
+        "{}",
+        api.host.stderr()
+    );
+}
+
 /// SIGTERM while a job runs: the host exits 0 once the shutdown grace is over, and the
 /// `/runsync` waiting for that job is answered with a FAILED status saying the worker shut down.
 #[test]

@@ -31,8 +31,12 @@ const DOCUMENT: &str = include_str!(concat!(
 /// The routes of the wire spec (method, documented path) and every status the spec says each can
 /// answer when the host runs with `--api-key`. The document must list exactly these.
 const ROUTES: &[(&str, &str, &[u16])] = &[
-    ("post", "/v2/{endpoint_id}/run", &[200, 400, 401, 413]),
-    ("post", "/v2/{endpoint_id}/runsync", &[200, 400, 401, 413]),
+    ("post", "/v2/{endpoint_id}/run", &[200, 400, 401, 413, 503]),
+    (
+        "post",
+        "/v2/{endpoint_id}/runsync",
+        &[200, 400, 401, 413, 503],
+    ),
     ("get", "/v2/{endpoint_id}/status/{job_id}", &[200, 401, 404]),
     (
         "post",

@@ -111,16 +111,26 @@ fn run_dev_api(
         worker.refresh_worker = false;
     }
     let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
-    runtime.block_on(dev_api::serve(
+    let handlers_returned = runtime.block_on(dev_api::serve(
         handler.clone(),
         listener,
         dev.api,
         worker,
         shutdown_signal(),
     ))?;
-    handler.teardown();
+    teardown(&handler, handlers_returned);
     runtime.shutdown_background();
     Ok(exit::SUCCESS)
+}
+
+/// Runs the handler's teardown, unless a handler call may still be running: the ABI promises
+/// teardown only after every call has returned, so a C handler's state is never freed under it.
+fn teardown(handler: &HandlerLibrary, handlers_returned: bool) {
+    if handlers_returned {
+        handler.teardown();
+    } else {
+        tracing::warn!("Skipping the handler's teardown: a handler call has not returned.");
+    }
 }
 
 /// The async runtime for the worker and the dev API.
@@ -171,13 +181,13 @@ fn run_worker(
     }
     let config = worker_settings(&handler, worker.config);
     let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
-    runtime.block_on(worker::run(
+    let handlers_returned = runtime.block_on(worker::run(
         handler.clone(),
         client,
         config,
         shutdown_signal(),
     ));
-    handler.teardown();
+    teardown(&handler, handlers_returned);
     // Handler threads of jobs cancelled at shutdown may still be running; do not wait for them.
     runtime.shutdown_background();
     Ok(exit::SUCCESS)

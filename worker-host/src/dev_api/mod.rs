@@ -11,8 +11,10 @@
 //! So jobs run on the production code path, with the same concurrency, limits and error shapes;
 //! the loopback hop costs tens of microseconds. [`webhook`] sends final statuses to webhooks.
 //!
-//! Shutdown (SIGTERM or Ctrl-C): the public port stops accepting, the worker drains as in
-//! production (running jobs get the grace period), then both servers stop.
+//! Shutdown (SIGTERM or Ctrl-C): new jobs are refused (503) while the worker drains as in
+//! production (running jobs get the grace period) and results stay readable; then waiting
+//! requests answer with the current status, webhooks under way get a few seconds, and the
+//! servers stop. Queued jobs that never started are dropped with the process.
 
 pub mod public;
 pub mod store;
@@ -20,7 +22,7 @@ pub mod webhook;
 pub mod worker_facing;
 
 use crate::handler::Handler;
-use crate::runpod::{PlatformClient, PlatformUrls, UrlError};
+use crate::runpod::{PlatformClient, UrlError};
 use crate::worker::WorkerConfig;
 use axum::serve::ListenerExt;
 use std::net::SocketAddr;
@@ -29,8 +31,10 @@ use std::time::Duration;
 use store::{Store, StoreLimits};
 use tokio_util::sync::CancellationToken;
 
-/// How long in-flight public requests may go on after the worker has drained at shutdown.
-const PUBLIC_SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long open requests may take to answer once the worker has drained at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
+/// How long webhook deliveries under way may go on at shutdown.
+const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How the dev API runs.
 #[derive(Debug, Clone)]
@@ -78,21 +82,23 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, DevApiError>
 }
 
 /// Serves the dev API on `listener` and runs the worker against it until `shutdown` resolves.
+/// Returns whether every handler call has returned (see [`crate::worker::run`]).
 pub async fn serve(
     handler: Arc<dyn Handler>,
     listener: std::net::TcpListener,
     config: DevApiConfig,
-    worker: WorkerConfig,
+    mut worker: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), DevApiError> {
+) -> Result<bool, DevApiError> {
+    let public_address = listener.local_addr().map_err(|source| DevApiError::Bind {
+        address: "the dev API's socket".into(),
+        source,
+    })?;
     let public_listener =
         tokio::net::TcpListener::from_std(listener).map_err(|source| DevApiError::Bind {
-            address: "the dev API address".into(),
+            address: public_address.to_string(),
             source,
         })?;
-    let public_address = public_listener
-        .local_addr()
-        .map_err(DevApiError::Loopback)?;
     let loopback = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(DevApiError::Loopback)?;
@@ -106,14 +112,20 @@ pub async fn serve(
     ));
     let key = format!("{:032x}", rand::random::<u128>());
     let client = PlatformClient::new(
-        &worker_urls(loopback_address, &key, &config.worker_id),
+        &worker_facing::worker_urls(
+            &format!("http://{loopback_address}"),
+            &key,
+            &config.worker_id,
+        ),
         config.max_input_bytes,
     )?;
+    worker.ping_interval = worker_facing::HEARTBEAT_PERIOD;
 
-    let background = tokio_util::task::TaskTracker::new();
     let sweeper_store = store.clone();
     let sweeper = tokio::spawn(async move { sweeper_store.sweep_forever().await });
-    let webhooks = tokio::spawn(webhook::deliver_all(webhook_receiver, config.webhook_retry));
+    let webhooks = webhook::Webhooks::new(webhook_receiver, config.webhook_retry);
+    let deliveries = webhooks.deliveries();
+    let webhooks = tokio::spawn(webhooks.run());
 
     let worker_done = CancellationToken::new();
     let facing = worker_facing::router(Arc::new(worker_facing::WorkerFacing {
@@ -121,7 +133,7 @@ pub async fn serve(
         key,
     }));
     let facing_stop = worker_done.clone();
-    background.spawn(async move {
+    let facing_server = tokio::spawn(async move {
         let server = axum::serve(loopback.tap_io(no_delay), facing)
             .with_graceful_shutdown(async move { facing_stop.cancelled().await });
         if let Err(error) = server.await {
@@ -129,13 +141,15 @@ pub async fn serve(
         }
     });
 
-    let stop_accepting = CancellationToken::new();
+    let draining = CancellationToken::new();
     let public = public::router(Arc::new(public::PublicApi {
         store: store.clone(),
         api_key: config.api_key.clone(),
+        draining: draining.clone(),
     }));
+    let stop_accepting = CancellationToken::new();
     let public_stop = stop_accepting.clone();
-    let public_server = tokio::spawn(async move {
+    let mut public_server = tokio::spawn(async move {
         let server = axum::serve(public_listener.tap_io(no_delay), public)
             .with_graceful_shutdown(async move { public_stop.cancelled().await });
         if let Err(error) = server.await {
@@ -144,40 +158,40 @@ pub async fn serve(
     });
     announce(public_address, config.api_key.is_some());
 
-    let stop = stop_accepting.clone();
-    crate::worker::run(handler, client, worker, async move {
+    // At the signal new jobs are refused, while running ones finish (or are failed at the end of
+    // the grace period) and their results stay readable.
+    let handlers_returned = crate::worker::run(handler, client, worker, async move {
         shutdown.await;
-        stop.cancel();
+        draining.cancel();
     })
     .await;
+    // Waiting /runsync and /stream requests answer with the current status, then the servers go.
+    store.close();
     stop_accepting.cancel();
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut public_server)
+        .await
+        .is_err()
+    {
+        public_server.abort();
+    }
     worker_done.cancel();
-    // Requests still open (a /runsync whose job never started) are cut after a short grace.
-    let _ = tokio::time::timeout(PUBLIC_SHUTDOWN_GRACE, public_server).await;
-    background.close();
-    let _ = tokio::time::timeout(PUBLIC_SHUTDOWN_GRACE, background.wait()).await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, facing_server).await;
+    deliveries.close();
+    if tokio::time::timeout(WEBHOOK_SHUTDOWN_GRACE, deliveries.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("Webhook deliveries still under way at exit are abandoned.");
+    }
     sweeper.abort();
     webhooks.abort();
-    Ok(())
+    Ok(handlers_returned)
 }
 
 /// Small answers go out at once instead of waiting on Nagle's algorithm.
 fn no_delay(stream: &mut tokio::net::TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {
         tracing::debug!("cannot set TCP_NODELAY: {error}");
-    }
-}
-
-/// The platform URLs the worker uses: the private loopback port, in the platform's shapes.
-fn worker_urls(address: SocketAddr, key: &str, worker_id: &str) -> PlatformUrls {
-    let base = format!("http://{address}");
-    PlatformUrls {
-        job_take: format!("{base}/job-take/$ID"),
-        job_done: Some(format!("{base}/job-done/$RUNPOD_POD_ID/$ID")),
-        job_stream: Some(format!("{base}/job-stream/$RUNPOD_POD_ID/$ID")),
-        ping: Some(format!("{base}/ping/$RUNPOD_POD_ID")),
-        api_key: key.to_owned(),
-        worker_id: worker_id.to_owned(),
     }
 }
 

@@ -47,6 +47,9 @@ pub struct PublicApi {
     pub store: Arc<Store>,
     /// When set, every route but `/openapi.json` needs `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Cancelled at shutdown: new jobs are refused (503) while the running ones finish and their
+    /// results stay readable.
+    pub draining: tokio_util::sync::CancellationToken,
 }
 
 /// The public router: every route with and without the `/v2/{endpoint_id}` prefix.
@@ -155,7 +158,18 @@ struct JobPath {
     job_id: String,
 }
 
+/// The answer to a new job while the worker shuts down.
+fn shutting_down() -> Response {
+    error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the worker is shutting down and takes no new jobs",
+    )
+}
+
 async fn run(State(api): State<Arc<PublicApi>>, body: Result<Bytes, BytesRejection>) -> Response {
+    if api.draining.is_cancelled() {
+        return shutting_down();
+    }
     let new = match read_job_request(body, Submission::Async, MAX_RUN_BYTES, "/run") {
         Ok(new) => new,
         Err((status, message)) => return error(status, message),
@@ -172,6 +186,9 @@ async fn runsync(
     RawQuery(query): RawQuery,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    if api.draining.is_cancelled() {
+        return shutting_down();
+    }
     let wait = match runsync_wait(query.as_deref()) {
         Ok(wait) => wait,
         Err(message) => return error(StatusCode::BAD_REQUEST, message),

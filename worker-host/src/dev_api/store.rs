@@ -2,9 +2,9 @@
 //! one source of truth both halves of the dev API read and write.
 //!
 //! The store is plain synchronous state behind one mutex (held for microseconds, never across an
-//! await), plus three wake-ups: `queued` for job-take long-polls, `stops` for job-stop long-polls,
-//! and `timers` for the sweeper when an earlier deadline appears. Each job also has its own
-//! wake-up, so a `/runsync` or `/stream` waiter sleeps until its job changes.
+//! await), plus wake-ups: `queued` for job-take long-polls, `stops` for job-stop long-polls,
+//! `timers` for the sweeper when an earlier deadline appears, and one per job, so a `/runsync` or
+//! `/stream` waiter sleeps until its job changes.
 //!
 //! Every job has at most one armed deadline, the next instant at which something happens to it
 //! unprompted: its time-to-live (`policy.ttl`, counted from submission) while queued; the earlier
@@ -12,14 +12,20 @@
 //! once finished. [`Store::sweep`] applies what is due and re-arms. So memory is bounded: a
 //! finished job is forgotten after its retention, and at most [`StoreLimits::max_finished`]
 //! finished jobs are kept at all (the oldest go first).
+//!
+//! The worker's heartbeats ([`Store::heartbeat`]) keep the store and the worker in step, as the
+//! platform does: a stop the worker has not honoured is sent again, a job the store handed out
+//! but the worker never received is queued again, and a retried job waits until the worker has
+//! let go of the id's previous attempt.
 
 use crate::job::{OrderedRawMap, RawJson};
 use serde::Serialize;
 use serde_json::value::RawValue;
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
 
 /// The platform's default execution timeout (`policy.executionTimeout`), 10 minutes.
 pub const DEFAULT_EXECUTION_TIMEOUT: Duration = Duration::from_secs(600);
@@ -66,7 +72,7 @@ impl Status {
     }
 }
 
-/// How long results are kept, and how many.
+/// How long results are kept, and how many; when a job counts as lost.
 #[derive(Debug, Clone)]
 pub struct StoreLimits {
     /// How long a `/run` job's result is kept after it finishes.
@@ -75,6 +81,9 @@ pub struct StoreLimits {
     pub sync_retention: Duration,
     /// The most finished jobs kept; past it the oldest finished job is forgotten.
     pub max_finished: usize,
+    /// A job handed to the worker this long ago that a heartbeat does not list never reached the
+    /// worker, and is queued again. Several heartbeat periods.
+    pub lost_after: Duration,
 }
 
 impl Default for StoreLimits {
@@ -83,6 +92,7 @@ impl Default for StoreLimits {
             async_retention: Duration::from_secs(30 * 60),
             sync_retention: Duration::from_secs(60),
             max_finished: 100_000,
+            lost_after: Duration::from_secs(3),
         }
     }
 }
@@ -146,6 +156,8 @@ pub struct Store {
     queued: Notify,
     stops: Notify,
     timers: Notify,
+    /// Cancelled at shutdown: waiters answer with the current status at once.
+    closed: CancellationToken,
     webhooks: mpsc::UnboundedSender<WebhookCall>,
 }
 
@@ -155,17 +167,21 @@ type DeadlineKey = (Instant, u64);
 #[derive(Debug, Default)]
 struct State {
     jobs: HashMap<String, Record>,
-    /// Ids in submission order; an id whose job is no longer queued is skipped when reached.
+    /// Ids in submission order; an id whose job is no longer queued (cancelled, expired) is
+    /// skipped when reached, and the queue is compacted when such ids pile up.
     queue: VecDeque<String>,
     /// Ids the worker must stop, not yet handed to a job-stop poll.
     to_stop: Vec<String>,
+    /// Ids the worker was told to stop and has not yet been seen to let go of.
+    stopping: HashSet<String>,
+    /// Ids of the jobs in progress.
+    running: HashSet<String>,
     /// Every armed deadline, earliest first.
     deadlines: BTreeMap<DeadlineKey, String>,
     /// Every finished job, oldest first (for the cap on finished jobs).
     finished: BTreeMap<DeadlineKey, String>,
     sequence: u64,
     in_queue: u64,
-    in_progress: u64,
     completed: u64,
     failed: u64,
     retried: u64,
@@ -189,6 +205,10 @@ struct Record {
     unread: Vec<RawJson>,
     /// Whether the worker streamed any chunk (then the final output is not a chunk too).
     streamed: bool,
+    /// A non-streaming job's final output, not yet returned by `/stream` as its one chunk.
+    output_unread: bool,
+    /// Retried while the worker still held the previous attempt: queued once it lets go.
+    held_back: bool,
     deadline: Option<DeadlineKey>,
     finished_key: Option<DeadlineKey>,
     changed: Arc<Notify>,
@@ -243,7 +263,44 @@ impl Record {
         serde_json::to_string(&object).expect("a status object always serializes")
     }
 
-    /// The next instant something happens to this job unprompted, if any.
+    /// Whether `/stream` has something to hand out now.
+    fn has_unread(&self) -> bool {
+        !self.unread.is_empty() || self.output_unread
+    }
+
+    /// The `/stream` answer, handing out (and forgetting) what was unread.
+    fn drain_stream(&mut self, id: &str) -> String {
+        let chunks = std::mem::take(&mut self.unread);
+        let output = std::mem::take(&mut self.output_unread)
+            .then_some(self.output.as_deref())
+            .flatten();
+        let answer = StreamAnswer {
+            id,
+            status: self.status,
+            stream: chunks
+                .iter()
+                .map(|chunk| &**chunk)
+                .chain(output)
+                .map(|output| ChunkObject { output })
+                .collect(),
+        };
+        serde_json::to_string(&answer).expect("a stream answer always serializes")
+    }
+
+    /// Back to the queue, as if never taken (a retry, or a take the worker never received).
+    fn reset_to_queued(&mut self) {
+        self.status = Status::InQueue;
+        self.started = None;
+        self.ended = None;
+        self.output = None;
+        self.error = None;
+        self.unread.clear();
+        self.streamed = false;
+        self.output_unread = false;
+        self.changed.notify_waiters();
+    }
+
+    /// The next instant something happens to this job unprompted.
     fn next_deadline(&self, limits: &StoreLimits) -> Instant {
         match (self.status, self.started, self.ended) {
             (Status::InProgress, Some(started), _) => {
@@ -281,7 +338,33 @@ impl State {
         self.deadlines.keys().next() == Some(&key)
     }
 
-    /// Forgets a job entirely. A running job is added to the stop list.
+    /// Tells the worker to stop a job it runs.
+    fn stop(&mut self, id: &str) {
+        if !self.to_stop.iter().any(|queued| queued == id) {
+            self.to_stop.push(id.to_owned());
+        }
+        self.stopping.insert(id.to_owned());
+    }
+
+    /// Appends a job to the queue, dropping the ids of jobs no longer queued once they outnumber
+    /// the queued ones (so cancelling queued jobs cannot grow the queue without bound).
+    fn enqueue(&mut self, id: &str, front: bool) {
+        self.in_queue += 1;
+        if front {
+            self.queue.push_front(id.to_owned());
+        } else {
+            self.queue.push_back(id.to_owned());
+        }
+        if self.queue.len() > 64 && self.queue.len() as u64 > 2 * self.in_queue {
+            let jobs = &self.jobs;
+            self.queue.retain(|id| {
+                jobs.get(id)
+                    .is_some_and(|job| job.status == Status::InQueue && !job.held_back)
+            });
+        }
+    }
+
+    /// Forgets a job entirely. A running job is stopped.
     fn forget(&mut self, id: &str) -> Option<Record> {
         let job = self.jobs.remove(id)?;
         if let Some(key) = job.deadline {
@@ -293,8 +376,8 @@ impl State {
         match job.status {
             Status::InQueue => self.in_queue -= 1,
             Status::InProgress => {
-                self.in_progress -= 1;
-                self.to_stop.push(id.to_owned());
+                self.running.remove(id);
+                self.stop(id);
             }
             _ => {}
         }
@@ -317,6 +400,7 @@ impl Store {
             queued: Notify::new(),
             stops: Notify::new(),
             timers: Notify::new(),
+            closed: CancellationToken::new(),
             webhooks,
         }
     }
@@ -346,6 +430,8 @@ impl Store {
             error: None,
             unread: Vec::new(),
             streamed: false,
+            output_unread: false,
+            held_back: false,
             deadline: None,
             finished_key: None,
             changed: Arc::new(Notify::new()),
@@ -353,8 +439,7 @@ impl Store {
         let earliest = {
             let mut state = self.state();
             state.jobs.insert(id.clone(), record);
-            state.queue.push_back(id.clone());
-            state.in_queue += 1;
+            state.enqueue(&id, false);
             state.arm(&id, &self.limits)
         };
         if earliest {
@@ -373,84 +458,61 @@ impl Store {
             .map(|job| job.status_json(id, &self.worker_id))
     }
 
-    /// Waits until the job is final or `timeout` passes; returns its status object then, or
-    /// `None` if the job is unknown (or was forgotten meanwhile).
-    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Option<String> {
+    /// Waits until `ready` holds for the job (or `timeout` passes, or the store closes), then
+    /// answers with `answer`. `None` if the job is unknown or was forgotten meanwhile.
+    async fn wait_for_job(
+        &self,
+        id: &str,
+        timeout: Duration,
+        ready: impl Fn(&Record) -> bool,
+        answer: impl Fn(&mut Record) -> String,
+    ) -> Option<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let changed = {
-                let state = self.state();
-                let job = state.jobs.get(id)?;
-                if job.status.is_final() {
-                    return Some(job.status_json(id, &self.worker_id));
-                }
-                job.changed.clone()
-            };
+            let changed = self.state().jobs.get(id)?.changed.clone();
             let notified = changed.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            // Re-check: a change between the read above and `enable` would otherwise be missed.
+            // Checked after `enable`, so a change in between wakes the wait below.
             {
-                let state = self.state();
-                let job = state.jobs.get(id)?;
-                if job.status.is_final() {
-                    return Some(job.status_json(id, &self.worker_id));
+                let mut state = self.state();
+                let job = state.jobs.get_mut(id)?;
+                if ready(job) {
+                    return Some(answer(job));
                 }
             }
             tokio::select! {
                 () = notified => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    return self.status(id);
-                }
+                () = tokio::time::sleep_until(deadline) => break,
+                () = self.closed.cancelled() => break,
             }
         }
+        let mut state = self.state();
+        state.jobs.get_mut(id).map(answer)
+    }
+
+    /// Waits until the job is final or `timeout` passes; returns its status object then, or
+    /// `None` if the job is unknown (or was forgotten meanwhile).
+    pub async fn wait_final(&self, id: &str, timeout: Duration) -> Option<String> {
+        self.wait_for_job(
+            id,
+            timeout,
+            |job| job.status.is_final(),
+            |job| job.status_json(id, &self.worker_id),
+        )
+        .await
     }
 
     /// The `/stream` answer: the chunks not returned before (waiting up to `wait` for one, or for
     /// the job's end, when there is none yet), or `None` for an unknown job.
     pub async fn read_stream(&self, id: &str, wait: Duration) -> Option<String> {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let changed = {
-                let mut state = self.state();
-                let job = state.jobs.get_mut(id)?;
-                if !job.unread.is_empty() || job.status.is_final() {
-                    return Some(Self::drain_stream(id, job));
-                }
-                job.changed.clone()
-            };
-            let notified = changed.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            {
-                let mut state = self.state();
-                let job = state.jobs.get_mut(id)?;
-                if !job.unread.is_empty() || job.status.is_final() {
-                    return Some(Self::drain_stream(id, job));
-                }
-            }
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep_until(deadline) => {
-                    let mut state = self.state();
-                    let job = state.jobs.get_mut(id)?;
-                    return Some(Self::drain_stream(id, job));
-                }
-            }
-        }
-    }
-
-    fn drain_stream(id: &str, job: &mut Record) -> String {
-        let chunks = std::mem::take(&mut job.unread);
-        let answer = StreamAnswer {
+        self.wait_for_job(
             id,
-            status: job.status,
-            stream: chunks
-                .iter()
-                .map(|chunk| ChunkObject { output: chunk })
-                .collect(),
-        };
-        serde_json::to_string(&answer).expect("a stream answer always serializes")
+            wait,
+            |job| job.has_unread() || job.status.is_final(),
+            |job| job.drain_stream(id),
+        )
+        .await
     }
 
     /// Cancels a queued or running job. Returns its status afterwards, or `None` when unknown.
@@ -461,7 +523,7 @@ impl Store {
             return Some(status);
         }
         if status == Status::InProgress {
-            state.to_stop.push(id.to_owned());
+            state.stop(id);
             self.stops.notify_waiters();
         }
         self.end(&mut state, id, Status::Cancelled, None, None);
@@ -471,26 +533,26 @@ impl Store {
     /// Requeues a failed or timed-out job under its id. `None` when unknown.
     pub fn retry(&self, id: &str) -> Option<RetryOutcome> {
         let earliest = {
-            let mut state = self.state();
+            let mut guard = self.state();
+            let state = &mut *guard;
             let job = state.jobs.get_mut(id)?;
             if !matches!(job.status, Status::Failed | Status::TimedOut) {
                 return Some(RetryOutcome::NotRetryable(job.status));
             }
-            job.status = Status::InQueue;
-            job.started = None;
-            job.ended = None;
-            job.output = None;
-            job.error = None;
-            job.unread.clear();
-            job.streamed = false;
-            let finished_key = job.finished_key.take();
-            job.changed.notify_waiters();
-            if let Some(key) = finished_key {
+            job.reset_to_queued();
+            if let Some(key) = job.finished_key.take() {
                 state.finished.remove(&key);
             }
-            state.queue.push_back(id.to_owned());
-            state.in_queue += 1;
+            // The worker may still hold the previous attempt (a timed-out handler that has not
+            // stopped yet): a second copy under the same id would be refused, so the retry waits
+            // until a heartbeat shows the id let go.
+            job.held_back = state.stopping.contains(id);
             state.retried += 1;
+            if job.held_back {
+                state.in_queue += 1;
+            } else {
+                state.enqueue(id, false);
+            }
             state.arm(id, &self.limits)
         };
         if earliest {
@@ -503,15 +565,17 @@ impl Store {
     /// Forgets every queued job; returns how many there were.
     pub fn purge_queue(&self) -> u64 {
         let mut state = self.state();
-        let queue = std::mem::take(&mut state.queue);
-        let mut removed = 0;
-        for id in queue {
-            if state.jobs.get(&id).map(|job| job.status) == Some(Status::InQueue) {
-                state.forget(&id);
-                removed += 1;
-            }
+        let queued: Vec<String> = state
+            .jobs
+            .iter()
+            .filter(|(_, job)| job.status == Status::InQueue)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &queued {
+            state.forget(id);
         }
-        removed
+        state.queue.clear();
+        queued.len() as u64
     }
 
     /// The `/health` counts.
@@ -520,7 +584,7 @@ impl Store {
         Counts {
             completed: state.completed,
             failed: state.failed,
-            in_progress: state.in_progress,
+            in_progress: state.running.len() as u64,
             in_queue: state.in_queue,
             retried: state.retried,
         }
@@ -529,8 +593,10 @@ impl Store {
     /// Hands up to `max` queued jobs to the worker (marking them in progress), as job JSON texts.
     pub fn take(&self, max: usize) -> Vec<Arc<str>> {
         let mut taken = Vec::new();
-        let mut state = self.state();
+        let mut guard = self.state();
+        let state = &mut *guard;
         let now = Instant::now();
+        let mut earliest = false;
         while taken.len() < max {
             let Some(id) = state.queue.pop_front() else {
                 break;
@@ -538,7 +604,7 @@ impl Store {
             let Some(job) = state.jobs.get_mut(&id) else {
                 continue;
             };
-            if job.status != Status::InQueue {
+            if job.status != Status::InQueue || job.held_back {
                 continue;
             }
             job.status = Status::InProgress;
@@ -546,10 +612,11 @@ impl Store {
             job.changed.notify_waiters();
             taken.push(job.job_json.clone());
             state.in_queue -= 1;
-            state.in_progress += 1;
-            if state.arm(&id, &self.limits) {
-                self.timers.notify_one();
-            }
+            state.running.insert(id.clone());
+            earliest |= state.arm(&id, &self.limits);
+        }
+        if earliest {
+            self.timers.notify_one();
         }
         taken
     }
@@ -590,6 +657,69 @@ impl Store {
         }
     }
 
+    /// Applies a heartbeat listing the jobs the worker `holds` (see the module docs): stops not
+    /// yet honoured are sent again; ids the worker let go of release their held-back retries;
+    /// running jobs the worker does not hold although they were handed out over
+    /// [`StoreLimits::lost_after`] ago are queued again.
+    pub fn heartbeat(&self, holds: &[&str]) {
+        let now = Instant::now();
+        let holds: HashSet<&str> = holds.iter().copied().collect();
+        let mut guard = self.state();
+        let state = &mut *guard;
+        let (unhonoured, let_go): (Vec<String>, Vec<String>) = state
+            .stopping
+            .iter()
+            .cloned()
+            .partition(|id| holds.contains(id.as_str()));
+        let resend = unhonoured
+            .iter()
+            .any(|id| !state.to_stop.iter().any(|queued| queued == id));
+        for id in unhonoured {
+            state.stop(&id);
+        }
+        let mut requeued = false;
+        for id in let_go {
+            state.stopping.remove(&id);
+            state.to_stop.retain(|queued| *queued != id);
+            if let Some(job) = state.jobs.get_mut(&id).filter(|job| job.held_back) {
+                job.held_back = false;
+                state.in_queue -= 1;
+                state.enqueue(&id, true);
+                requeued = true;
+            }
+        }
+        let lost: Vec<String> = state
+            .running
+            .iter()
+            .filter(|id| !holds.contains(id.as_str()) && !state.stopping.contains(*id))
+            .filter(|id| {
+                state
+                    .jobs
+                    .get(*id)
+                    .and_then(|job| job.started)
+                    .is_some_and(|started| now >= started + self.limits.lost_after)
+            })
+            .cloned()
+            .collect();
+        for id in lost {
+            tracing::warn!(job_id = %id, "The worker never received this job; it is queued again.");
+            state.running.remove(&id);
+            if let Some(job) = state.jobs.get_mut(&id) {
+                job.reset_to_queued();
+            }
+            state.enqueue(&id, true);
+            state.arm(&id, &self.limits);
+            requeued = true;
+        }
+        drop(guard);
+        if resend {
+            self.stops.notify_waiters();
+        }
+        if requeued {
+            self.queued.notify_waiters();
+        }
+    }
+
     /// Records a stream chunk the worker posted for a running job (others are ignored).
     pub fn add_chunk(&self, id: &str, chunk: RawJson) {
         let mut state = self.state();
@@ -605,7 +735,7 @@ impl Store {
     /// Records a job-done POST for a running job: a progress update (`{"status": "IN_PROGRESS",
     /// "output": ...}`) or its result. A result for a job no longer running (cancelled, timed
     /// out, forgotten) is ignored, as the platform does.
-    pub fn add_result(&self, id: &str, body: OrderedRawMap, is_stream: bool) {
+    pub fn add_result(&self, id: &str, mut body: OrderedRawMap, is_stream: bool) {
         let mut state = self.state();
         let Some(job) = state.jobs.get_mut(id) else {
             return;
@@ -613,7 +743,6 @@ impl Store {
         if job.status != Status::InProgress {
             return;
         }
-        let mut body = body;
         let output = body.remove("output");
         if body
             .get("status")
@@ -624,11 +753,8 @@ impl Store {
             return;
         }
         let error = body.remove("error");
-        if !is_stream && !job.streamed {
-            if let Some(output) = &output {
-                job.unread.push(output.clone());
-            }
-        }
+        // `/stream` of a job that streamed nothing hands out its output as the one chunk.
+        job.output_unread = !is_stream && !job.streamed && output.is_some();
         let status = if error.is_some() {
             Status::Failed
         } else {
@@ -647,35 +773,36 @@ impl Store {
         error: Option<RawJson>,
     ) {
         let now = Instant::now();
+        let finished_key = state.next_key(now);
         let job = state.jobs.get_mut(id).expect("the caller checked the job");
-        match job.status {
-            Status::InQueue => state.in_queue -= 1,
-            Status::InProgress => state.in_progress -= 1,
-            _ => {}
-        }
-        let job = state.jobs.get_mut(id).expect("the caller checked the job");
+        let was = job.status;
         job.status = status;
         job.ended = Some(now);
         // A final result replaces any progress value; a cancelled or timed-out job keeps none.
         job.output = output;
         job.error = error;
+        job.finished_key = Some(finished_key);
         job.changed.notify_waiters();
         let webhook = job
             .webhook
             .clone()
             .map(|url| (url, job.status_json(id, &self.worker_id)));
+        match was {
+            Status::InQueue => {
+                job.held_back = false;
+                state.in_queue -= 1;
+            }
+            Status::InProgress => {
+                state.running.remove(id);
+            }
+            _ => {}
+        }
         match status {
             Status::Completed => state.completed += 1,
             Status::Failed | Status::TimedOut => state.failed += 1,
             _ => {}
         }
-        let key = state.next_key(now);
-        state.finished.insert(key, id.to_owned());
-        state
-            .jobs
-            .get_mut(id)
-            .expect("the caller checked the job")
-            .finished_key = Some(key);
+        state.finished.insert(finished_key, id.to_owned());
         if state.arm(id, &self.limits) {
             self.timers.notify_one();
         }
@@ -711,17 +838,17 @@ impl Store {
                 continue;
             };
             job.deadline = None;
+            let status = job.status;
             if now >= job.expires {
                 tracing::info!(job_id = %id, "Job expired (policy.ttl): forgotten.");
-                let was_running = job.status == Status::InProgress;
                 state.forget(&id);
-                stopped |= was_running;
-            } else if job.status == Status::InProgress {
+                stopped |= status == Status::InProgress;
+            } else if status == Status::InProgress {
                 tracing::warn!(job_id = %id, "Job ran past its execution timeout: TIMED_OUT.");
-                state.to_stop.push(id.clone());
+                state.stop(&id);
                 stopped = true;
                 self.end(&mut state, &id, Status::TimedOut, None, None);
-            } else if job.status.is_final() {
+            } else if status.is_final() {
                 state.forget(&id);
             } else {
                 state.arm(&id, &self.limits);
@@ -733,23 +860,30 @@ impl Store {
         state.deadlines.keys().next().map(|(at, _)| *at)
     }
 
-    /// Runs [`Store::sweep`] whenever a deadline is due, forever.
+    /// Runs [`Store::sweep`] whenever a deadline is due, until the store closes.
     pub async fn sweep_forever(&self) {
         loop {
             let notified = self.timers.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
             let next = self.sweep(Instant::now());
-            match next {
-                Some(at) => {
-                    tokio::select! {
-                        () = notified => {}
-                        () = tokio::time::sleep_until(at.into()) => {}
-                    }
+            let due = async {
+                match next {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
                 }
-                None => notified.await,
+            };
+            tokio::select! {
+                () = notified => {}
+                () = due => {}
+                () = self.closed.cancelled() => return,
             }
         }
+    }
+
+    /// Shutdown: every `/runsync` and `/stream` waiter answers now with the job's current state.
+    pub fn close(&self) {
+        self.closed.cancel();
     }
 }
 
@@ -1042,5 +1176,118 @@ mod tests {
         assert_eq!(body["status"], "COMPLETED");
         assert_eq!(body["output"], 7);
         assert!(webhooks.try_recv().is_err(), "only one call");
+    }
+
+    /// A job handed out that the worker's heartbeats do not list never reached it: once
+    /// `lost_after` has passed it is queued again, and runs.
+    #[test]
+    fn a_take_the_worker_never_received_is_queued_again() {
+        let (store, _) = store(StoreLimits {
+            lost_after: Duration::ZERO,
+            ..StoreLimits::default()
+        });
+        let id = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        store.heartbeat(&[&id]);
+        assert_eq!(status_of(&store, &id)["status"], "IN_PROGRESS");
+        store.heartbeat(&[]);
+        assert_eq!(status_of(&store, &id)["status"], "IN_QUEUE");
+        assert_eq!(store.counts().in_queue, 1);
+        assert_eq!(store.counts().in_progress, 0);
+        run(&store, &id, r#"{"output": 1}"#);
+        assert_eq!(status_of(&store, &id)["status"], "COMPLETED");
+    }
+
+    /// A job within `lost_after` of its take is not counted lost, whatever the heartbeat says.
+    #[test]
+    fn a_fresh_take_is_not_lost() {
+        let (store, _) = store(StoreLimits::default());
+        let id = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        store.heartbeat(&[]);
+        assert_eq!(status_of(&store, &id)["status"], "IN_PROGRESS");
+    }
+
+    /// A stop the worker has not honoured (it still lists the job) is sent again; once the worker
+    /// lets go of the id, nothing more is sent.
+    #[test]
+    fn unhonoured_stops_are_sent_again() {
+        let (store, _) = store(StoreLimits::default());
+        let id = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        store.cancel(&id);
+        assert_eq!(std::mem::take(&mut store.state().to_stop), vec![id.clone()]);
+        store.heartbeat(&[&id]);
+        assert_eq!(std::mem::take(&mut store.state().to_stop), vec![id.clone()]);
+        store.heartbeat(&[]);
+        store.heartbeat(&[]);
+        assert!(store.state().to_stop.is_empty());
+        assert!(store.state().stopping.is_empty());
+    }
+
+    /// A timed-out job retried while the worker still runs its first attempt waits until the
+    /// worker lets go of the id, then runs under the same id.
+    #[test]
+    fn a_retry_waits_for_the_previous_attempt_to_be_let_go() {
+        let (store, _) = store(StoreLimits::default());
+        let mut new = job(Submission::Async);
+        new.execution_timeout = Duration::from_secs(5);
+        let id = store.submit(new);
+        assert_eq!(store.take(1).len(), 1);
+        store.sweep(Instant::now() + Duration::from_secs(6));
+        assert_eq!(store.retry(&id), Some(RetryOutcome::Requeued));
+        assert_eq!(status_of(&store, &id)["status"], "IN_QUEUE");
+        assert_eq!(store.counts().in_queue, 1);
+        assert!(
+            store.take(1).is_empty(),
+            "the worker still holds the first attempt"
+        );
+        store.heartbeat(&[&id]);
+        assert!(store.take(1).is_empty());
+        store.heartbeat(&[]);
+        run(&store, &id, r#"{"output": "second"}"#);
+        assert_eq!(status_of(&store, &id)["output"], "second");
+        assert_eq!(store.counts().in_queue, 0);
+    }
+
+    /// Cancelling queued jobs leaves their ids in the queue only until they outnumber the live
+    /// ones: the queue stays proportional to the jobs really waiting.
+    #[test]
+    fn cancelled_queued_jobs_do_not_pile_up_in_the_queue() {
+        let (store, _) = store(StoreLimits::default());
+        for _ in 0..1000 {
+            let id = store.submit(job(Submission::Async));
+            store.cancel(&id);
+        }
+        let live = store.submit(job(Submission::Async));
+        assert!(
+            store.state().queue.len() <= 130,
+            "{}",
+            store.state().queue.len()
+        );
+        let taken = store.take(10);
+        assert_eq!(taken.len(), 1);
+        assert!(taken[0].contains(&live));
+    }
+
+    /// At shutdown a waiting `/runsync` answers at once with the job's current status.
+    #[tokio::test]
+    async fn closing_answers_waiters_at_once() {
+        let (store, _) = store(StoreLimits::default());
+        let store = Arc::new(store);
+        let id = store.submit(job(Submission::Sync));
+        let waiting = {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move { store.wait_final(&id, Duration::from_secs(300)).await })
+        };
+        tokio::task::yield_now().await;
+        store.close();
+        let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
+            .await
+            .expect("the waiter answered")
+            .expect("the waiter ran")
+            .expect("known");
+        assert!(answer.contains(r#""status":"IN_QUEUE""#), "{answer}");
     }
 }

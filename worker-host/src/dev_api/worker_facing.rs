@@ -8,6 +8,7 @@
 
 use super::store::Store;
 use crate::job::OrderedRawMap;
+use crate::runpod::PlatformUrls;
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{header, StatusCode};
@@ -21,6 +22,23 @@ use std::time::Duration;
 /// How long a job-take or job-stop poll is held open when there is nothing to hand out; under
 /// the worker's own long-poll timeout.
 const HOLD: Duration = Duration::from_secs(20);
+
+/// The local worker's heartbeat period: frequent, since a heartbeat is how the store learns which
+/// jobs the worker holds (see [`super::store::StoreLimits::lost_after`]).
+pub const HEARTBEAT_PERIOD: Duration = Duration::from_secs(1);
+
+/// The platform URLs the worker is given for the router below at `base` (`http://127.0.0.1:P`):
+/// the same paths as the routes, in the platform's template form.
+pub fn worker_urls(base: &str, key: &str, worker_id: &str) -> PlatformUrls {
+    PlatformUrls {
+        job_take: format!("{base}/job-take/$ID"),
+        job_done: Some(format!("{base}/job-done/$RUNPOD_POD_ID/$ID")),
+        job_stream: Some(format!("{base}/job-stream/$RUNPOD_POD_ID/$ID")),
+        ping: Some(format!("{base}/ping/$RUNPOD_POD_ID")),
+        api_key: key.to_owned(),
+        worker_id: worker_id.to_owned(),
+    }
+}
 
 /// What the worker-facing routes share.
 #[derive(Debug)]
@@ -150,7 +168,19 @@ async fn stream(
     StatusCode::OK.into_response()
 }
 
-async fn ping() -> StatusCode {
+#[derive(serde::Deserialize)]
+struct PingQuery {
+    /// The jobs the worker holds, comma-separated (absent when it holds none).
+    job_id: Option<String>,
+}
+
+async fn ping(State(api): State<Arc<WorkerFacing>>, Query(query): Query<PingQuery>) -> StatusCode {
+    let holds: Vec<&str> = query
+        .job_id
+        .as_deref()
+        .map(|list| list.split(',').filter(|id| !id.is_empty()).collect())
+        .unwrap_or_default();
+    api.store.heartbeat(&holds);
     StatusCode::OK
 }
 
