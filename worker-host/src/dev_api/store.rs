@@ -927,6 +927,18 @@ mod tests {
         serde_json::from_str(&text).expect("status objects are JSON")
     }
 
+    /// A store with one /runsync job, and a task waiting (up to 5 minutes) for its end.
+    fn runsync_waiting() -> (Arc<Store>, String, tokio::task::JoinHandle<Option<String>>) {
+        let store = Arc::new(store(StoreLimits::default()).0);
+        let id = store.submit(job(Submission::Sync));
+        let waiting = {
+            let store = store.clone();
+            let id = id.clone();
+            tokio::spawn(async move { store.wait_final(&id, Duration::from_secs(300)).await })
+        };
+        (store, id, waiting)
+    }
+
     fn live_jobs(store: &Store) -> (usize, usize, usize) {
         let state = store.state();
         (
@@ -1137,14 +1149,7 @@ mod tests {
     /// `/runsync` waits for the result, and gives the current status when the wait runs out.
     #[tokio::test]
     async fn wait_final_returns_the_result_or_the_current_status() {
-        let (store, _) = store(StoreLimits::default());
-        let store = Arc::new(store);
-        let id = store.submit(job(Submission::Sync));
-        let waiting = {
-            let store = store.clone();
-            let id = id.clone();
-            tokio::spawn(async move { store.wait_final(&id, Duration::from_secs(30)).await })
-        };
+        let (store, id, waiting) = runsync_waiting();
         assert_eq!(store.take(1).len(), 1);
         store.add_result(&id, request(r#"{"output": "done"}"#), false);
         let answer = waiting.await.expect("the waiter ran").expect("known");
@@ -1273,14 +1278,7 @@ mod tests {
     /// At shutdown a waiting `/runsync` answers at once with the job's current status.
     #[tokio::test]
     async fn closing_answers_waiters_at_once() {
-        let (store, _) = store(StoreLimits::default());
-        let store = Arc::new(store);
-        let id = store.submit(job(Submission::Sync));
-        let waiting = {
-            let store = store.clone();
-            let id = id.clone();
-            tokio::spawn(async move { store.wait_final(&id, Duration::from_secs(300)).await })
-        };
+        let (store, id, waiting) = runsync_waiting();
         tokio::task::yield_now().await;
         store.close();
         let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
