@@ -1278,7 +1278,7 @@ mod tests {
     /// At shutdown a waiting `/runsync` answers at once with the job's current status.
     #[tokio::test]
     async fn closing_answers_waiters_at_once() {
-        let (store, id, waiting) = runsync_waiting();
+        let (store, _, waiting) = runsync_waiting();
         tokio::task::yield_now().await;
         store.close();
         let answer = tokio::time::timeout(Duration::from_secs(10), waiting)
