@@ -9,7 +9,9 @@
 //!   private loopback port, the handler, the job-done POST, the answer). The echo handler's own
 //!   time is about a microsecond, so the round trip *is* what the dev API adds, and the
 //!   difference from `/health` is what the job path adds on top of plain HTTP;
-//! - `POST /runsync` from 8 client threads against `--concurrency 8`: jobs per second.
+//! - `POST /runsync` from 8 client threads against `--concurrency 8`: jobs per second;
+//! - a memory run: 300,000 `/runsync` jobs from 8 clients, with the host's VmRSS sampled along
+//!   the way, to show it levels off (finished results are kept for a bounded time and number).
 //!
 //! When the official Python SDK is installed (`pip install runpod==1.12.0`), its own dev API
 //! (`python_echo.py --rp_serve_api`) is measured too, for comparison.
@@ -17,7 +19,8 @@
 //!
 //! ```text
 //! cargo build --release -p worker-host -p echo-handler
-//! cargo run --release -p e2e --bin dev-api-bench -- [--requests N] [--python-requests N] [--skip-python]
+//! cargo run --release -p e2e --bin dev-api-bench -- [--requests N] [--python-requests N]
+//!     [--soak-jobs N] [--skip-python]
 //! ```
 
 use serde_json::{json, Value};
@@ -27,7 +30,7 @@ use std::time::{Duration, Instant};
 
 #[path = "common.rs"]
 mod common;
-use common::{artefact, cpu_model, describe_binary, python_runpod};
+use common::{artefact, cpu_model, describe_binary, python_runpod, vm_kib};
 
 /// How long a server may take to answer its first request.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,15 +40,20 @@ const WARM_UP: usize = 200;
 const PARALLEL: usize = 8;
 
 const USAGE: &str = "\
-usage: dev-api-bench [--requests N] [--python-requests N] [--skip-python]
+usage: dev-api-bench [--requests N] [--python-requests N] [--soak-jobs N] [--skip-python]
 
   --requests N          measured requests per worker-host run (default 5000)
   --python-requests N   measured /runsync requests against the SDK's dev API (default 500)
+  --soak-jobs N         /runsync jobs in the memory run, 8 clients (default 300000; 0 skips it)
   --skip-python         do not run the official SDK's dev API";
+
+/// How many VmRSS samples the memory run takes.
+const SOAK_SAMPLES: usize = 6;
 
 struct Options {
     requests: usize,
     python_requests: usize,
+    soak_jobs: usize,
     skip_python: bool,
 }
 
@@ -54,6 +62,7 @@ impl Options {
         let mut options = Self {
             requests: 5000,
             python_requests: 500,
+            soak_jobs: 300_000,
             skip_python: false,
         };
         let mut args = args.iter();
@@ -67,6 +76,12 @@ impl Options {
             match arg.as_str() {
                 "--requests" => options.requests = number()?,
                 "--python-requests" => options.python_requests = number()?,
+                "--soak-jobs" => {
+                    options.soak_jobs = args
+                        .next()
+                        .and_then(|value| value.parse().ok())
+                        .ok_or("--soak-jobs needs a number")?;
+                }
                 "--skip-python" => options.skip_python = true,
                 other => return Err(format!("unknown argument {other}")),
             }
@@ -213,11 +228,30 @@ struct Row {
     throughput: Option<f64>,
 }
 
+/// The memory run: `jobs` /runsync jobs from [`PARALLEL`] clients, the host's VmRSS sampled
+/// [`SOAK_SAMPLES`] times along the way, as (jobs done so far, KiB).
+fn soak(server: &Server, url: &str, jobs: usize) -> Result<Vec<(usize, u64)>, String> {
+    let mut samples = Vec::new();
+    if jobs == 0 {
+        return Ok(samples);
+    }
+    let step = jobs.div_ceil(SOAK_SAMPLES);
+    let mut done = 0;
+    while done < jobs {
+        parallel(url, step)?;
+        done += step.div_ceil(PARALLEL) * PARALLEL;
+        let rss = vm_kib(server.child.id(), "VmRSS").ok_or("cannot read the host's VmRSS")?;
+        samples.push((done, rss));
+    }
+    Ok(samples)
+}
+
+/// The worker-host rows, and the memory run's samples.
 fn worker_host_rows(
     binary: &PathBuf,
     handler: &PathBuf,
     options: &Options,
-) -> Result<Vec<Row>, String> {
+) -> Result<(Vec<Row>, Vec<(usize, u64)>), String> {
     let port = free_port();
     let mut command = Command::new(binary);
     command
@@ -234,18 +268,22 @@ fn worker_host_rows(
     let runsync_url = format!("{}/v2/bench/runsync", server.base);
     let runsync = sequential(&Request::RunSync(runsync_url.clone()), options.requests)?;
     let throughput = parallel(&runsync_url, options.requests)?;
-    Ok(vec![
-        Row {
-            what: "worker-host GET /health (HTTP alone)".into(),
-            latencies: health,
-            throughput: None,
-        },
-        Row {
-            what: "worker-host POST /runsync (echo job)".into(),
-            latencies: runsync,
-            throughput: Some(throughput),
-        },
-    ])
+    let memory = soak(&server, &runsync_url, options.soak_jobs)?;
+    Ok((
+        vec![
+            Row {
+                what: "worker-host GET /health (HTTP alone)".into(),
+                latencies: health,
+                throughput: None,
+            },
+            Row {
+                what: "worker-host POST /runsync (echo job)".into(),
+                latencies: runsync,
+                throughput: Some(throughput),
+            },
+        ],
+        memory,
+    ))
 }
 
 fn python_row(options: &Options) -> Result<Row, String> {
@@ -277,7 +315,7 @@ fn run(options: &Options) -> Result<(), String> {
         "{} measured requests per worker-host row ({WARM_UP} warm-up), one keep-alive connection\n",
         options.requests
     );
-    let mut rows = worker_host_rows(&binary, &handler, options)?;
+    let (mut rows, memory) = worker_host_rows(&binary, &handler, options)?;
     let mut python_note = None;
     if !options.skip_python {
         match python_row(options) {
@@ -309,6 +347,20 @@ fn run(options: &Options) -> Result<(), String> {
     println!(
         "(jobs/s: {PARALLEL} client threads at once; worker-host runs with --concurrency {PARALLEL})"
     );
+    if !memory.is_empty() {
+        let line: Vec<String> = memory
+            .iter()
+            .map(|(jobs, kib)| format!("{jobs} jobs: {} MiB", kib / 1024))
+            .collect();
+        println!(
+            "\nworker-host memory (VmRSS), /runsync from {PARALLEL} clients: {}",
+            line.join(", ")
+        );
+        println!(
+            "(finished results are kept 1 minute for /runsync and at most 100,000 at once, so the \
+             memory levels off)"
+        );
+    }
     if let Some(reason) = python_note {
         println!("(the Python SDK's dev API was not measured: {reason})");
     }

@@ -54,7 +54,7 @@ use tokio::sync::Notify;
 
 #[path = "common.rs"]
 mod common;
-use common::{artefact, cpu_model, describe_binary, python_runpod};
+use common::{artefact, cpu_model, describe_binary, python_runpod, vm_kib};
 
 /// How long an empty take is held (long-poll) before the 204.
 const TAKE_HOLD: Duration = Duration::from_secs(2);
@@ -377,15 +377,6 @@ async fn other(State(shared): State<Arc<Shared>>) -> StatusCode {
 // ---------------------------------------------------------------------------------------------
 // Processes
 // ---------------------------------------------------------------------------------------------
-
-/// A field of `/proc/<pid>/status` in KiB (`VmRSS`, `VmHWM`).
-fn vm_kib(pid: u32, field: &str) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status.lines().find_map(|line| {
-        let rest = line.strip_prefix(field)?.strip_prefix(':')?;
-        rest.split_whitespace().next()?.parse().ok()
-    })
-}
 
 /// User plus system CPU time a process has used so far (`/proc/<pid>/stat`), or of this process
 /// when `pid` is `None`.
