@@ -50,6 +50,9 @@ usage: dev-api-bench [--requests N] [--python-requests N] [--soak-jobs N] [--ski
 /// How many VmRSS samples the memory run takes.
 const SOAK_SAMPLES: usize = 6;
 
+/// The memory run's samples: (jobs done so far, the host's VmRSS in KiB).
+type MemorySamples = Vec<(usize, u64)>;
+
 struct Options {
     requests: usize,
     python_requests: usize,
@@ -230,7 +233,7 @@ struct Row {
 
 /// The memory run: `jobs` /runsync jobs from [`PARALLEL`] clients, the host's VmRSS sampled
 /// [`SOAK_SAMPLES`] times along the way, as (jobs done so far, KiB).
-fn soak(server: &Server, url: &str, jobs: usize) -> Result<Vec<(usize, u64)>, String> {
+fn soak(server: &Server, url: &str, jobs: usize) -> Result<MemorySamples, String> {
     let mut samples = Vec::new();
     if jobs == 0 {
         return Ok(samples);
@@ -251,7 +254,7 @@ fn worker_host_rows(
     binary: &PathBuf,
     handler: &PathBuf,
     options: &Options,
-) -> Result<(Vec<Row>, Vec<(usize, u64)>), String> {
+) -> Result<(Vec<Row>, MemorySamples), String> {
     let port = free_port();
     let mut command = Command::new(binary);
     command
