@@ -912,6 +912,13 @@ mod tests {
         }
     }
 
+    /// Submits a /run job and hands it to the worker; returns its id.
+    fn started(store: &Store) -> String {
+        let id = store.submit(job(Submission::Async));
+        assert_eq!(store.take(1).len(), 1);
+        id
+    }
+
     /// Takes one job and finishes it with `body`.
     fn run(store: &Store, id: &str, body: &str) {
         let taken = store.take(1);
@@ -1058,8 +1065,7 @@ mod tests {
     #[test]
     fn progress_shows_until_the_result() {
         let (store, _) = store(StoreLimits::default());
-        let id = store.submit(job(Submission::Async));
-        assert_eq!(store.take(1).len(), 1);
+        let id = started(&store);
         store.add_result(
             &id,
             request(r#"{"status": "IN_PROGRESS", "output": {"done": 1}}"#),
@@ -1191,8 +1197,7 @@ mod tests {
             lost_after: Duration::ZERO,
             ..StoreLimits::default()
         });
-        let id = store.submit(job(Submission::Async));
-        assert_eq!(store.take(1).len(), 1);
+        let id = started(&store);
         store.heartbeat(&[&id]);
         assert_eq!(status_of(&store, &id)["status"], "IN_PROGRESS");
         store.heartbeat(&[]);
@@ -1207,8 +1212,7 @@ mod tests {
     #[test]
     fn a_fresh_take_is_not_lost() {
         let (store, _) = store(StoreLimits::default());
-        let id = store.submit(job(Submission::Async));
-        assert_eq!(store.take(1).len(), 1);
+        let id = started(&store);
         store.heartbeat(&[]);
         assert_eq!(status_of(&store, &id)["status"], "IN_PROGRESS");
     }
@@ -1218,8 +1222,7 @@ mod tests {
     #[test]
     fn unhonoured_stops_are_sent_again() {
         let (store, _) = store(StoreLimits::default());
-        let id = store.submit(job(Submission::Async));
-        assert_eq!(store.take(1).len(), 1);
+        let id = started(&store);
         store.cancel(&id);
         assert_eq!(std::mem::take(&mut store.state().to_stop), vec![id.clone()]);
         store.heartbeat(&[&id]);
