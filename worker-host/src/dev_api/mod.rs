@@ -188,6 +188,17 @@ pub async fn serve(
     Ok(handlers_returned)
 }
 
+/// A JSON answer from JSON text, for both halves of the API.
+fn json_answer(status: axum::http::StatusCode, body: String) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        status,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body,
+    )
+        .into_response()
+}
+
 /// Small answers go out at once instead of waiting on Nagle's algorithm.
 fn no_delay(stream: &mut tokio::net::TcpStream) {
     if let Err(error) = stream.set_nodelay(true) {

@@ -6,17 +6,18 @@
 //! rejection is a JSON `{"error": ...}` that says what is wrong), the optional API key, and the
 //! answers' shapes. The jobs themselves live in [`super::store`].
 
+use super::json_answer as json;
 use super::store::{
-    NewJob, RetryOutcome, Store, Submission, DEFAULT_EXECUTION_TIMEOUT, DEFAULT_TTL, MAX_POLICY_MS,
-    MIN_EXECUTION_TIMEOUT_MS, MIN_TTL_MS,
+    NewJob, RetryOutcome, Status, Store, Submission, DEFAULT_EXECUTION_TIMEOUT, DEFAULT_TTL,
+    MAX_POLICY_MS, MIN_EXECUTION_TIMEOUT_MS, MIN_TTL_MS,
 };
 use crate::job::{JobError, OrderedRawMap};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::Router;
 use serde_json::value::RawValue;
@@ -81,17 +82,12 @@ pub fn router(api: Arc<PublicApi>) -> Router {
         .with_state(api)
 }
 
-/// A JSON answer from JSON text.
-fn json(status: StatusCode, body: String) -> Response {
-    (
-        status,
-        [(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json"),
-        )],
-        body,
+/// `{"id": id, "status": status}`, the answer of `/run`, `/cancel` and `/retry`.
+fn id_and_status(id: &str, status: impl serde::Serialize) -> Response {
+    json(
+        StatusCode::OK,
+        serde_json::json!({ "id": id, "status": status }).to_string(),
     )
-        .into_response()
 }
 
 /// An error answer: `{"error": message}`.
@@ -175,10 +171,7 @@ async fn run(State(api): State<Arc<PublicApi>>, body: Result<Bytes, BytesRejecti
         Err((status, message)) => return error(status, message),
     };
     let id = api.store.submit(new);
-    json(
-        StatusCode::OK,
-        serde_json::json!({ "id": id, "status": "IN_QUEUE" }).to_string(),
-    )
+    id_and_status(&id, Status::InQueue)
 }
 
 async fn runsync(
@@ -238,20 +231,14 @@ async fn stream(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) ->
 
 async fn cancel(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> Response {
     match api.store.cancel(&path.job_id) {
-        Some(status) => json(
-            StatusCode::OK,
-            serde_json::json!({ "id": path.job_id, "status": status }).to_string(),
-        ),
+        Some(status) => id_and_status(&path.job_id, status),
         None => error(StatusCode::NOT_FOUND, UNKNOWN_JOB),
     }
 }
 
 async fn retry(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> Response {
     match api.store.retry(&path.job_id) {
-        Some(RetryOutcome::Requeued) => json(
-            StatusCode::OK,
-            serde_json::json!({ "id": path.job_id, "status": "IN_QUEUE" }).to_string(),
-        ),
+        Some(RetryOutcome::Requeued) => id_and_status(&path.job_id, Status::InQueue),
         Some(RetryOutcome::NotRetryable(status)) => error(
             StatusCode::BAD_REQUEST,
             format!(

@@ -214,6 +214,26 @@ struct Record {
     changed: Arc<Notify>,
 }
 
+/// Calls `check` until it finds something, waking on `wake`, for at most `hold`; returns what it
+/// found last (empty when `hold` passed). The wake-up is armed before each check, so a change
+/// between a check and the wait is not missed.
+async fn long_poll<T>(wake: &Notify, hold: Duration, mut check: impl FnMut() -> Vec<T>) -> Vec<T> {
+    let deadline = tokio::time::Instant::now() + hold;
+    loop {
+        let notified = wake.notified();
+        let mut notified = std::pin::pin!(notified);
+        notified.as_mut().enable();
+        let found = check();
+        if !found.is_empty() {
+            return found;
+        }
+        tokio::select! {
+            () = notified => {}
+            () = tokio::time::sleep_until(deadline) => return Vec::new(),
+        }
+    }
+}
+
 /// The platform's status object, in its key order.
 #[derive(Serialize)]
 struct StatusObject<'a> {
@@ -623,38 +643,15 @@ impl Store {
 
     /// Waits up to `hold` for queued jobs and takes up to `max` of them (a job-take long-poll).
     pub async fn take_wait(&self, max: usize, hold: Duration) -> Vec<Arc<str>> {
-        let deadline = tokio::time::Instant::now() + hold;
-        loop {
-            let notified = self.queued.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            let jobs = self.take(max);
-            if !jobs.is_empty() {
-                return jobs;
-            }
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep_until(deadline) => return Vec::new(),
-            }
-        }
+        long_poll(&self.queued, hold, || self.take(max)).await
     }
 
     /// Waits up to `hold` for jobs the worker must stop, and hands them over (a job-stop poll).
     pub async fn stops_wait(&self, hold: Duration) -> Vec<String> {
-        let deadline = tokio::time::Instant::now() + hold;
-        loop {
-            let notified = self.stops.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
-            let ids = std::mem::take(&mut self.state().to_stop);
-            if !ids.is_empty() {
-                return ids;
-            }
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep_until(deadline) => return Vec::new(),
-            }
-        }
+        long_poll(&self.stops, hold, || {
+            std::mem::take(&mut self.state().to_stop)
+        })
+        .await
     }
 
     /// Applies a heartbeat listing the jobs the worker `holds` (see the module docs): stops not
@@ -919,6 +916,16 @@ mod tests {
         id
     }
 
+    /// Submits a job with a 5 s execution timeout, hands it out and lets it time out.
+    fn timed_out(store: &Store) -> String {
+        let mut new = job(Submission::Async);
+        new.execution_timeout = Duration::from_secs(5);
+        let id = store.submit(new);
+        assert_eq!(store.take(1).len(), 1);
+        store.sweep(Instant::now() + Duration::from_secs(6));
+        id
+    }
+
     /// Takes one job and finishes it with `body`.
     fn run(store: &Store, id: &str, body: &str) {
         let taken = store.take(1);
@@ -1006,11 +1013,7 @@ mod tests {
     #[test]
     fn execution_timeout_ends_a_running_job() {
         let (store, _) = store(StoreLimits::default());
-        let mut new = job(Submission::Async);
-        new.execution_timeout = Duration::from_secs(5);
-        let id = store.submit(new);
-        assert_eq!(store.take(1).len(), 1);
-        store.sweep(Instant::now() + Duration::from_secs(6));
+        let id = timed_out(&store);
         assert_eq!(status_of(&store, &id)["status"], "TIMED_OUT");
         assert_eq!(std::mem::take(&mut store.state().to_stop), vec![id.clone()]);
         store.add_result(&id, request(r#"{"output": "late"}"#), false);
@@ -1238,11 +1241,7 @@ mod tests {
     #[test]
     fn a_retry_waits_for_the_previous_attempt_to_be_let_go() {
         let (store, _) = store(StoreLimits::default());
-        let mut new = job(Submission::Async);
-        new.execution_timeout = Duration::from_secs(5);
-        let id = store.submit(new);
-        assert_eq!(store.take(1).len(), 1);
-        store.sweep(Instant::now() + Duration::from_secs(6));
+        let id = timed_out(&store);
         assert_eq!(store.retry(&id), Some(RetryOutcome::Requeued));
         assert_eq!(status_of(&store, &id)["status"], "IN_QUEUE");
         assert_eq!(store.counts().in_queue, 1);
