@@ -310,7 +310,10 @@ pub fn parse_job_request(body: &[u8], submission: Submission) -> Result<NewJob, 
         .map_err(|_| format!("the request body is not UTF-8 text; {SHAPE}"))?;
     let request = OrderedRawMap::parse(text).map_err(|error| match error {
         JobError::NotAnObject => format!("the request body is not a JSON object; {SHAPE}"),
-        other => format!("the request body is not valid JSON ({other}); {SHAPE}"),
+        JobError::InvalidJson(reason) => {
+            format!("the request body is not valid JSON ({reason}); {SHAPE}")
+        }
+        other => format!("the request body is not valid ({other}); {SHAPE}"),
     })?;
     match request.get("input") {
         None => return Err(format!(r#"the request has no "input"; {SHAPE}"#)),
