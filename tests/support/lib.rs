@@ -55,6 +55,13 @@ impl Artifacts {
         };
         &self.libraries[package]
     }
+
+    /// Every sample handler's package name and shared library.
+    pub fn libraries(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        self.libraries
+            .iter()
+            .map(|(package, path)| (*package, path.as_path()))
+    }
 }
 
 /// Builds (once per test process) and locates the binary and the sample handlers.
