@@ -2,7 +2,7 @@
 //! POSTed there as JSON, as the platform does: each attempt may take 10 s, and a failed attempt
 //! (connection error, timeout, or a non-2xx answer) is retried up to two more times.
 //!
-//! At most [`MAX_IN_FLIGHT`] deliveries run at once (the rest wait their turn), so a burst of
+//! At most `MAX_IN_FLIGHT` (64) deliveries run at once (the rest wait their turn), so a burst of
 //! jobs with a slow webhook cannot pile up tasks and bodies; at shutdown the deliveries under way
 //! get a bounded time to finish.
 
