@@ -461,3 +461,139 @@ fn duplicate_job_id_in_flight_runs_once() {
         worker.stderr()
     );
 }
+
+/// While the platform refuses every result, the worker stops taking jobs it could not report:
+/// at `--concurrency 1` it holds one job whose result is being retried and one more, and leaves
+/// the rest in the queue.
+#[test]
+fn undeliverable_results_stop_the_taking() {
+    let platform = Platform::start();
+    platform.inject(Route::Done, Fault::Status(503), 10_000);
+    for job in jobs(20, "u") {
+        platform.push_job(job);
+    }
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &["--result-retry-secs", "60"], &[]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !worker
+        .stderr()
+        .contains("Results of earlier jobs are still being delivered")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never paused its takes: {}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The take loop is now waiting for a delivery: nothing more is taken.
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(platform.pending_jobs(), 18, "{}", worker.stderr());
+}
+
+/// With `--refresh-worker`, the worker takes no second job: the slot frees only after taking
+/// has stopped, so the pod is not handed a job it is about to drop.
+#[test]
+fn refresh_worker_takes_exactly_one_job() {
+    let platform = Platform::start();
+    for job in jobs(2, "f") {
+        platform.push_job(job);
+    }
+    let mut worker = WorkerProcess::start(&platform, Sample::Echo, &["--refresh-worker"], &[]);
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
+    let requests = platform.requests();
+    let by_id = results_by_id(&requests);
+    assert_eq!(by_id.len(), 1, "one job, one result: {by_id:?}");
+    assert_eq!(by_id["f-0"]["stopPod"], json!(true));
+    assert_eq!(platform.pending_jobs(), 1, "the second job stays queued");
+}
+
+/// A streaming handler's final result is posted with isStream=true even when it failed, as the
+/// SDK does for a generator handler.
+#[test]
+fn a_failed_streaming_job_is_posted_as_a_stream() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "sf-1", "input": {"chunks": "not a list"}}));
+    let _worker = WorkerProcess::start(&platform, Sample::Stream, &[], &[]);
+    let requests = platform.wait_for(WAIT, "the result", |r| !results(r).is_empty());
+    let result = results(&requests)[0];
+    assert_eq!(result.query_value("isStream"), Some("true"));
+    assert!(result.json().get("error").is_some(), "{}", result.body);
+}
+
+/// Once a stream chunk is given up after the whole retry time, the job's later chunks are not
+/// retried as long: the final result follows at once.
+#[test]
+fn chunks_after_a_given_up_chunk_are_dropped() {
+    let platform = Platform::start();
+    platform.inject(Route::Stream, Fault::Status(503), 10_000);
+    platform.push_job(json!({"id": "d-1", "input": {"chunks": [1, 2, 3, 4, 5, 6]}}));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Stream,
+        &["--result-retry-secs", "1"],
+        &[],
+    );
+    let requests = platform.wait_for(WAIT, "the result", |r| !results(r).is_empty());
+    let bodies: Vec<Value> = requests
+        .iter()
+        .filter(|r| r.route == Route::Stream)
+        .map(Recorded::json)
+        .collect();
+    assert!(!bodies.is_empty());
+    assert!(
+        bodies.iter().all(|body| *body == json!({"output": 1})),
+        "only the first chunk was tried: {bodies:?}"
+    );
+    assert!(
+        worker
+            .stderr()
+            .contains("5 stream chunk(s) were not delivered"),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// The end of the shutdown grace reaches a job ahead of chunks still queued behind a failing
+/// stream route: the worker exits promptly and the handler's result is still posted.
+#[test]
+fn shutdown_is_not_held_up_by_queued_chunks() {
+    let platform = Platform::start();
+    platform.inject(Route::Stream, Fault::Status(503), 10_000);
+    platform.push_job(json!({"id": "q-1", "input": {"chunks": [1, 2, 3, 4, 5]}}));
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Stream,
+        &["--result-retry-secs", "60", "--shutdown-grace-secs", "0.5"],
+        &[],
+    );
+    platform.wait_for(WAIT, "a chunk being retried", |r| {
+        r.iter().filter(|r| r.route == Route::Stream).count() >= 2
+    });
+    worker.terminate();
+    // Without the interrupt, five chunks x 60 s of retries would hold the exit for minutes.
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(by_id["q-1"], json!({"output": []}));
+}
+
+/// Taking jobs without a job-done URL would lose every result: the worker refuses to start.
+#[test]
+fn a_missing_job_done_url_is_a_usage_error() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "m-1", "input": 1}));
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Echo,
+        &[],
+        &[("RUNPOD_WEBHOOK_POST_OUTPUT", "")],
+    );
+    assert_eq!(worker.wait(WAIT), Some(2));
+    assert!(
+        worker
+            .stderr()
+            .contains("RUNPOD_WEBHOOK_POST_OUTPUT is not, so no result could be delivered"),
+        "{}",
+        worker.stderr()
+    );
+    assert_eq!(platform.pending_jobs(), 1);
+}

@@ -63,6 +63,9 @@ pub enum ConfigError {
     /// An unknown log level name.
     #[error(transparent)]
     LogLevel(#[from] UnknownLevel),
+    /// The job-take URL is set but the job-done URL is not: every result would be lost.
+    #[error("RUNPOD_WEBHOOK_GET_JOB is set but RUNPOD_WEBHOOK_POST_OUTPUT is not, so no result could be delivered: set both (the platform does), or unset RUNPOD_WEBHOOK_GET_JOB for a one-shot test run")]
+    NoJobDoneUrl,
 }
 
 impl ConfigError {
@@ -229,7 +232,13 @@ impl Settings {
                 (None, Some(job_take)) if !job_take.is_empty() => Mode::Worker(Box::new(Worker {
                     urls: PlatformUrls {
                         job_take,
-                        job_done: cli.platform.webhook_post_output.clone(),
+                        job_done: Some(
+                            cli.platform
+                                .webhook_post_output
+                                .clone()
+                                .filter(|url| !url.is_empty())
+                                .ok_or(ConfigError::NoJobDoneUrl)?,
+                        ),
                         job_stream: cli.platform.webhook_post_stream.clone(),
                         ping: cli.platform.webhook_ping.clone(),
                         api_key: cli.platform.api_key.clone().unwrap_or_default(),

@@ -168,6 +168,21 @@ pub enum Post {
     Stream,
 }
 
+impl Post {
+    /// What the POST carries, for log lines.
+    pub fn noun(self) -> &'static str {
+        match self {
+            Self::Done { .. } => "result",
+            Self::Progress => "progress",
+            Self::Stream => "stream chunk",
+        }
+    }
+}
+
+/// A take the platform answered with a success status: its body (the jobs) is still to be read.
+#[derive(Debug)]
+pub struct TakeAnswer(reqwest::Response);
+
 /// One job from a take answer: runnable, or not, with the reason.
 #[derive(Debug)]
 pub enum TakenJob {
@@ -214,6 +229,9 @@ pub struct PostError {
     pub reason: String,
     /// Whether trying again may help (connection errors, timeouts, 408, 429, 5xx).
     pub retryable: bool,
+    /// Whether the platform may have received the POST all the same (a timeout, or a
+    /// connection lost after the body was sent).
+    pub outcome_unknown: bool,
 }
 
 /// The platform client: one connection pool, one set of default headers.
@@ -232,8 +250,10 @@ pub struct PlatformClient {
 
 /// How long a take or stop long-poll may be held before the worker gives up and polls again.
 const LONG_POLL_TIMEOUT: Duration = Duration::from_secs(90);
-/// How long a result POST may take.
+/// How long a result POST may take, plus [`upload_time`] for its body.
 const POST_TIMEOUT: Duration = Duration::from_secs(30);
+/// The slowest upload a POST is given time for: a 20 MiB result gets 80 s more.
+const SLOWEST_UPLOAD_BYTES_PER_SEC: f64 = 256.0 * 1024.0;
 /// 429 without `Retry-After`: the SDK's fixed wait.
 const DEFAULT_RATE_LIMIT_WAIT: Duration = Duration::from_secs(5);
 
@@ -310,8 +330,15 @@ impl PlatformClient {
         self.ping.is_some()
     }
 
-    /// Takes up to `count` jobs: the single-job URL for one, the batch URL for more.
-    pub async fn take(&self, count: usize, in_progress: bool) -> TakeOutcome {
+    /// Asks for up to `count` jobs (the single-job URL for one, the batch URL for more) and
+    /// waits for the platform's answer to begin. A success status gives a [`TakeAnswer`] whose
+    /// jobs [`Self::read_take`] reads; anything else is the outcome already. Cancelling this
+    /// future loses no job; once it has returned an answer, the jobs in it are the worker's.
+    pub async fn start_take(
+        &self,
+        count: usize,
+        in_progress: bool,
+    ) -> Result<TakeAnswer, TakeOutcome> {
         let url = if count <= 1 {
             self.take.url(in_progress)
         } else {
@@ -319,22 +346,23 @@ impl PlatformClient {
         };
         let response = match self.http.get(url).timeout(LONG_POLL_TIMEOUT).send().await {
             Ok(response) => response,
-            Err(error) => return TakeOutcome::Failed(describe(&error)),
+            Err(error) => return Err(TakeOutcome::Failed(describe(&error))),
         };
         let status = response.status();
         match status {
-            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => return TakeOutcome::NoJob,
-            StatusCode::TOO_MANY_REQUESTS => {
-                return TakeOutcome::RateLimited(retry_after(&response))
-            }
-            _ if !status.is_success() => return TakeOutcome::Failed(format!("HTTP {status}")),
-            _ => {}
+            StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => Err(TakeOutcome::NoJob),
+            StatusCode::TOO_MANY_REQUESTS => Err(TakeOutcome::RateLimited(retry_after(&response))),
+            _ if !status.is_success() => Err(TakeOutcome::Failed(format!("HTTP {status}"))),
+            _ => Ok(TakeAnswer(response)),
         }
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(error) => return TakeOutcome::Failed(describe(&error)),
-        };
-        self.parse_take(&body)
+    }
+
+    /// Reads the jobs of a take the platform answered with a success status.
+    pub async fn read_take(&self, answer: TakeAnswer) -> TakeOutcome {
+        match answer.0.bytes().await {
+            Ok(body) => self.parse_take(&body),
+            Err(error) => TakeOutcome::Failed(describe(&error)),
+        }
     }
 
     fn parse_take(&self, body: &[u8]) -> TakeOutcome {
@@ -457,6 +485,7 @@ impl PlatformClient {
                 .map(|stream| stream.url(worker_id, job_id)),
         }
         .ok_or_else(|| PostError {
+            outcome_unknown: false,
             reason: format!(
                 "{} is not set, so results cannot be delivered",
                 if kind == Post::Stream {
@@ -470,11 +499,12 @@ impl PlatformClient {
         .map_err(|error| PostError {
             reason: error.to_string(),
             retryable: false,
+            outcome_unknown: false,
         })?;
         let request = self
             .http
             .post(url)
-            .timeout(POST_TIMEOUT)
+            .timeout(POST_TIMEOUT + upload_time(body.len()))
             .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
             .header("charset", "utf-8")
             .header("X-Request-ID", job_id)
@@ -482,6 +512,8 @@ impl PlatformClient {
         let response = request.send().await.map_err(|error| PostError {
             reason: describe(&error),
             retryable: true,
+            // Refused or unreachable: nothing was sent. Otherwise it may have arrived.
+            outcome_unknown: !error.is_connect(),
         })?;
         let status = response.status();
         // Read the body so the connection can be reused; its content is ignored, as in the SDK.
@@ -495,6 +527,7 @@ impl PlatformClient {
         Err(PostError {
             reason: format!("HTTP {status}"),
             retryable,
+            outcome_unknown: false,
         })
     }
 
@@ -547,6 +580,11 @@ fn retry_after(response: &reqwest::Response) -> Duration {
 }
 
 /// A network error in one line, with its cause (reqwest's own text omits it).
+/// The time a body of `bytes` takes to upload at the slowest rate a POST is given time for.
+fn upload_time(bytes: usize) -> Duration {
+    Duration::from_secs_f64(bytes as f64 / SLOWEST_UPLOAD_BYTES_PER_SEC)
+}
+
 fn describe(error: &reqwest::Error) -> String {
     let mut text = if error.is_timeout() {
         "timed out".to_owned()

@@ -4,7 +4,10 @@
 //! Four loops share one in-flight set:
 //! - **take**: waits for a free slot, then asks for as many jobs as there are free slots (one
 //!   batch take), so the next take goes out the moment a job finishes. Errors back off
-//!   exponentially with jitter; 429 honours `Retry-After`.
+//!   exponentially with jitter; 429 honours `Retry-After`. A job is also *held* from its take
+//!   until its result is delivered, and at most twice `--concurrency` jobs are held: a job's
+//!   result is posted while the next job runs, but when the platform stops accepting results
+//!   the worker stops taking jobs it could not report.
 //! - **stop**: long-polls job-stop and cancels the named jobs (nothing is posted for them).
 //! - **heartbeat**: pings at a fixed period with the in-flight ids, on its own timer.
 //! - **one task per job**: runs the handler on a blocking thread (never on the async runtime) and
@@ -12,7 +15,8 @@
 //!   Everything a job sends goes through its own channel, so nothing can overtake the result.
 //!
 //! Shutdown: stop taking at once, let running jobs finish within the grace period, then cancel
-//! them and post a failure result for each; then exit.
+//! them and post a failure result for each; then exit. A stop or the end of the grace period
+//! reaches a job ahead of any stream chunks still queued for delivery.
 
 use crate::handler::{CancelToken, Handler, JobEvents};
 use crate::job::{
@@ -62,16 +66,19 @@ const MAX_BACKOFF: Duration = Duration::from_secs(4);
 const CANCELLED_HANDLER_WAIT: Duration = Duration::from_secs(2);
 /// How long job-stop is left alone after an empty answer (the SDK's pacing).
 const STOP_POLL_PAUSE: Duration = Duration::from_secs(1);
+/// How many jobs per slot may be held between take and delivered result: one running and one
+/// whose result is being posted.
+const HELD_JOBS_PER_SLOT: usize = 2;
 
-/// What a job's task receives, in order: what the handler emitted, then how the job ended.
+/// What a job's task receives from its handler, in order: what it emitted, then its result.
 #[derive(Debug)]
 enum JobMessage {
     Chunk(RawJson),
     Progress(RawJson),
-    Final(Ending),
+    Completed(JobResult),
 }
 
-/// How a job ended. The first ending a job's task receives wins; later ones are ignored.
+/// How a job ended. The first ending a job's task acts on wins; later ones are ignored.
 #[derive(Debug)]
 enum Ending {
     /// The handler returned.
@@ -82,11 +89,12 @@ enum Ending {
     ShutDown,
 }
 
-/// A job the worker holds (running, or waiting for a slot).
+/// A job the worker holds (running, waiting for a slot, or delivering its result).
 #[derive(Debug)]
 struct InFlightJob {
     cancel: CancelToken,
-    messages: mpsc::UnboundedSender<JobMessage>,
+    /// Stop and shutdown endings: a channel of their own, so they overtake queued chunks.
+    interrupt: mpsc::UnboundedSender<Ending>,
 }
 
 /// The state the loops share.
@@ -95,7 +103,11 @@ struct Shared {
     handler: Arc<dyn Handler>,
     client: PlatformClient,
     config: WorkerConfig,
+    /// One permit per running handler call (`--concurrency`).
     slots: Arc<Semaphore>,
+    /// One permit per job from its take until its result is delivered ([`HELD_JOBS_PER_SLOT`] per
+    /// slot), so results that cannot be delivered stop the worker from taking more jobs.
+    holds: Arc<Semaphore>,
     in_flight: Mutex<HashMap<String, InFlightJob>>,
     /// Cancelled to make the worker stop taking jobs (shutdown, or refresh_worker after a job).
     stop_taking: CancellationToken,
@@ -126,6 +138,9 @@ pub async fn run(
 ) -> bool {
     let shared = Arc::new(Shared {
         slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+        holds: Arc::new(Semaphore::new(
+            config.concurrency.max(1) * HELD_JOBS_PER_SLOT,
+        )),
         handler,
         client,
         config,
@@ -186,18 +201,18 @@ async fn drain(shared: &Shared) {
     {
         return;
     }
-    let unfinished: Vec<(String, CancelToken, mpsc::UnboundedSender<JobMessage>)> = shared
+    let unfinished: Vec<(String, CancelToken, mpsc::UnboundedSender<Ending>)> = shared
         .in_flight()
         .iter()
-        .map(|(id, job)| (id.clone(), job.cancel.clone(), job.messages.clone()))
+        .map(|(id, job)| (id.clone(), job.cancel.clone(), job.interrupt.clone()))
         .collect();
     tracing::warn!(
         "The shutdown grace period is over: cancelling {} job(s) and reporting them as failed.",
         unfinished.len()
     );
-    for (_, cancel, messages) in unfinished {
+    for (_, cancel, interrupt) in unfinished {
         cancel.cancel();
-        let _ = messages.send(JobMessage::Final(Ending::ShutDown));
+        let _ = interrupt.send(Ending::ShutDown);
     }
     // Each task now posts its failure result (bounded by the result retry time).
     shared.jobs.wait().await;
@@ -237,23 +252,58 @@ async fn pause(token: &CancellationToken, duration: Duration) -> bool {
     }
 }
 
+/// A slot and a hold: what one taken job needs.
+type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
+
+/// Waits for a slot, then a hold; `None` once the worker stops taking jobs.
+async fn first_permits(shared: &Shared) -> Option<Permits> {
+    let slot = tokio::select! {
+        biased;
+        () = shared.stop_taking.cancelled() => return None,
+        permit = shared.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+    };
+    let hold = match shared.holds.clone().try_acquire_owned() {
+        Ok(hold) => hold,
+        Err(_) => {
+            tracing::warn!(
+                "Results of earlier jobs are still being delivered: no new job is taken until one is."
+            );
+            tokio::select! {
+                biased;
+                () = shared.stop_taking.cancelled() => return None,
+                permit = shared.holds.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            }
+        }
+    };
+    Some((slot, hold))
+}
+
 async fn take_loop(shared: Arc<Shared>) {
     let mut backoff = Backoff::new();
     loop {
-        let first = tokio::select! {
-            permit = shared.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-            () = shared.stop_taking.cancelled() => return,
+        let Some(first) = first_permits(&shared).await else {
+            return;
         };
         let mut permits = vec![first];
-        while let Ok(permit) = shared.slots.clone().try_acquire_owned() {
-            permits.push(permit);
+        while let Ok(slot) = shared.slots.clone().try_acquire_owned() {
+            let Ok(hold) = shared.holds.clone().try_acquire_owned() else {
+                break;
+            };
+            permits.push((slot, hold));
         }
         let in_progress = !shared.in_flight().is_empty();
         let started = Instant::now();
-        let outcome = tokio::select! {
-            outcome = shared.client.take(permits.len(), in_progress) => outcome,
+        let answer = tokio::select! {
+            biased;
             // Abandon the open long-poll at once: no job arrives after shutdown began.
             () = shared.stop_taking.cancelled() => return,
+            answer = shared.client.start_take(permits.len(), in_progress) => answer,
+        };
+        // Once the platform has answered with jobs, they are read and run even if shutdown has
+        // begun meanwhile: dropping them now would leave them without a result.
+        let outcome = match answer {
+            Ok(answer) => shared.client.read_take(answer).await,
+            Err(outcome) => outcome,
         };
         match outcome {
             TakeOutcome::Jobs(jobs) => {
@@ -292,8 +342,10 @@ async fn take_loop(shared: Arc<Shared>) {
     }
 }
 
-/// Starts a taken job (or reports an invalid one).
-fn accept(shared: &Arc<Shared>, taken: TakenJob, permit: Option<OwnedSemaphorePermit>) {
+/// Starts a taken job (or reports an invalid one). `permits` is `None` for a job beyond what
+/// was asked for: it waits for a slot of its own.
+fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
+    let (slot, hold) = permits.unzip();
     let job = match taken {
         TakenJob::Valid(job) => job,
         TakenJob::Invalid { id: None, reason } => {
@@ -316,6 +368,7 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permit: Option<OwnedSemaphorePe
             let span = tracing::info_span!("job", job_id = %id);
             shared.jobs.clone().spawn(
                 async move {
+                    let _hold = hold;
                     let body = job_done_body(
                         &result,
                         &shared.config.origin,
@@ -329,7 +382,7 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permit: Option<OwnedSemaphorePe
             return;
         }
     };
-    let (sender, receiver) = mpsc::unbounded_channel();
+    let (interrupt, interrupts) = mpsc::unbounded_channel();
     let cancel = CancelToken::new();
     {
         let mut in_flight = shared.in_flight();
@@ -343,15 +396,21 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permit: Option<OwnedSemaphorePe
             job.id().to_owned(),
             InFlightJob {
                 cancel: cancel.clone(),
-                messages: sender.clone(),
+                interrupt,
             },
         );
     }
     let span = tracing::info_span!("job", job_id = %job.id());
+    let task = JobTask {
+        shared: shared.clone(),
+        id: job.id().to_owned(),
+        interrupts,
+        _hold: hold,
+    };
     shared
         .jobs
         .clone()
-        .spawn(run_job(shared.clone(), job, permit, cancel, sender, receiver).instrument(span));
+        .spawn(task.run(job, slot, cancel).instrument(span));
 }
 
 /// Sends a job's handler events into its channel.
@@ -367,136 +426,226 @@ impl JobEvents for ChannelEvents {
     }
 }
 
-/// One job's life: wait for a slot (over-fetched jobs), run the handler on a blocking thread,
-/// post what it emits, then its result.
-async fn run_job(
+/// One job's task: what it needs to run the job and deliver what the job produces.
+struct JobTask {
     shared: Arc<Shared>,
-    job: Job,
-    permit: Option<OwnedSemaphorePermit>,
-    cancel: CancelToken,
-    sender: mpsc::UnboundedSender<JobMessage>,
-    mut receiver: mpsc::UnboundedReceiver<JobMessage>,
-) {
-    let id = job.id().to_owned();
-    let permit = match permit {
-        Some(permit) => Some(permit),
-        None => tokio::select! {
-            permit = shared.slots.clone().acquire_owned() => permit.ok(),
-            // Stopped or shut down before it could start.
-            Some(JobMessage::Final(ending)) = receiver.recv() => {
-                finish(&shared, &id, ending, &[]).await;
-                return;
-            }
-        },
-    };
-    tracing::info!("Started.");
-    let handler = shared.handler.clone();
-    let events = ChannelEvents(sender.clone());
-    let handler_cancel = cancel.clone();
-    let span = tracing::Span::current();
-    // A blocking-pool thread: the handler may block for minutes without touching the runtime.
-    // The slot goes with it and frees when the handler returns, before the result is posted (the
-    // next take need not wait for delivery), but never earlier: a job that was stopped or ended
-    // by shutdown keeps its slot until its handler has noticed, so no more than --concurrency
-    // handlers ever run at once.
-    let _handler_thread = tokio::task::spawn_blocking(move || {
-        let _entered = span.enter();
-        let result = handler.run(&job, &events, &handler_cancel);
-        let _ = events.0.send(JobMessage::Final(Ending::Completed(result)));
-        drop(permit);
-    });
-    drop(sender);
-
-    let mut chunks = Vec::new();
-    while let Some(message) = receiver.recv().await {
-        match message {
-            JobMessage::Chunk(chunk) => {
-                deliver(&shared, Post::Stream, &id, stream_chunk_body(&chunk)).await;
-                if shared.config.return_aggregate_stream {
-                    chunks.push(chunk);
-                }
-            }
-            JobMessage::Progress(progress) => {
-                deliver(&shared, Post::Progress, &id, progress_body(&progress)).await;
-            }
-            JobMessage::Final(ending) => {
-                finish(&shared, &id, ending, &chunks).await;
-                return;
-            }
-        }
-    }
+    id: String,
+    /// Stop and shutdown, checked before anything queued.
+    interrupts: mpsc::UnboundedReceiver<Ending>,
+    /// Released when the task ends, after the result is delivered (or given up).
+    _hold: Option<OwnedSemaphorePermit>,
 }
 
-/// Posts a job's final result (if it gets one) and forgets the job.
-async fn finish(shared: &Arc<Shared>, id: &str, ending: Ending, chunks: &[RawJson]) {
-    let config = &shared.config;
-    let result = match ending {
-        Ending::Stopped => {
-            shared.in_flight().remove(id);
-            tracing::info!("Job stopped.");
-            return;
-        }
-        Ending::ShutDown => JobResult {
-            outcome: Outcome::Failed {
-                failure: Failure::new("WorkerShutdown", "worker shut down before the job finished"),
-                streaming: shared.handler.info().streaming,
+impl JobTask {
+    /// Waits for a slot (over-fetched jobs), runs the handler on a blocking thread, posts what
+    /// it emits, then its result.
+    async fn run(mut self, job: Job, slot: Option<OwnedSemaphorePermit>, cancel: CancelToken) {
+        let shared = self.shared.clone();
+        let slot = match slot {
+            Some(slot) => slot,
+            None => tokio::select! {
+                biased;
+                // Stopped or shut down before it could start.
+                Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
+                slot = shared.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             },
-            recycle: false,
-        },
-        Ending::Completed(result) => result,
-    };
-    let aggregate = config.return_aggregate_stream.then_some(chunks);
-    let mut body = job_done_body(&result, &config.origin, aggregate, config.refresh_worker);
-    if body.len() > config.max_output_bytes {
-        let oversize = JobResult {
-            outcome: Outcome::Failed {
-                failure: Failure::new(
-                    "OutputTooLarge",
-                    format!(
-                        "the job's result is {} bytes, over the limit of {} bytes",
-                        body.len(),
-                        config.max_output_bytes
-                    ),
-                ),
-                streaming: false,
-            },
-            recycle: result.recycle,
         };
-        body = job_done_body(&oversize, &config.origin, None, config.refresh_worker);
+        tracing::info!("Started.");
+        let (sender, mut messages) = mpsc::unbounded_channel();
+        let handler = shared.handler.clone();
+        let stop_taking = shared.stop_taking.clone();
+        let refresh_worker = shared.config.refresh_worker;
+        let span = tracing::Span::current();
+        // A blocking-pool thread: the handler may block for minutes without touching the
+        // runtime. The slot goes with it and frees when the handler returns, before the result is
+        // posted (the next take need not wait for delivery; the job's hold bounds how many
+        // results may wait), but never earlier: a job that was stopped or ended by shutdown keeps
+        // its slot until its handler has noticed, so no more than --concurrency handlers ever run
+        // at once.
+        let _handler_thread = tokio::task::spawn_blocking(move || {
+            let _entered = span.enter();
+            let events = ChannelEvents(sender);
+            let run = std::panic::AssertUnwindSafe(|| handler.run(&job, &events, &cancel));
+            let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
+                outcome: Outcome::Failed {
+                    failure: Failure::new("WorkerError", "the worker failed while running the job"),
+                    streaming: handler.info().streaming,
+                },
+                recycle: false,
+            });
+            // A worker that is to be recycled takes no job after this one: stop taking before
+            // the slot frees.
+            if refresh_worker || result.recycle {
+                stop_taking.cancel();
+            }
+            let _ = events.0.send(JobMessage::Completed(result));
+            drop(slot);
+        });
+
+        let mut chunks = Vec::new();
+        let mut stream_given_up = false;
+        let mut chunks_dropped = 0_usize;
+        loop {
+            let message = tokio::select! {
+                biased;
+                Some(ending) = self.interrupts.recv() => {
+                    return self.interrupted(ending, &mut messages, &chunks).await;
+                }
+                message = messages.recv() => message,
+            };
+            let Some(message) = message else {
+                // The handler thread ended without a result (it cannot: its result is sent
+                // unconditionally); end the job rather than hold it forever.
+                return self.finish(Ending::ShutDown, &chunks).await;
+            };
+            let (kind, body) = match message {
+                JobMessage::Completed(result) => {
+                    if chunks_dropped > 0 {
+                        tracing::error!("{chunks_dropped} stream chunk(s) were not delivered.");
+                    }
+                    return self.finish(Ending::Completed(result), &chunks).await;
+                }
+                JobMessage::Chunk(chunk) => {
+                    let body = stream_chunk_body(&chunk);
+                    if shared.config.return_aggregate_stream {
+                        chunks.push(chunk);
+                    }
+                    if stream_given_up {
+                        chunks_dropped += 1;
+                        continue;
+                    }
+                    (Post::Stream, body)
+                }
+                JobMessage::Progress(progress) => (Post::Progress, progress_body(&progress)),
+            };
+            let delivered = tokio::select! {
+                biased;
+                Some(ending) = self.interrupts.recv() => {
+                    return self.interrupted(ending, &mut messages, &chunks).await;
+                }
+                delivered = deliver(&shared, kind, &self.id, body) => delivered,
+            };
+            // Once a chunk is given up after the whole retry time, the stream route is down:
+            // retrying every later chunk as long would hold the result back for hours.
+            if !delivered && kind == Post::Stream {
+                stream_given_up = true;
+            }
+        }
     }
-    let is_stream = matches!(result.outcome, Outcome::Streamed);
-    // The job stays in the heartbeat's list until its result is delivered (or given up), so the
-    // platform does not take it for lost while a POST is being retried.
-    deliver(shared, Post::Done { is_stream }, id, body).await;
-    shared.in_flight().remove(id);
-    tracing::info!("Finished.");
-    if config.refresh_worker {
-        tracing::info!("refresh_worker is set: stopping after this job.");
-        shared.stop_taking.cancel();
+
+    /// A stop or the end of the shutdown grace reached the job. Chunks still queued are not
+    /// posted; a result the handler already returned is still posted (it is the job's real
+    /// answer), otherwise the stop or shutdown ending applies.
+    async fn interrupted(
+        self,
+        ending: Ending,
+        messages: &mut mpsc::UnboundedReceiver<JobMessage>,
+        chunks: &[RawJson],
+    ) {
+        while let Ok(message) = messages.try_recv() {
+            if let JobMessage::Completed(result) = message {
+                return self.finish(Ending::Completed(result), chunks).await;
+            }
+        }
+        self.finish(ending, chunks).await;
+    }
+
+    /// Posts the job's final result (if it gets one) and forgets the job.
+    async fn finish(self, ending: Ending, chunks: &[RawJson]) {
+        let shared = &self.shared;
+        let id = self.id.as_str();
+        let config = &shared.config;
+        let streaming = shared.handler.info().streaming;
+        let result = match ending {
+            Ending::Stopped => {
+                shared.in_flight().remove(id);
+                tracing::info!("Job stopped by the platform: nothing is posted for it.");
+                return;
+            }
+            Ending::ShutDown => JobResult {
+                outcome: Outcome::Failed {
+                    failure: Failure::new(
+                        "WorkerShutdown",
+                        "worker shut down before the job finished",
+                    ),
+                    streaming,
+                },
+                recycle: false,
+            },
+            Ending::Completed(result) => result,
+        };
+        let aggregate = config.return_aggregate_stream.then_some(chunks);
+        let mut body = job_done_body(&result, &config.origin, aggregate, config.refresh_worker);
+        if body.len() > config.max_output_bytes {
+            let oversize = JobResult {
+                outcome: Outcome::Failed {
+                    failure: Failure::new(
+                        "OutputTooLarge",
+                        format!(
+                            "the job's result is {} bytes, over the limit of {} bytes",
+                            body.len(),
+                            config.max_output_bytes
+                        ),
+                    ),
+                    streaming: false,
+                },
+                recycle: result.recycle,
+            };
+            body = job_done_body(&oversize, &config.origin, None, config.refresh_worker);
+        }
+        // The SDK marks every final result of a streaming handler isStream=true, failures
+        // included.
+        let is_stream = streaming;
+        // The job stays in the heartbeat's list until its result is delivered (or given up), so
+        // the platform does not take it for lost while a POST is being retried.
+        let delivered = deliver(shared, Post::Done { is_stream }, id, body).await;
+        shared.in_flight().remove(id);
+        if delivered {
+            tracing::info!("Finished.");
+        }
+        if config.refresh_worker || result.recycle {
+            tracing::info!("The worker is to be recycled: no more jobs are taken.");
+            shared.stop_taking.cancel();
+        }
     }
 }
 
 /// Posts with retries: connection errors, timeouts, 408, 429 and 5xx are retried with backoff
 /// until the result retry time is spent. Every failure and the final give-up are logged.
-async fn deliver(shared: &Shared, kind: Post, id: &str, body: String) {
+/// Returns whether the POST was delivered.
+async fn deliver(shared: &Shared, kind: Post, id: &str, body: String) -> bool {
     let body = bytes::Bytes::from(body);
     let deadline = Instant::now() + shared.config.result_retry;
     let mut backoff = Backoff::new();
     let mut attempt = 1;
+    // Whether an earlier attempt may have landed without our seeing the answer.
+    let mut unsure = false;
     loop {
         match shared.client.post(kind, id, body.clone()).await {
-            Ok(()) => return,
+            Ok(()) => return true,
             Err(error) if error.retryable && Instant::now() < deadline => {
+                unsure |= error.outcome_unknown;
                 let wait = backoff
                     .wait()
                     .min(deadline.saturating_duration_since(Instant::now()));
-                tracing::warn!("Posting the {kind:?} for job {id} failed (attempt {attempt}): {error}; retrying in {wait:?}.");
+                tracing::warn!("Posting the {} for job {id} failed (attempt {attempt}): {error}; retrying in {wait:?}.", kind.noun());
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
+            Err(error) if unsure && !error.retryable => {
+                tracing::warn!("The platform refused a retry of the {} for job {id} ({error}); an earlier attempt that timed out has probably been delivered.", kind.noun());
+                return true;
+            }
             Err(error) => {
-                tracing::error!("Failed to return job results for job {id} after {attempt} attempt(s): {error}. Giving up.");
-                return;
+                let lost = match kind {
+                    Post::Done { .. } => "Failed to return job results",
+                    Post::Stream => "Failed to post a stream chunk",
+                    Post::Progress => "Failed to post progress",
+                };
+                tracing::error!(
+                    "{lost} for job {id} after {attempt} attempt(s): {error}. Giving up."
+                );
+                return false;
             }
         }
     }
@@ -545,7 +694,7 @@ fn stop_job(shared: &Shared, id: &str) {
     };
     tracing::info!(job_id = %id, "Stopping job.");
     job.cancel.cancel();
-    let _ = job.messages.send(JobMessage::Final(Ending::Stopped));
+    let _ = job.interrupt.send(Ending::Stopped);
 }
 
 async fn heartbeat_loop(shared: Arc<Shared>, finished: CancellationToken) {
