@@ -597,3 +597,21 @@ fn a_missing_job_done_url_is_a_usage_error() {
     );
     assert_eq!(platform.pending_jobs(), 1);
 }
+
+/// A handler that asks to be recycled gets `stopPod` on its result, and the worker takes no
+/// later job (it would see the state the handler wanted gone) and exits 0.
+#[test]
+fn a_recycle_request_ends_the_worker_after_its_job() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "r-1", "input": {"mode": "recycle"}}));
+    platform.push_job(json!({"id": "r-2", "input": {"mode": "recycle"}}));
+    let mut worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(
+        by_id["r-1"],
+        json!({"output": {"mode": "recycle"}, "stopPod": true})
+    );
+    assert_eq!(by_id.len(), 1, "{by_id:?}");
+    assert_eq!(platform.pending_jobs(), 1);
+}
