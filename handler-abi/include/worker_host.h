@@ -65,12 +65,16 @@ typedef int32_t wh_status;
 /** The handler failed; the reason was (or should have been) given with `set_error`. */
 #define WH_STATUS_ERROR ((wh_status)1)
 /** A callback was given an argument it cannot accept (a NULL pointer with a non-zero length, or
- *  JSON that does not parse). Nothing was recorded. */
+ *  JSON that does not parse). Nothing was recorded (but a refused `set_output` fails the job:
+ *  see there). */
 #define WH_STATUS_INVALID_ARGUMENT ((wh_status)2)
-/** A callback was called where it does not apply (for example `emit` during `init`, or `emit`
- *  from a handler that does not declare WH_FEATURE_STREAMING). Nothing was recorded. */
+/** A callback was called where it does not apply (for example `emit` during `init`, `emit` from a
+ *  handler that does not declare WH_FEATURE_STREAMING, `set_output` from one that does, or any
+ *  callback with a `wh_call` whose handler function has returned). Nothing was recorded. */
 #define WH_STATUS_INVALID_STATE ((wh_status)3)
-/** The value is larger than the host accepts (see the host's size limits). Nothing was recorded. */
+/** The value is larger than the host accepts (see the host's size limits); the host checks the
+ *  length before it reads a byte. Nothing was recorded (but a refused `set_output` fails the job:
+ *  see there). */
 #define WH_STATUS_TOO_LARGE ((wh_status)4)
 /** The job was cancelled; the handler should return as soon as it can. Returned by `emit` and
  *  `progress` once the job is cancelled, so a streaming loop stops without polling. */
@@ -89,7 +93,12 @@ typedef int32_t wh_log_level;
  * An opaque handle the host passes to every handler function. It identifies one call (one
  * `init`, one job, or the `teardown`) and is the first argument of every callback.
  *
- * Valid only until the handler function it was passed to returns. Never NULL.
+ * Valid only until the handler function it was passed to returns. Never NULL. It is an
+ * identifier, not an address, and the host never hands out the same one twice, so a callback
+ * made with an expired `wh_call` (say, from a thread the handler left running) is not undefined
+ * behaviour: it records nothing and returns WH_STATUS_INVALID_STATE (`log` and `request_recycle`
+ * do nothing, `is_cancelled` returns false). Handlers must not rely on this to deliver anything:
+ * whatever they pass after the call returned is dropped.
  */
 typedef struct wh_call wh_call;
 
@@ -98,8 +107,16 @@ typedef struct wh_call wh_call;
  * host process; the `wh_call` given with it expires when the handler function returns.
  *
  * Every callback is thread-safe: a handler may call it from any thread, including threads it
- * spawned itself, as long as the call it belongs to has not returned. Calling any callback with a
- * `wh_call` whose handler function has returned is undefined behaviour.
+ * spawned itself, as long as the call it belongs to has not returned. A callback with a `wh_call`
+ * whose handler function has returned is refused (see `wh_call`). A callback that is running
+ * when its handler function returns completes normally: the host ends the call only once it has
+ * returned.
+ *
+ * Lengths: a pointer must point to as many readable bytes as its length says. The host checks
+ * each length against what the callback accepts before it reads the string, so an absurd length
+ * (SIZE_MAX, say) is refused, never read: over the output limit for `set_output`, `emit` and
+ * `progress` (WH_STATUS_TOO_LARGE), over PTRDIFF_MAX for `set_error` (WH_STATUS_INVALID_ARGUMENT)
+ * and `log` (the line is dropped).
  */
 typedef struct wh_host_api {
     /** sizeof(wh_host_api) as the host was compiled. Check it before using a callback appended
@@ -115,33 +132,42 @@ typedef struct wh_host_api {
      *
      * When: during any call. Thread: any.
      * `message`: UTF-8, `message_len` bytes, copied before return; `(NULL, 0)` logs an empty line.
-     * Invalid UTF-8 is replaced, not refused. Never fails; returns nothing.
+     * Invalid UTF-8 is replaced, not refused. A line over 64 KiB is cut there (only its first
+     * 64 KiB are read), with a note giving its length. Returns nothing: NULL with a non-zero
+     * length, a length over PTRDIFF_MAX, or an expired `wh_call` logs nothing.
      */
     void (*log)(wh_call *call, wh_log_level level, const char *message, size_t message_len);
 
     /**
      * Set the job's output: one JSON value (object, array, string, number, boolean or null).
      *
-     * When: during `handle`. Thread: any. May be called more than once; the last accepted value
-     * wins. `json` is copied before return.
+     * When: during `handle`, only for a handler that does not declare WH_FEATURE_STREAMING (a
+     * streaming handler's result is its chunks). Thread: any. May be called more than once.
+     * `json` is copied before return.
      *
-     * Returns WH_STATUS_OK when recorded; WH_STATUS_INVALID_ARGUMENT when `json` is NULL or does
-     * not parse as one JSON value; WH_STATUS_TOO_LARGE when it exceeds the output limit;
-     * WH_STATUS_INVALID_STATE outside `handle`. On any error nothing is recorded and, unless a
-     * later call succeeds, the job fails with a message saying why.
+     * Returns WH_STATUS_OK when recorded: the value replaces any earlier one.
+     * WH_STATUS_INVALID_ARGUMENT when `json` is NULL with a non-zero length or does not parse as
+     * one JSON value; WH_STATUS_TOO_LARGE when it exceeds the output limit (checked before `json`
+     * is read). After either, the value is not recorded, and the job fails with a message saying
+     * why, even if an earlier call was accepted, unless a later call is accepted: the last call
+     * that returned one of these three statuses decides. WH_STATUS_INVALID_STATE outside
+     * `handle`, for a streaming handler, or with an expired `wh_call`: nothing is recorded and
+     * the job's result is unchanged.
      */
     wh_status (*set_output)(wh_call *call, const char *json, size_t json_len);
 
     /**
      * Fail the call with a typed error. The host maps it to RunPod's error shape.
      *
-     * When: during `init` or `handle`. Thread: any. The last call wins. Both strings are copied
-     * before return; `error_type` may be `(NULL, 0)` (the host then uses "HandlerError"), and
-     * `message` may be `(NULL, 0)`. Invalid UTF-8 is replaced.
+     * When: during `init` or `handle`. Thread: any. The last accepted call wins. Both strings
+     * are copied before return; `error_type` may be `(NULL, 0)` (the host then uses
+     * "HandlerError"), and `message` may be `(NULL, 0)`. Invalid UTF-8 is replaced.
      *
      * Setting an error does not end the call: the handler still returns, and its result is an
-     * error whatever it returns. Returns WH_STATUS_OK, or WH_STATUS_INVALID_STATE during
-     * `teardown`.
+     * error whatever it returns. Returns WH_STATUS_OK when recorded;
+     * WH_STATUS_INVALID_ARGUMENT when either string is NULL with a non-zero length or its length
+     * is over PTRDIFF_MAX; WH_STATUS_INVALID_STATE during `teardown` or with an expired
+     * `wh_call`. Nothing is recorded unless it returns WH_STATUS_OK.
      */
     wh_status (*set_error)(wh_call *call, const char *error_type, size_t error_type_len,
                            const char *message, size_t message_len);
@@ -153,10 +179,12 @@ typedef struct wh_host_api {
      * When: during `handle`, only for a handler that declares WH_FEATURE_STREAMING.
      * Thread: any. `json` is copied before return.
      *
-     * Returns WH_STATUS_OK when queued for delivery; WH_STATUS_INVALID_ARGUMENT for NULL or
-     * unparsable JSON; WH_STATUS_TOO_LARGE over the limit; WH_STATUS_INVALID_STATE for a
-     * non-streaming handler or outside `handle`; WH_STATUS_CANCELLED once the job is cancelled
-     * (the chunk is dropped and the handler should return).
+     * Returns WH_STATUS_OK when queued for delivery; WH_STATUS_INVALID_ARGUMENT for NULL with a
+     * non-zero length or unparsable JSON; WH_STATUS_TOO_LARGE over the limit (checked before
+     * `json` is read); WH_STATUS_INVALID_STATE for a non-streaming handler, outside `handle` or
+     * with an expired `wh_call`; WH_STATUS_CANCELLED once the job is cancelled (the chunk is
+     * dropped and the handler should return). Nothing is delivered unless it returns
+     * WH_STATUS_OK.
      */
     wh_status (*emit)(wh_call *call, const char *json, size_t json_len);
 
@@ -175,7 +203,8 @@ typedef struct wh_host_api {
      * shutting down past its grace period). Cheap: an atomic load. Long-running handlers should
      * check it regularly and return early when it is true.
      *
-     * When: during `handle`. Thread: any. Returns false outside `handle`.
+     * When: during `handle`. Thread: any. Returns false outside `handle` and with an expired
+     * `wh_call`.
      */
     bool (*is_cancelled)(wh_call *call);
 
@@ -184,7 +213,8 @@ typedef struct wh_host_api {
      * `refresh_worker`): the job's result carries `"stopPod": true`. Use it after a job leaves
      * the process in a state later jobs must not see.
      *
-     * When: during `handle`. Thread: any. Idempotent. Returns nothing.
+     * When: during `handle`. Thread: any. Idempotent. Returns nothing; does nothing outside
+     * `handle` or with an expired `wh_call`.
      */
     void (*request_recycle)(wh_call *call);
 } wh_host_api;
@@ -209,8 +239,10 @@ typedef struct wh_job {
 } wh_job;
 
 /**
- * Run once, before any job, on a host thread that is not used for I/O. Load models and warm
- * caches here.
+ * Run once, before any job, on a host thread that is not used for I/O, with at least 8 MiB of
+ * stack (see `wh_handle_fn`). Load models and warm caches here. `handle` and `teardown` may run on
+ * other threads: state that must outlive `init` belongs in the handler's own storage, not in
+ * thread-local variables.
  *
  * `config_json`: the handler configuration given to the host (a JSON value, `{}` when none was
  * given), borrowed for the duration of the call, NUL-terminated.
@@ -224,7 +256,13 @@ typedef wh_status (*wh_init_fn)(wh_call *call, const wh_host_api *host, const ch
 
 /**
  * Run one job. Called on a host worker thread, never on the thread that does the host's I/O.
- * Up to `max_concurrency` calls run at the same time, on different threads.
+ * Up to `max_concurrency` calls run at the same time, on different threads. Successive calls may
+ * run on different threads, so thread-local state does not carry from one job to the next.
+ *
+ * Stack: at least 8 MiB. Jobs of the worker and of the dev API run on host threads of 8 MiB;
+ * `init`, `teardown` and a `--test_input` job run on the main thread, whose stack is the
+ * process's limit (`ulimit -s`: 8 MiB on Linux unless the operator lowered it). A handler that
+ * needs more must run its work on a thread of its own.
  *
  * The job is borrowed until return. The handler reports its result with the callbacks:
  * `set_output` (or `emit` for a streaming handler) on success, `set_error` on failure.

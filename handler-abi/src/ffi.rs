@@ -120,3 +120,58 @@ unsafe impl Send for wh_handler_descriptor {}
 
 /// `wh_handler_entry_fn`
 pub type wh_handler_entry_fn = unsafe extern "C" fn() -> *const wh_handler_descriptor;
+
+// The ABI 1.0 sizes. A 1.x reader must accept any `struct_size` at least this large (a 1.0 writer
+// fills exactly these bytes) and must not compare against `size_of` of its own struct, which
+// grows whenever a minor appends a field. Each is the end of the struct's last 1.0 field, which
+// later minors never move; today that is also the struct's size (see the tests below).
+
+/// The smallest `wh_handler_descriptor.struct_size` a 1.x host accepts: the end of `teardown`,
+/// the last field of ABI 1.0.
+pub const DESCRIPTOR_SIZE_1_0: usize = std::mem::offset_of!(wh_handler_descriptor, teardown)
+    + std::mem::size_of::<Option<wh_teardown_fn>>();
+/// The smallest `wh_host_api.struct_size` a 1.x handler can be given: the end of
+/// `request_recycle`, the last callback of ABI 1.0.
+pub const HOST_API_SIZE_1_0: usize = std::mem::offset_of!(wh_host_api, request_recycle)
+    + std::mem::size_of::<unsafe extern "C" fn(*mut wh_call)>();
+/// The smallest `wh_job.struct_size` a 1.x handler can be given: the end of `job_json_len`, the
+/// last field of ABI 1.0.
+pub const JOB_SIZE_1_0: usize =
+    std::mem::offset_of!(wh_job, job_json_len) + std::mem::size_of::<usize>();
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{align_of, size_of};
+
+    /// While this mirror describes ABI 1.0 (WH_ABI_MINOR is 0), each 1.0 size is today's struct
+    /// size. When a minor appends a field, this test fails on purpose: keep the constants and
+    /// change the test to compare them with the previous sizes, which must never change.
+    #[test]
+    fn one_zero_sizes_are_todays_sizes() {
+        assert_eq!(WH_ABI_MINOR, 0);
+        let today = |end: usize, align: usize| end.next_multiple_of(align);
+        assert_eq!(
+            size_of::<wh_handler_descriptor>(),
+            today(DESCRIPTOR_SIZE_1_0, align_of::<wh_handler_descriptor>())
+        );
+        assert_eq!(
+            size_of::<wh_host_api>(),
+            today(HOST_API_SIZE_1_0, align_of::<wh_host_api>())
+        );
+        assert_eq!(
+            size_of::<wh_job>(),
+            today(JOB_SIZE_1_0, align_of::<wh_job>())
+        );
+    }
+
+    /// On 64-bit targets (every platform worker-host ships for) the 1.0 sizes are these numbers,
+    /// whatever is appended later.
+    #[cfg(target_pointer_width = "64")]
+    #[test]
+    fn one_zero_sizes_on_64_bit_targets() {
+        assert_eq!(DESCRIPTOR_SIZE_1_0, 64);
+        assert_eq!(HOST_API_SIZE_1_0, 64);
+        assert_eq!(JOB_SIZE_1_0, 56);
+    }
+}

@@ -133,11 +133,19 @@ fn teardown(handler: &HandlerLibrary, handlers_returned: bool) {
     }
 }
 
+/// The stack of every thread of the runtime, including the blocking-pool threads that run
+/// handler jobs: 8 MiB, the main thread's stack on Linux by default (`ulimit -s`), where `init`
+/// and the `--test_input` job run. With tokio's default of 2 MiB, a handler that needs 4 MiB of
+/// stack would pass its local test and crash in production. Only the pages a thread touches
+/// cost memory. The header promises handlers at least this much.
+const HANDLER_STACK_SIZE: usize = 8 * 1024 * 1024;
+
 /// The async runtime for the worker and the dev API.
 fn io_runtime() -> Result<tokio::runtime::Runtime, HostError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("worker-host-io")
+        .thread_stack_size(HANDLER_STACK_SIZE)
         .build()
         .map_err(HostError::Runtime)
 }

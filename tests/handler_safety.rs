@@ -1,0 +1,252 @@
+//! The host against handlers that break the rules, or need more than the least the ABI allows,
+//! end to end: the real binary running the C fixtures of `fixtures/careless_handlers.c`, in the
+//! one-shot mode and behind the local dev API (whose jobs run on the same kind of thread as in
+//! production). In each case the host survives and the handler gets the status the header
+//! documents.
+
+use e2e::{fixture, worker_host, Run};
+use reqwest::blocking::Client;
+use serde_json::{json, Value};
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::Duration;
+
+/// WH_STATUS_INVALID_ARGUMENT
+const INVALID_ARGUMENT: i32 = 2;
+/// WH_STATUS_INVALID_STATE
+const INVALID_STATE: i32 = 3;
+/// WH_STATUS_TOO_LARGE
+const TOO_LARGE: i32 = 4;
+
+/// How long the host may take to start listening, or to answer a job.
+const WAIT: Duration = Duration::from_secs(60);
+
+/// The line the host logs once the dev API listens, followed by its base URL.
+const LISTENING: &str = "Local dev API listening on ";
+
+/// `worker-host --rp_serve_api` on a fixture library, on a free loopback port. Dropping it kills
+/// the process.
+struct DevApi {
+    child: Child,
+    base_url: String,
+    stderr: Arc<Mutex<String>>,
+    http: Client,
+}
+
+impl DevApi {
+    /// Starts the dev API on the handler at `library` and waits until it listens.
+    fn start(library: &Path) -> Self {
+        let mut child = worker_host()
+            .arg("--handler")
+            .arg(library)
+            .args(["--rp_serve_api", "--rp_api_port", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("worker-host could not be started");
+        let pipe = child.stderr.take().expect("stderr is piped");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (listening, url) = mpsc::channel();
+        let log = stderr.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if let Some((_, rest)) = line.split_once(LISTENING) {
+                    let base_url = rest.split_whitespace().next().unwrap_or_default();
+                    let _ = listening.send(base_url.to_owned());
+                }
+                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        let base_url = url.recv_timeout(WAIT).unwrap_or_else(|_| {
+            let _ = child.kill();
+            panic!(
+                "worker-host did not listen; stderr:\n{}",
+                stderr.lock().unwrap_or_else(|e| e.into_inner())
+            )
+        });
+        let http = Client::builder().timeout(WAIT).build().unwrap();
+        Self {
+            child,
+            base_url,
+            stderr,
+            http,
+        }
+    }
+
+    /// Everything the host wrote to stderr so far.
+    fn stderr(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Panics, with the host's stderr, if the process has ended.
+    fn assert_alive(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            // Let the stderr reader catch up with the last lines.
+            std::thread::sleep(Duration::from_millis(200));
+            panic!("worker-host died ({status}); stderr:\n{}", self.stderr());
+        }
+    }
+
+    /// `POST /runsync` of `{"input": input}`: the job's final status object.
+    fn runsync(&mut self, input: Value) -> Value {
+        let reply = self
+            .http
+            .post(format!("{}/runsync", self.base_url))
+            .json(&json!({ "input": input }))
+            .send();
+        let reply = match reply {
+            Ok(reply) => reply,
+            Err(error) => {
+                self.assert_alive();
+                panic!("/runsync failed: {error}; stderr:\n{}", self.stderr());
+            }
+        };
+        assert_eq!(reply.status(), 200, "stderr:\n{}", self.stderr());
+        reply.json().expect("/runsync answers JSON")
+    }
+}
+
+impl Drop for DevApi {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `text` with each line cut to 300 characters, for failure messages (one fixture logs a line
+/// of 70,000).
+fn shown(text: &str) -> String {
+    text.lines()
+        .map(|line| line.chars().take(300).collect::<String>() + "\n")
+        .collect()
+}
+
+/// Runs one `--test_input` job of `input` on the handler at `library`.
+fn one_shot(library: &Path, input: &str) -> Run {
+    Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(library)
+            .args(["--test_input", &format!(r#"{{"input": {input}}}"#)]),
+    )
+}
+
+/// A handler thread that calls back with a job's `wh_call` after the job returned, while the
+/// next job runs, is refused on every callback (nothing reaches the running job) and the worker
+/// keeps serving.
+#[test]
+fn callbacks_after_the_call_returned_are_refused() {
+    let mut host = DevApi::start(&fixture("late_callbacks"));
+    let first = host.runsync(json!("keep"));
+    assert_eq!(
+        (&first["status"], &first["output"]),
+        (&json!("COMPLETED"), &json!("kept")),
+        "{first}"
+    );
+    let second = host.runsync(json!("report"));
+    assert_eq!(second["status"], "COMPLETED", "{second}");
+    assert_eq!(
+        second["output"],
+        json!({
+            "set_output": INVALID_STATE,
+            "set_error": INVALID_STATE,
+            "emit": INVALID_STATE,
+            "progress": INVALID_STATE,
+            "is_cancelled": false,
+        }),
+        "stderr:\n{}",
+        host.stderr()
+    );
+    host.assert_alive();
+    let third = host.runsync(json!("keep"));
+    assert_eq!(third["status"], "COMPLETED", "{third}");
+    assert!(
+        !host.stderr().contains("late log line"),
+        "a late log line was logged:\n{}",
+        host.stderr()
+    );
+}
+
+/// A job that needs 6 MiB of stack completes on the dev API's job threads (8 MiB), as it does in
+/// a `--test_input` run on the main thread.
+#[test]
+fn jobs_get_eight_mib_of_stack() {
+    let library = fixture("deep_stack");
+    let run = one_shot(&library, "{}");
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.result(), json!({"output": "deep"}));
+    let mut host = DevApi::start(&library);
+    let done = host.runsync(json!({}));
+    assert_eq!(
+        (&done["status"], &done["output"]),
+        (&json!("COMPLETED"), &json!("deep")),
+        "{done}"
+    );
+}
+
+/// A handler built against a later 1.x header, with a larger descriptor and minor 9, loads,
+/// shows its ABI and runs a job.
+#[test]
+fn a_larger_descriptor_from_a_later_minor_loads_and_runs() {
+    let library = fixture("newer_minor");
+    let run = Run::of(
+        worker_host()
+            .args(["inspect", "--json", "--handler"])
+            .arg(&library),
+    );
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    let info: Value = serde_json::from_str(&run.stdout).unwrap();
+    assert_eq!(
+        (&info["name"], &info["abi_major"], &info["abi_minor"]),
+        (&json!("newer-minor"), &json!(1), &json!(9))
+    );
+    let run = one_shot(&library, r#"{"k": [1, 2]}"#);
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.result(), json!({"output": {"k": [1, 2]}}));
+}
+
+/// Lengths no buffer has (SIZE_MAX) are refused before the host reads a byte, NULL with a length
+/// is refused by `set_error`, and a log line over 64 KiB is cut with a note.
+#[test]
+fn odd_lengths_are_refused_before_reading() {
+    let run = one_shot(&fixture("odd_arguments"), "{}");
+    assert_eq!(run.code, Some(0), "stderr: {}", shown(&run.stderr));
+    assert_eq!(
+        run.result(),
+        json!({"output": {
+            "set_output": TOO_LARGE,
+            "progress": TOO_LARGE,
+            "set_error_null": INVALID_ARGUMENT,
+            "set_error_huge": INVALID_ARGUMENT,
+        }})
+    );
+    assert!(
+        run.stderr
+            .contains("[log line cut: the first 65536 of 70000 bytes]"),
+        "{}",
+        shown(&run.stderr)
+    );
+}
+
+/// A streaming handler's `set_output` is refused with WH_STATUS_INVALID_STATE instead of being
+/// silently dropped; its chunks are its result.
+#[test]
+fn set_output_is_refused_for_a_streaming_handler() {
+    let run = one_shot(&fixture("streaming_set_output"), r#"{"k": 1}"#);
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(
+        run.json_lines(),
+        [
+            json!({"output": {"set_output": INVALID_STATE}}),
+            json!({"output": []})
+        ]
+    );
+}
