@@ -169,6 +169,25 @@ fn panic_becomes_an_error_result() {
     assert_eq!(payload["error_message"], "index out of range");
 }
 
+/// A panic payload whose own `Drop` panics fails the job with a `Panic` error; the host is not
+/// aborted.
+#[test]
+fn panic_payload_that_panics_on_drop_is_contained() {
+    let run = Run::of(
+        host(Sample::Faulty)
+            .arg("--test_input")
+            .arg(r#"{"input": {"mode": "panic_bomb"}}"#),
+    );
+    assert_eq!(
+        run.code,
+        Some(1),
+        "exit code (None = killed by a signal); stderr: {}",
+        run.stderr
+    );
+    let payload = error_payload(&run.result());
+    assert_eq!(payload["error_type"], "Panic");
+}
+
 /// Returning `{"error": ...}` fails the job as in the SDK; `request_recycle` adds `stopPod`.
 #[test]
 fn error_key_and_recycle_follow_the_sdk() {
@@ -271,6 +290,48 @@ fn test_output_match_and_mismatch() {
             .args(["--test_output", "[1, 2]"]),
     );
     assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+}
+
+/// An output that is valid JSON but cannot be read as a value (`1e400` is beyond f64) is a
+/// mismatch that says why, with exit 1, not a crash of the host.
+#[test]
+fn test_output_that_cannot_be_compared_is_a_mismatch() {
+    let run = Run::of(host(Sample::Echo).args([
+        "--test_input",
+        r#"{"input": 1e400}"#,
+        "--test_output",
+        "1",
+    ]));
+    assert_eq!(run.code, Some(1), "stderr: {}", run.stderr);
+    assert_eq!(run.stdout, "{\"output\":1e400}\n");
+    assert!(
+        run.stderr.contains(
+            "$: the output cannot be compared with the expected one: number out of range"
+        ),
+        "{}",
+        run.stderr
+    );
+}
+
+/// `{"error": ...}` fails the job even when another key of the output holds a lone surrogate
+/// escape (valid JSON that Python's `json` reads); the other key is kept as written.
+#[test]
+fn error_key_beside_a_lone_surrogate_key_fails_the_job() {
+    let run = Run::of(host(Sample::Echo).args([
+        "--test_input",
+        r#"{"input": {"\ud800": 1, "error": "no such model"}}"#,
+    ]));
+    assert_eq!(run.code, Some(1), "stderr: {}", run.stderr);
+    assert_eq!(
+        run.stdout,
+        "{\"output\":{\"\\ud800\":1},\"error\":\"no such model\"}\n"
+    );
+    assert!(
+        run.stderr
+            .contains("Job local_test failed with error: no such model"),
+        "{}",
+        run.stderr
+    );
 }
 
 /// --rp_log_level and RUNPOD_LOG_LEVEL / RUNPOD_DEBUG_LEVEL set the level (WARNING accepted);

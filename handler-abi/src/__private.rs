@@ -3,6 +3,8 @@
 //!
 //! Every entry point runs the handler inside `catch_unwind`: a panic must never cross the C
 //! boundary (it would abort the whole worker), so it becomes an error with the panic message.
+//! That includes a panic raised while the caught panic's payload is dropped (see
+//! `panic_text`).
 
 use crate::ffi;
 use crate::job::borrowed_str;
@@ -125,9 +127,9 @@ pub unsafe fn run_teardown<H: Handler>(
         }
     }));
     if let Err(payload) = outcome {
+        let message = format!("teardown panicked: {}", panic_text(payload));
         // SAFETY: the caller guarantees `host` is valid for the call.
         if let Some(host) = unsafe { host.as_ref() } {
-            let message = format!("teardown panicked: {}", panic_message(&*payload));
             // SAFETY: `call` is live; the message outlives the callback, which copies it.
             unsafe {
                 (host.log)(
@@ -153,7 +155,7 @@ unsafe fn report(
     let error = match outcome {
         Ok(Ok(())) => return ffi::WH_STATUS_OK,
         Ok(Err(error)) => error,
-        Err(payload) => HandlerError::new("Panic", panic_message(&*payload)),
+        Err(payload) => HandlerError::new("Panic", panic_text(payload)),
     };
     let (error_type, message) = (error.error_type(), error.message());
     // SAFETY: `call` is live; both strings outlive the callback, which copies them.
@@ -169,6 +171,20 @@ unsafe fn report(
     ffi::WH_STATUS_ERROR
 }
 
+/// The message of a caught panic; consumes its payload.
+///
+/// The payload is any value the handler passed to `panic_any`, and its `Drop` may panic in turn.
+/// Dropped outside `catch_unwind`, that second panic would unwind out of the `extern "C"`
+/// trampoline and abort the worker; so the payload is dropped inside one, and the second
+/// payload, which could do the same again, is leaked instead.
+fn panic_text(payload: Box<dyn Any + Send>) -> String {
+    let message = panic_message(&*payload);
+    if let Err(second) = catch_unwind(AssertUnwindSafe(move || drop(payload))) {
+        std::mem::forget(second);
+    }
+    message
+}
+
 /// The message a panic was raised with, as `panic!` formats it.
 fn panic_message(payload: &(dyn Any + Send)) -> String {
     if let Some(text) = payload.downcast_ref::<&'static str>() {
@@ -177,5 +193,134 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
         text.clone()
     } else {
         "the handler panicked with a non-string payload".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::RefCell;
+
+    thread_local! {
+        /// What the fake host's callbacks received on this test's thread: (type, message) of
+        /// each `set_error`, and each log line.
+        static ERRORS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+        static LOGS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+    }
+
+    fn text(ptr: *const c_char, len: usize) -> String {
+        // SAFETY: the SDK passes a (pointer, length) pair of a live `&str`.
+        unsafe { borrowed_str(ptr, len) }.to_owned()
+    }
+
+    extern "C" fn log(_: *mut ffi::wh_call, _: ffi::wh_log_level, ptr: *const c_char, len: usize) {
+        LOGS.with(|logs| logs.borrow_mut().push(text(ptr, len)));
+    }
+
+    extern "C" fn set_error(
+        _: *mut ffi::wh_call,
+        type_ptr: *const c_char,
+        type_len: usize,
+        message_ptr: *const c_char,
+        message_len: usize,
+    ) -> ffi::wh_status {
+        let error = (text(type_ptr, type_len), text(message_ptr, message_len));
+        ERRORS.with(|errors| errors.borrow_mut().push(error));
+        ffi::WH_STATUS_OK
+    }
+
+    extern "C" fn accept(_: *mut ffi::wh_call, _: *const c_char, _: usize) -> ffi::wh_status {
+        ffi::WH_STATUS_OK
+    }
+
+    extern "C" fn not_cancelled(_: *mut ffi::wh_call) -> bool {
+        false
+    }
+
+    extern "C" fn ignore(_: *mut ffi::wh_call) {}
+
+    fn host() -> ffi::wh_host_api {
+        ffi::wh_host_api {
+            struct_size: std::mem::size_of::<ffi::wh_host_api>() as u32,
+            abi_major: ffi::WH_ABI_MAJOR,
+            abi_minor: ffi::WH_ABI_MINOR,
+            log,
+            set_output: accept,
+            set_error,
+            emit: accept,
+            progress: accept,
+            is_cancelled: not_cancelled,
+            request_recycle: ignore,
+        }
+    }
+
+    /// A panic payload whose `Drop` panics too.
+    struct Bomb;
+
+    impl Drop for Bomb {
+        fn drop(&mut self) {
+            panic!("the payload's drop panicked");
+        }
+    }
+
+    /// Panics with a [`Bomb`] in `handle` and in `teardown`.
+    struct Bomber;
+
+    impl Handler for Bomber {
+        type Config = serde_json::Value;
+        type Input = serde_json::Value;
+        type Output = ();
+
+        fn init(_config: serde_json::Value) -> Result<Self, HandlerError> {
+            Ok(Bomber)
+        }
+
+        fn handle(&self, _input: serde_json::Value, _job: &Job<'_>) -> Result<(), HandlerError> {
+            std::panic::panic_any(Bomb)
+        }
+
+        fn teardown(&self) {
+            std::panic::panic_any(Bomb)
+        }
+    }
+
+    /// A panic whose payload panics again when dropped still fails only the job (and teardown
+    /// only logs): nothing unwinds out of the SDK's entry points.
+    #[test]
+    fn a_payload_that_panics_on_drop_is_contained() {
+        let instance = OnceLock::new();
+        assert!(instance.set(Bomber).is_ok());
+        let host = host();
+        let (id, input) = ("job-1", "{}");
+        let job = ffi::wh_job {
+            struct_size: std::mem::size_of::<ffi::wh_job>() as u32,
+            id: id.as_ptr().cast(),
+            id_len: id.len(),
+            input_json: input.as_ptr().cast(),
+            input_json_len: input.len(),
+            job_json: input.as_ptr().cast(),
+            job_json_len: input.len(),
+        };
+        let call = std::ptr::null_mut();
+        // SAFETY: `host` and `job` live across the call and their strings are UTF-8; the fake
+        // host never dereferences `call`.
+        let status = unsafe { run_handle(&instance, call, &host, &job) };
+        assert_eq!(status, ffi::WH_STATUS_ERROR);
+        let errors = ERRORS.with(|errors| errors.take());
+        assert_eq!(
+            errors,
+            vec![(
+                "Panic".to_owned(),
+                "the handler panicked with a non-string payload".to_owned()
+            )]
+        );
+
+        // SAFETY: as above.
+        unsafe { run_teardown(&instance, call, &host) };
+        let logs = LOGS.with(|logs| logs.take());
+        assert_eq!(
+            logs,
+            vec!["teardown panicked: the handler panicked with a non-string payload"]
+        );
     }
 }

@@ -83,9 +83,13 @@ pub trait Handler: Sized + Send + Sync + 'static {
 
 /// Why a job (or `init`) failed: a type, which RunPod shows as `error_type`, and a message.
 ///
-/// Any `std::error::Error` converts into it with `?`, taking the error's Rust type name as the
-/// type. It deliberately does not implement `std::error::Error` itself, so that blanket conversion
-/// can exist.
+/// Any `std::error::Error` converts into it with `?`. The type is the error's short Rust type
+/// name: `CallbackError`, `ParseIntError`, or, for the many crates whose error type is simply
+/// called `Error`, the crate's name with it (`serde_json::Error`; `std::io::Error` and
+/// `std::fmt::Error` keep their module). The message is the error's `Display` text, followed by its `source()`
+/// chain (`: caused by ...`) where the text does not already include it. Use
+/// [`HandlerError::new`] to choose the type yourself. `HandlerError` deliberately does not
+/// implement `std::error::Error` itself, so that blanket conversion can exist.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
     error_type: String,
@@ -125,9 +129,64 @@ impl fmt::Display for HandlerError {
 
 impl<E: std::error::Error> From<E> for HandlerError {
     fn from(error: E) -> Self {
-        let full_name = std::any::type_name::<E>();
-        Self::new(full_name, error.to_string())
+        Self::new(
+            short_type_name(std::any::type_name::<E>()),
+            message_with_sources(&error),
+        )
     }
+}
+
+/// A readable `error_type` for a Rust type name as `std::any::type_name` spells it: the last
+/// path segment without generics (`handler_abi::job::CallbackError` -> `CallbackError`), or the
+/// crate and `Error` when that segment is just `Error` (`serde_json::error::Error` ->
+/// `serde_json::Error`), which alone would say nothing. `core` and `alloc` read as `std`, the
+/// name users know them by. References and the standard smart pointers show what they point to.
+fn short_type_name(full_name: &str) -> String {
+    let mut name = full_name.trim_start_matches('&').trim_start_matches("mut ");
+    for wrapper in ["alloc::boxed::Box<", "alloc::sync::Arc<", "alloc::rc::Rc<"] {
+        if let Some(inner) = name
+            .strip_prefix(wrapper)
+            .and_then(|rest| rest.strip_suffix('>'))
+        {
+            return short_type_name(inner);
+        }
+    }
+    // Generic arguments are paths too (`Wrapper<alloc::string::String>`): cut them off first.
+    name = name.split('<').next().unwrap_or(name);
+    let last = name.rsplit("::").next().unwrap_or(name);
+    if last != "Error" {
+        return last.to_owned();
+    }
+    let segments: Vec<&str> = name.split("::").collect();
+    match segments.as_slice() {
+        // The standard library has several `Error`s: keep the public module, without the
+        // private `error` module that `type_name` shows (`std::io::error::Error`).
+        ["core" | "alloc" | "std", modules @ .., _] => {
+            let mut path = vec!["std"];
+            path.extend(modules.iter().filter(|module| **module != "error"));
+            path.push("Error");
+            path.join("::")
+        }
+        [krate, _, ..] => format!("{krate}::Error"),
+        _ => last.to_owned(),
+    }
+}
+
+/// The error's message, then each cause in its `source()` chain as `: caused by <cause>`. Many
+/// errors already print their cause in their own message (`#[error("reading the model: {0}")]`);
+/// a cause whose text is already there is not repeated.
+fn message_with_sources(error: &dyn std::error::Error) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let text = cause.to_string();
+        if !text.is_empty() && !message.contains(&text) {
+            message.push_str(": caused by ");
+            message.push_str(&text);
+        }
+        source = cause.source();
+    }
+    message
 }
 
 /// Exports a [`Handler`] implementation as a worker-host handler library.
@@ -136,9 +195,25 @@ impl<E: std::error::Error> From<E> for HandlerError {
 /// the library's only exported symbol, `wh_handler_entry`, with the crate's name and version
 /// (from Cargo) in the descriptor. Every call into the handler is wrapped in `catch_unwind`, so a
 /// panic becomes a job error carrying the panic message instead of aborting the worker.
+///
+/// # Panic strategy
+///
+/// That protection needs panics to unwind, Cargo's default. A handler built with
+/// `panic = "abort"` (in a `[profile.*]` section of the workspace's `Cargo.toml`, or
+/// `-C panic=abort` in `RUSTFLAGS`) would have any panic kill the whole worker, with every job in
+/// flight. The macro refuses to compile there: remove the setting, or set `panic = "unwind"`.
 #[macro_export]
 macro_rules! export_handler {
     ($handler:ty) => {
+        #[cfg(panic = "abort")]
+        ::core::compile_error!(
+            "export_handler! needs panics to unwind, but this crate is built with panic = \"abort\", \
+             so a panic in the handler would kill the whole worker instead of failing one job. \
+             Build the handler with panic = \"unwind\" (Cargo's default): remove `panic = \"abort\"` \
+             from the [profile] sections of your workspace's Cargo.toml and `-C panic=abort` from \
+             RUSTFLAGS."
+        );
+
         const _: () = {
             static INSTANCE: ::std::sync::OnceLock<$handler> = ::std::sync::OnceLock::new();
 
@@ -206,4 +281,150 @@ macro_rules! export_handler {
             }
         };
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An error type named `Error`, in a module named `error`, as many crates spell theirs.
+    mod error {
+        #[derive(Debug, thiserror::Error)]
+        #[error("the model file is missing")]
+        pub struct Error {
+            #[source]
+            pub source: std::io::Error,
+        }
+    }
+
+    /// An error whose message already quotes its cause.
+    #[derive(Debug, thiserror::Error)]
+    #[error("reading the config: {0}")]
+    struct ReadConfig(#[from] std::io::Error);
+
+    /// `?` gives a short, readable `error_type` and keeps the error's own message.
+    #[test]
+    fn error_type_is_the_short_type_name() {
+        let cases = [
+            (
+                HandlerError::from(CallbackError::Cancelled),
+                "CallbackError",
+            ),
+            (
+                HandlerError::from(serde_json::from_str::<u8>("x").unwrap_err()),
+                "serde_json::Error",
+            ),
+            (
+                HandlerError::from(std::io::Error::other("disk full")),
+                "std::io::Error",
+            ),
+            (
+                HandlerError::from("x".parse::<u8>().unwrap_err()),
+                "ParseIntError",
+            ),
+            (HandlerError::from(std::fmt::Error), "std::fmt::Error"),
+        ];
+        for (error, expected) in cases {
+            assert_eq!(error.error_type(), expected, "{error}");
+        }
+        let error = HandlerError::from(serde_json::from_str::<u8>("x").unwrap_err());
+        assert_eq!(error.message(), "expected value at line 1 column 1");
+        assert_eq!(
+            HandlerError::from(CallbackError::Cancelled).message(),
+            "the job was cancelled"
+        );
+    }
+
+    /// Generic arguments, references and smart pointers do not leak into the name.
+    #[test]
+    fn short_names_drop_paths_and_generics() {
+        let cases = [
+            ("handler_abi::job::CallbackError", "CallbackError"),
+            ("serde_json::error::Error", "serde_json::Error"),
+            ("std::io::error::Error", "std::io::Error"),
+            ("core::fmt::Error", "std::fmt::Error"),
+            ("my_crate::Wrapper<alloc::string::String>", "Wrapper"),
+            ("my_crate::error::Error<my_crate::Kind>", "my_crate::Error"),
+            (
+                "alloc::boxed::Box<serde_json::error::Error>",
+                "serde_json::Error",
+            ),
+            ("alloc::sync::Arc<my_crate::Failed>", "Failed"),
+            ("&my_crate::Failed", "Failed"),
+            ("&mut my_crate::error::Error", "my_crate::Error"),
+            ("Error", "Error"),
+        ];
+        for (full, short) in cases {
+            assert_eq!(short_type_name(full), short, "{full}");
+        }
+        assert_eq!(
+            HandlerError::from(error::Error {
+                source: std::io::ErrorKind::NotFound.into(),
+            })
+            .error_type(),
+            "handler_abi::Error"
+        );
+    }
+
+    /// The `source()` chain follows the message as `: caused by ...`, unless the message
+    /// already says it.
+    #[test]
+    fn message_includes_the_source_chain_once() {
+        let missing = error::Error {
+            source: std::io::Error::other("no such file: model.bin"),
+        };
+        assert_eq!(
+            HandlerError::from(missing).message(),
+            "the model file is missing: caused by no such file: model.bin"
+        );
+        let config = ReadConfig(std::io::Error::other("permission denied"));
+        assert_eq!(
+            HandlerError::from(config).message(),
+            "reading the config: permission denied"
+        );
+    }
+
+    /// `export_handler!` refuses to compile in a handler crate built with `panic = "abort"`, and
+    /// says how to fix it (a real `cargo check` of a small handler crate).
+    #[test]
+    fn export_handler_refuses_panic_abort() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let sdk = env!("CARGO_MANIFEST_DIR");
+        let manifest = format!(
+            "[package]\nname = \"abort-handler\"\nversion = \"0.1.0\"\nedition = \"2021\"\n\n\
+             [lib]\ncrate-type = [\"cdylib\"]\npath = \"lib.rs\"\n\n\
+             [dependencies]\nhandler-abi = {{ path = {sdk:?} }}\n\n\
+             [profile.dev]\npanic = \"abort\"\n\n[workspace]\n"
+        );
+        let source = "use handler_abi::{export_handler, Handler, HandlerError, Job};\n\
+             pub struct Echo;\n\
+             impl Handler for Echo {\n\
+                 type Config = handler_abi::serde_json::Value;\n\
+                 type Input = handler_abi::RawJson;\n\
+                 type Output = handler_abi::RawJson;\n\
+                 fn init(_: Self::Config) -> Result<Self, HandlerError> { Ok(Echo) }\n\
+                 fn handle(&self, input: Self::Input, _: &Job<'_>) -> Result<Self::Output, HandlerError> { Ok(input) }\n\
+             }\n\
+             export_handler!(Echo);\n";
+        std::fs::write(dir.path().join("Cargo.toml"), manifest).unwrap();
+        std::fs::write(dir.path().join("lib.rs"), source).unwrap();
+        // The workspace's lock file pins the dependencies to versions already on this machine.
+        let lock = std::path::Path::new(sdk).join("../Cargo.lock");
+        if lock.exists() {
+            std::fs::copy(lock, dir.path().join("Cargo.lock")).unwrap();
+        }
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let output = std::process::Command::new(cargo)
+            .args(["check", "--offline", "--quiet"])
+            .current_dir(dir.path())
+            .env("CARGO_TARGET_DIR", dir.path().join("target"))
+            .output()
+            .expect("cargo could not be started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "it compiled; stderr: {stderr}");
+        assert!(
+            stderr.contains(r#"Build the handler with panic = "unwind" (Cargo's default)"#),
+            "{stderr}"
+        );
+    }
 }

@@ -5,9 +5,10 @@
 //! any size reaches the handler, and an output reaches the platform, byte for byte, without a
 //! parse into a tree. Bodies follow `runpod-protocol.md` §6.1–6.3 exactly.
 
-use serde::de::{Deserializer, MapAccess, Visitor};
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use std::borrow::Cow;
 use std::fmt;
 
 /// The version reported as `runpod_version` to the platform (error payloads, heartbeats): the
@@ -118,9 +119,23 @@ fn parse_id(raw: &RawValue) -> Result<String, JobError> {
     }
 }
 
-/// A JSON object's members in their original order, each value kept raw.
+/// A JSON object's members in their original order, each key and value kept raw.
+///
+/// Keys are kept as written, not only decoded: JSON allows a lone surrogate escape such as
+/// `"\ud800"` in a key (Python's `json` reads and writes it), which no Rust `String` can hold.
+/// Such an object parses, keeps its key byte for byte, and its other members can be looked up.
 #[derive(Debug, Default)]
-pub struct OrderedRawMap(Vec<(String, RawJson)>);
+pub struct OrderedRawMap(Vec<Member>);
+
+/// One member of an [`OrderedRawMap`].
+#[derive(Debug, Clone)]
+struct Member {
+    /// The key decoded, for lookups (see [`key_name`]).
+    name: String,
+    /// The key as written, quotes included.
+    key: RawJson,
+    value: RawJson,
+}
 
 impl OrderedRawMap {
     /// Parses an object; anything else is [`JobError::NotAnObject`].
@@ -139,16 +154,16 @@ impl OrderedRawMap {
     pub fn get(&self, key: &str) -> Option<&RawValue> {
         self.0
             .iter()
-            .find(|(name, _)| name == key)
-            .map(|(_, value)| &**value)
+            .find(|member| member.name == key)
+            .map(|member| &*member.value)
     }
 
     /// Removes every member named `key`, returning the first one's value.
     pub fn remove(&mut self, key: &str) -> Option<RawJson> {
-        let position = self.0.iter().position(|(name, _)| name == key)?;
-        let (_, value) = self.0.remove(position);
-        self.0.retain(|(name, _)| name != key);
-        Some(value)
+        let position = self.0.iter().position(|member| member.name == key)?;
+        let removed = self.0.remove(position);
+        self.0.retain(|member| member.name != key);
+        Some(removed.value)
     }
 
     /// Whether the object has no members.
@@ -159,21 +174,57 @@ impl OrderedRawMap {
     /// The object as JSON text with a string member `key: value` put first.
     pub fn with_first(&self, key: &str, value: &str) -> RawJson {
         let mut members = Vec::with_capacity(self.0.len() + 1);
-        let value = serde_json::value::to_raw_value(value).expect("a string always serializes");
-        members.push((key.to_owned(), value));
-        members.extend(self.0.iter().map(|(name, raw)| (name.clone(), raw.clone())));
+        members.push(Member::new(key, to_raw(value)));
+        members.extend(self.0.iter().cloned());
         OrderedRawMap(members).to_raw()
     }
 
     /// The object as JSON text.
     pub fn to_raw(&self) -> RawJson {
-        serde_json::value::to_raw_value(self).expect("raw JSON members always serialize")
+        RawValue::from_string(self.to_json()).expect("raw JSON members make a JSON object")
+    }
+
+    /// Appends a member with a plain key.
+    fn push(&mut self, key: &str, value: RawJson) {
+        self.0.push(Member::new(key, value));
+    }
+
+    /// The object as JSON text, its keys and values as they were written.
+    fn to_json(&self) -> String {
+        let length: usize = self
+            .0
+            .iter()
+            .map(|member| member.key.get().len() + member.value.get().len() + 2)
+            .sum();
+        let mut text = String::with_capacity(length + 2);
+        text.push('{');
+        for (index, member) in self.0.iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            text.push_str(member.key.get());
+            text.push(':');
+            text.push_str(member.value.get());
+        }
+        text.push('}');
+        text
+    }
+}
+
+impl Member {
+    fn new(key: &str, value: RawJson) -> Self {
+        Self {
+            name: key.to_owned(),
+            key: to_raw(key),
+            value,
+        }
     }
 }
 
 impl Serialize for OrderedRawMap {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_map(self.0.iter().map(|(name, value)| (name, value)))
+        // Written as raw JSON so that every key keeps its exact text (see the type's docs).
+        self.to_raw().serialize(serializer)
     }
 }
 
@@ -187,13 +238,45 @@ impl<'de> Deserialize<'de> for OrderedRawMap {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
                 let mut members = Vec::with_capacity(map.size_hint().unwrap_or(4));
-                while let Some(member) = map.next_entry::<String, RawJson>()? {
-                    members.push(member);
+                while let Some((key, value)) = map.next_entry::<RawJson, RawJson>()? {
+                    let name = key_name(&key).into_owned();
+                    members.push(Member { name, key, value });
                 }
                 Ok(OrderedRawMap(members))
             }
         }
         deserializer.deserialize_map(MembersVisitor)
+    }
+}
+
+/// The text of an object key, given as its raw JSON (quotes included), for comparing with the
+/// names the host looks for. A lone surrogate escape, which JSON allows but UTF-8 cannot hold,
+/// becomes U+FFFD; no name the host looks for contains one, so nothing is mistaken for it.
+fn key_name(raw: &RawValue) -> Cow<'_, str> {
+    /// Takes a string's unescaped bytes (WTF-8 where an escape is a lone surrogate).
+    struct Lossy;
+    impl Visitor<'_> for Lossy {
+        type Value = String;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a JSON string")
+        }
+        fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<String, E> {
+            Ok(String::from_utf8_lossy(bytes).into_owned())
+        }
+    }
+    let text = raw.get();
+    let inner = text
+        .strip_prefix('"')
+        .and_then(|rest| rest.strip_suffix('"'))
+        .unwrap_or(text);
+    if !inner.contains('\\') {
+        return Cow::Borrowed(inner);
+    }
+    // `deserialize_bytes` unescapes without requiring the result to be UTF-8.
+    let mut deserializer = serde_json::Deserializer::from_str(text);
+    match deserializer.deserialize_bytes(Lossy) {
+        Ok(name) => Cow::Owned(name),
+        Err(_) => Cow::Borrowed(inner),
     }
 }
 
@@ -253,7 +336,7 @@ impl JobResult {
         match &self.outcome {
             Outcome::Failed { .. } => true,
             Outcome::Streamed => false,
-            Outcome::Output(output) => output_error(output).is_some(),
+            Outcome::Output(output) => !matches!(output_error(output), Ok(None)),
         }
     }
 }
@@ -301,14 +384,16 @@ pub fn job_done_body(
     let mut body = OrderedRawMap::default();
     let mut stop_pod = result.recycle || force_stop_pod;
     match &result.outcome {
-        Outcome::Output(output) => {
-            let (members, refresh) = map_output(output);
-            stop_pod |= refresh;
-            body = members;
-        }
+        Outcome::Output(output) => match map_output(output) {
+            Ok((members, refresh)) => {
+                stop_pod |= refresh;
+                body = members;
+            }
+            Err(failure) => body.push("error", error_payload(&failure, origin)),
+        },
         Outcome::Streamed => {
             let chunks: &[RawJson] = aggregate.unwrap_or(&[]);
-            body.0.push(("output".into(), to_raw(&chunks)));
+            body.push("output", to_raw(&chunks));
         }
         Outcome::Failed {
             failure,
@@ -318,28 +403,31 @@ pub fn job_done_body(
                 "handler: {} \ntraceback: {}: {}",
                 failure.message, failure.error_type, failure.message
             );
-            body.0.push(("error".into(), to_raw(&text)));
+            body.push("error", to_raw(&text));
         }
         Outcome::Failed {
             failure,
             streaming: false,
-        } => {
-            let payload = ErrorPayload {
-                error_type: &failure.error_type,
-                error_message: &failure.message,
-                error_traceback: "",
-                hostname: &origin.hostname,
-                worker_id: &origin.worker_id,
-                runpod_version: RUNPOD_PROTOCOL_VERSION,
-            };
-            let text = serde_json::to_string(&payload).expect("strings always serialize");
-            body.0.push(("error".into(), to_raw(&text)));
-        }
+        } => body.push("error", error_payload(failure, origin)),
     }
     if stop_pod {
-        body.0.push(("stopPod".into(), to_raw(&true)));
+        body.push("stopPod", to_raw(&true));
     }
-    serde_json::to_string(&body).expect("raw JSON members always serialize")
+    body.to_json()
+}
+
+/// The `error` member of a failed non-streaming job: the SDK's payload, as a JSON string.
+fn error_payload(failure: &Failure, origin: &Origin) -> RawJson {
+    let payload = ErrorPayload {
+        error_type: &failure.error_type,
+        error_message: &failure.message,
+        error_traceback: "",
+        hostname: &origin.hostname,
+        worker_id: &origin.worker_id,
+        runpod_version: RUNPOD_PROTOCOL_VERSION,
+    };
+    let text = serde_json::to_string(&payload).expect("strings always serialize");
+    to_raw(&text)
 }
 
 /// The body of a stream chunk POST: `{"output": chunk}`.
@@ -370,61 +458,103 @@ fn to_raw<T: Serialize + ?Sized>(value: &T) -> RawJson {
 
 /// The keys of an output object the SDK gives meaning to. `Some` whenever the key is present,
 /// even with a `null` value: the SDK removes the key from the output in either case.
-#[derive(Deserialize)]
+#[derive(Default)]
 struct SpecialKeys<'a> {
-    #[serde(borrow, default, deserialize_with = "present")]
     error: Option<&'a RawValue>,
-    #[serde(borrow, default, deserialize_with = "present")]
     refresh_worker: Option<&'a RawValue>,
 }
 
-/// Deserializes a present key's value as it is, `null` included (a plain `Option` would read a
-/// `null` as an absent key).
-fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
-    <&RawValue>::deserialize(deserializer).map(Some)
-}
-
-/// The output's truthy `error` value, if it is an object that has one (the SDK's way for a handler
-/// to fail a job by returning `{"error": ...}`).
-fn output_error(output: &RawValue) -> Option<&RawValue> {
-    let special = special_keys(output)?;
-    special.error.filter(|value| is_truthy(value))
-}
-
-fn special_keys(output: &RawValue) -> Option<SpecialKeys<'_>> {
-    if !output.get().trim_start().starts_with('{') {
-        return None;
+/// Reads only the special keys' values, without copying or checking the rest. Keys are matched
+/// by their decoded text and may hold lone surrogates (see [`key_name`]); a repeated key counts
+/// with its last value, as in the Python dict the SDK reads the output into.
+impl<'de> Deserialize<'de> for SpecialKeys<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct SpecialVisitor;
+        impl<'de> Visitor<'de> for SpecialVisitor {
+            type Value = SpecialKeys<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut special = SpecialKeys::default();
+                while let Some(key) = map.next_key::<&'de RawValue>()? {
+                    match &*key_name(key) {
+                        "error" => special.error = Some(map.next_value()?),
+                        "refresh_worker" => special.refresh_worker = Some(map.next_value()?),
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                    }
+                }
+                Ok(special)
+            }
+        }
+        deserializer.deserialize_map(SpecialVisitor)
     }
-    serde_json::from_str::<SpecialKeys<'_>>(output.get()).ok()
+}
+
+/// The special keys of an output that is an object; `Ok(None)` for any other output.
+///
+/// Every output the host holds is valid JSON, and this reading accepts all of it, lone surrogate
+/// escapes included, as the SDK's `json` does. Should it still fail, the caller fails the job
+/// (see [`unreadable_output`]) rather than let an `error` key it could not see pass as success.
+fn special_keys(output: &RawValue) -> Result<Option<SpecialKeys<'_>>, Failure> {
+    if !output.get().trim_start().starts_with('{') {
+        return Ok(None);
+    }
+    serde_json::from_str::<SpecialKeys<'_>>(output.get())
+        .map(Some)
+        .map_err(|error| unreadable_output(&error.to_string()))
+}
+
+/// The failure for an output object whose keys cannot be read. A handler that returns an object
+/// may be failing the job with `{"error": ...}`; if the host cannot tell, reporting success could
+/// hide a failure from the caller (and from retries), so the job fails, saying why.
+fn unreadable_output(reason: &str) -> Failure {
+    Failure::new(
+        "InvalidOutput",
+        format!(
+            "the handler's output object cannot be read, so whether it fails the job with an \
+             `error` key is unknown: {reason}"
+        ),
+    )
+}
+
+/// The output's truthy `error` value, if it is an object that has one (the SDK's way for a
+/// handler to fail a job by returning `{"error": ...}`); `Err` if the object cannot be read.
+fn output_error(output: &RawValue) -> Result<Option<&RawValue>, Failure> {
+    Ok(special_keys(output)?.and_then(|special| special.error.filter(|value| is_truthy(value))))
 }
 
 /// Maps a handler's output to body members as the SDK does (§6.1): `{"output": R}`, except that
 /// an object's truthy `error` fails the job, `refresh_worker` becomes `stopPod`, and `{}` becomes
-/// an empty body. Returns the members and whether `stopPod` was asked for.
-fn map_output(output: &RawJson) -> (OrderedRawMap, bool) {
+/// an empty body. Returns the members and whether `stopPod` was asked for, or the failure of an
+/// output object that cannot be read.
+fn map_output(output: &RawJson) -> Result<(OrderedRawMap, bool), Failure> {
     let mut body = OrderedRawMap::default();
-    let Some(special) = special_keys(output) else {
-        body.0.push(("output".into(), output.clone()));
-        return (body, false);
+    let Some(special) = special_keys(output)? else {
+        body.push("output", output.clone());
+        return Ok((body, false));
     };
     if special.error.is_none() && special.refresh_worker.is_none() {
         if output.get().trim() != "{}" {
-            body.0.push(("output".into(), output.clone()));
+            body.push("output", output.clone());
         }
-        return (body, false);
+        return Ok((body, false));
     }
-    let mut members = OrderedRawMap::parse(output.get()).expect("already parsed as an object");
-    let error = members.remove("error").filter(|value| is_truthy(value));
-    let refresh = members
-        .remove("refresh_worker")
-        .is_some_and(|value| is_truthy(&value));
+    let mut members = OrderedRawMap::parse(output.get())
+        .map_err(|error| unreadable_output(&error.to_string()))?;
+    members.remove("error");
+    members.remove("refresh_worker");
+    let error = special.error.filter(|value| is_truthy(value));
+    let refresh = special.refresh_worker.is_some_and(is_truthy);
     if !members.is_empty() {
-        body.0.push(("output".into(), members.to_raw()));
+        body.push("output", members.to_raw());
     }
     if let Some(error) = error {
-        body.0.push(("error".into(), error));
+        body.push("error", error.to_owned());
     }
-    (body, refresh)
+    Ok((body, refresh))
 }
 
 /// Python's truthiness of a JSON value: false for `null`, `false`, `0`, `""`, `[]` and `{}`.
@@ -526,5 +656,82 @@ mod tests {
             Job::parse(&raw("[1]"), None, InputRule::Present).unwrap_err(),
             JobError::NotAnObject
         );
+    }
+
+    /// An output object with a lone surrogate escape in a key ("\ud800", which Python's `json`
+    /// reads and writes) still fails the job through its `error` key, as in the SDK; the other
+    /// members stay in `output` with their keys exactly as written.
+    #[test]
+    fn error_key_next_to_a_lone_surrogate_key_fails_the_job() {
+        let cases = [
+            (
+                r#"{"\ud800":1,"error":"bad"}"#,
+                r#"{"output":{"\ud800":1},"error":"bad"}"#,
+            ),
+            (
+                r#"{"error":"bad","k\udc00\n":[1]}"#,
+                r#"{"output":{"k\udc00\n":[1]},"error":"bad"}"#,
+            ),
+            (
+                r#"{"\ud800":1,"refresh_worker":true}"#,
+                r#"{"output":{"\ud800":1},"stopPod":true}"#,
+            ),
+            (r#"{"\ud800":1}"#, r#"{"output":{"\ud800":1}}"#),
+            (r#"{"err\u006fr":"bad"}"#, r#"{"error":"bad"}"#),
+        ];
+        for (output, body) in cases {
+            let result = JobResult {
+                outcome: Outcome::Output(raw(output)),
+                recycle: false,
+            };
+            assert_eq!(
+                result.is_failure(),
+                body.contains(r#""error""#),
+                "output {output}"
+            );
+            assert_eq!(
+                done(Outcome::Output(raw(output)), false),
+                body,
+                "output {output}"
+            );
+        }
+    }
+
+    /// A repeated `error` key counts with its last value, as in the dict the SDK reads the
+    /// output into; it is not a reason to miss the failure.
+    #[test]
+    fn repeated_error_key_fails_the_job_with_the_last_value() {
+        let output = raw(r#"{"error":"","x":1,"error":"second"}"#);
+        let result = JobResult {
+            outcome: Outcome::Output(output.clone()),
+            recycle: false,
+        };
+        assert!(result.is_failure());
+        assert_eq!(
+            done(Outcome::Output(output), false),
+            r#"{"output":{"x":1},"error":"second"}"#
+        );
+    }
+
+    /// An object whose keys hold escapes, lone surrogates included, parses; members are found by
+    /// their decoded name and written back byte for byte.
+    #[test]
+    fn ordered_map_keeps_keys_as_written() {
+        let text = r#"{"\ud800":1,"caf\u00e9":2,"\u0069d":"j","input":{"\udbff":0}}"#;
+        let mut members = OrderedRawMap::parse(text).unwrap();
+        assert_eq!(members.to_raw().get(), text);
+        assert_eq!(members.get("café").map(RawValue::get), Some("2"));
+        assert_eq!(members.get("id").map(RawValue::get), Some(r#""j""#));
+        assert_eq!(
+            members.with_first("x", "y").get(),
+            r#"{"x":"y","\ud800":1,"caf\u00e9":2,"\u0069d":"j","input":{"\udbff":0}}"#
+        );
+        assert!(members.remove("id").is_some());
+        assert_eq!(
+            serde_json::to_string(&members).unwrap(),
+            r#"{"\ud800":1,"caf\u00e9":2,"input":{"\udbff":0}}"#
+        );
+        let job = Job::parse(&raw(text), None, InputRule::NotNull).unwrap();
+        assert_eq!((job.id(), job.input().get()), ("j", r#"{"\udbff":0}"#));
     }
 }

@@ -5,6 +5,7 @@
 //! - `error`: fail with `{"type", "message"}` from the input;
 //! - `error_key`: return `{"error": message}` as output (the Python SDK's way to fail a job);
 //! - `panic`: panic with `message`;
+//! - `panic_bomb`: panic with a payload whose `Drop` panics too;
 //! - `sleep`: sleep `ms` milliseconds in 10 ms steps, failing early if the job is cancelled
 //!   (unless `ignore_cancel` is true); logs "slept" at INFO when it returns;
 //! - `crash`: raise SIGSEGV, killing the process;
@@ -68,6 +69,7 @@ impl Handler for Faulty {
                 &serde_json::json!({ "error": fault.message }),
             )?),
             "panic" => panic!("{}", fault.message),
+            "panic_bomb" => std::panic::panic_any(PanicBomb),
             "sleep" => {
                 let deadline = Instant::now() + Duration::from_millis(fault.ms);
                 while Instant::now() < deadline {
@@ -88,6 +90,15 @@ impl Handler for Faulty {
             "big" => Ok(serde_json::value::to_raw_value(&"x".repeat(fault.bytes))?),
             _ => Ok(input),
         }
+    }
+}
+
+/// A panic payload that panics again when it is dropped, after the panic was caught.
+struct PanicBomb;
+
+impl Drop for PanicBomb {
+    fn drop(&mut self) {
+        panic!("the panic payload's drop panicked");
     }
 }
 
