@@ -759,6 +759,34 @@ fn health_counts_jobs_and_the_busy_worker() {
     );
 }
 
+/// A handler that ignores cancellation keeps its slot after its job is cancelled: `/health`
+/// shows the worker running (with no job in progress) until the handler returns, then idle, and
+/// the worker takes jobs again.
+#[test]
+fn health_shows_the_worker_running_while_a_cancelled_handler_still_runs() {
+    let api = Api::start(Sample::Faulty, &["--concurrency", "1"]);
+    let id = api.run(json!({"mode": "sleep", "ms": 6000, "ignore_cancel": true}));
+    api.wait_for(&id, "IN_PROGRESS");
+    api.ok(&api.post(&format!("/cancel/{id}"), ""));
+    // The handler sleeps on for seconds after the cancel; look for the first of them.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let health = api.health();
+        assert_eq!(health["jobs"]["inProgress"], 0, "{health}");
+        assert_eq!(
+            health["workers"],
+            json!({"idle": 0, "running": 1}),
+            "the cancelled handler still runs: {health}\n--- host stderr ---\n{}",
+            api.host.stderr()
+        );
+        std::thread::sleep(POLL);
+    }
+    let health = api.wait_for_health("an idle worker", |h| h["workers"]["idle"] == 1);
+    assert_eq!(health["workers"]["running"], 0, "{health}");
+    assert_eq!(api.ok(&api.status(&id))["status"], "CANCELLED");
+    assert_eq!(api.runsync(json!({"mode": "echo"}))["status"], "COMPLETED");
+}
+
 /// `/purge-queue` forgets the queued jobs only: it answers how many, their ids are unknown
 /// afterwards, and the running job still finishes.
 #[test]
@@ -823,6 +851,24 @@ fn unknown_jobs_routes_and_methods_are_json_errors() {
         api.post("/health", ""),
     ] {
         api.error(&reply, 405);
+    }
+}
+
+/// A path axum cannot decode (a job or endpoint id that is not UTF-8 once percent-decoded) is a
+/// JSON 400 like every other error, not axum's plain-text rejection.
+#[test]
+fn undecodable_paths_are_json_errors() {
+    let api = Api::start(Sample::Echo, &[]);
+    for reply in [
+        api.get("/status/%ff"),
+        api.post("/v2/ep/status/%ff", ""),
+        api.get("/stream/%ff"),
+        api.post("/cancel/%ff", ""),
+        api.post("/retry/%ff", ""),
+        api.get("/v2/%ff/status/x"),
+    ] {
+        let message = api.error(&reply, 400);
+        assert!(message.contains("path"), "{message}");
     }
 }
 
@@ -1103,6 +1149,11 @@ struct Hook {
 
 impl Hook {
     fn start(answer: u16) -> Self {
+        Self::start_slow(answer, Duration::ZERO)
+    }
+
+    /// A receiver that takes `delay` to answer each request.
+    fn start_slow(answer: u16, delay: Duration) -> Self {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -1117,6 +1168,7 @@ impl Hook {
             move |uri: axum::http::Uri, headers: axum::http::HeaderMap, body: String| {
                 let recorded = recorded.clone();
                 async move {
+                    tokio::time::sleep(delay).await;
                     let content_type = headers
                         .get(CONTENT_TYPE.as_str())
                         .and_then(|v| v.to_str().ok())
@@ -1144,6 +1196,20 @@ impl Hook {
 
     fn calls(&self) -> Vec<(String, String, String)> {
         self.calls.lock().unwrap().clone()
+    }
+
+    /// The job ids of the status objects received, sorted.
+    fn job_ids(&self) -> Vec<String> {
+        let mut ids: Vec<String> = self
+            .calls()
+            .iter()
+            .map(|(_, _, body)| {
+                let posted: Value = serde_json::from_str(body).expect("the webhook body is JSON");
+                posted["id"].as_str().expect("an id").to_owned()
+            })
+            .collect();
+        ids.sort();
+        ids
     }
 
     /// Waits until at least `count` requests arrived; returns them all.
@@ -1220,15 +1286,107 @@ fn failing_webhook_gets_three_attempts() {
     );
 }
 
+/// A webhook receiver that accepts connections but never answers: a listener that never
+/// accepts, so connections wait in its backlog and no request is ever answered.
+fn dead_receiver() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("a loopback port");
+    let url = format!("http://{}/hook", listener.local_addr().unwrap());
+    (listener, url)
+}
+
+/// More jobs whose webhook never answers than there are webhook slots in all (64): submitted
+/// and finished, so their calls are queued or under way. Returns their ids.
+fn jobs_with_a_dead_webhook(api: &Api, url: &str) -> Vec<String> {
+    let ids: Vec<String> = (0..70)
+        .map(|n| api.submit(&json!({"input": {"n": n}, "webhook": url})))
+        .collect();
+    for id in &ids {
+        api.wait_for(id, "COMPLETED");
+    }
+    ids
+}
+
+/// A receiver that never answers slows only the calls to itself: behind more calls to it than
+/// there are webhook slots, another job's webhook still arrives promptly (not after the dead
+/// receiver's 10 s attempts).
+#[test]
+fn a_webhook_receiver_that_never_answers_does_not_hold_up_others() {
+    let (_dead, dead_url) = dead_receiver();
+    let hook = Hook::start(200);
+    let api = Api::start(Sample::Echo, &[]);
+    jobs_with_a_dead_webhook(&api, &dead_url);
+
+    let id = api.submit(&json!({"input": {"to": "healthy"}, "webhook": hook.url}));
+    api.wait_for(&id, "COMPLETED");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while hook.calls().is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "the healthy webhook did not arrive within 5 s\n--- host stderr ---\n{}",
+            api.host.stderr()
+        );
+        std::thread::sleep(POLL);
+    }
+    assert_eq!(hook.job_ids(), [id]);
+}
+
+/// SIGTERM right after a `/runsync` whose webhook receiver is healthy but slow: the webhooks of
+/// finished jobs still queued then (more than one receiver may get at once, behind calls to a
+/// receiver that never answers) are all delivered within the 5 s the host gives them at
+/// shutdown; the calls still stuck then are abandoned, each logged by job id; the host exits 0.
+#[test]
+fn webhooks_still_queued_at_shutdown_are_delivered() {
+    let (_dead, dead_url) = dead_receiver();
+    let hook = Hook::start_slow(200, Duration::from_millis(500));
+    let mut api = Api::start(Sample::Echo, &[]);
+    let stuck = jobs_with_a_dead_webhook(&api, &dead_url);
+
+    let mut ids: Vec<String> = (0..19)
+        .map(|n| api.submit(&json!({"input": {"slow": n}, "webhook": hook.url})))
+        .collect();
+    let reply = api.post_json(
+        "/runsync",
+        &json!({"input": {"last": 1}, "webhook": hook.url}),
+    );
+    let last = api.ok(&reply);
+    assert_eq!(last["status"], "COMPLETED", "{}", api.show(&reply));
+    ids.push(last["id"].as_str().expect("an id").to_owned());
+    api.host.terminate();
+    assert_eq!(
+        api.host.wait(WAIT),
+        Some(0),
+        "stderr:\n{}",
+        api.host.stderr()
+    );
+
+    ids.sort();
+    assert_eq!(
+        hook.job_ids(),
+        ids,
+        "every queued webhook was delivered\n--- host stderr ---\n{}",
+        api.host.stderr()
+    );
+    let stderr = api.host.stderr();
+    let abandoned: Vec<&str> = stderr.lines().filter(|l| l.contains("abandoned")).collect();
+    for id in &stuck {
+        assert!(
+            abandoned.iter().any(|line| line.contains(id.as_str())),
+            "no abandoned webhook logged for {id}; stderr:\n{stderr}"
+        );
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Process
 // ---------------------------------------------------------------------------------------------
 
-/// While the worker drains after SIGTERM, new jobs are refused with 503 and a JSON reason, and
-/// the running job stays readable; the host exits 0 once it is done.
+/// While the worker drains after SIGTERM, new jobs and retries are refused with 503 and a JSON
+/// reason, and the running job stays readable; the host exits 0 once it is done.
 #[test]
 fn during_the_drain_new_jobs_are_refused_and_running_ones_stay_readable() {
     let mut api = Api::start(Sample::Faulty, &["--shutdown-grace-secs", "20"]);
+    let failed = api.runsync(json!({"mode": "error", "message": "retry me"}));
+    let failed = failed["id"].as_str().expect("an id").to_owned();
     let id = api.run(json!({"mode": "sleep", "ms": 3000}));
     api.wait_for(&id, "IN_PROGRESS");
     api.host.terminate();
@@ -1248,6 +1406,10 @@ fn during_the_drain_new_jobs_are_refused_and_running_ones_stay_readable() {
         "{}",
         api.show(&refused)
     );
+    // A retry is a new run of the job: refused the same way, and the job stays FAILED.
+    let message = api.error(&api.post(&format!("/retry/{failed}"), ""), 503);
+    assert!(message.contains("shutting down"), "{message}");
+    assert_eq!(api.ok(&api.status(&failed))["status"], "FAILED");
     let status = api.get(&format!("/status/{id}"));
     assert_eq!(
         api.ok(&status)["status"],

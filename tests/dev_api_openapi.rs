@@ -37,27 +37,35 @@ const ROUTES: &[(&str, &str, &[u16])] = &[
         "/v2/{endpoint_id}/runsync",
         &[200, 400, 401, 413, 503],
     ),
-    ("get", "/v2/{endpoint_id}/status/{job_id}", &[200, 401, 404]),
+    (
+        "get",
+        "/v2/{endpoint_id}/status/{job_id}",
+        &[200, 400, 401, 404],
+    ),
     (
         "post",
         "/v2/{endpoint_id}/status/{job_id}",
-        &[200, 401, 404],
+        &[200, 400, 401, 404],
     ),
-    ("get", "/v2/{endpoint_id}/stream/{job_id}", &[200, 401, 404]),
+    (
+        "get",
+        "/v2/{endpoint_id}/stream/{job_id}",
+        &[200, 400, 401, 404],
+    ),
     (
         "post",
         "/v2/{endpoint_id}/stream/{job_id}",
-        &[200, 401, 404],
+        &[200, 400, 401, 404],
     ),
     (
         "post",
         "/v2/{endpoint_id}/cancel/{job_id}",
-        &[200, 401, 404],
+        &[200, 400, 401, 404],
     ),
     (
         "post",
         "/v2/{endpoint_id}/retry/{job_id}",
-        &[200, 400, 401, 404],
+        &[200, 400, 401, 404, 503],
     ),
     ("get", "/v2/{endpoint_id}/health", &[200, 401]),
     ("post", "/v2/{endpoint_id}/purge-queue", &[200, 401]),
@@ -847,6 +855,22 @@ fn unknown_jobs_answer_404_as_documented() {
                 "{}",
                 answer.request
             );
+        }
+    }
+}
+
+/// A job id that is not UTF-8 once percent-decoded (`%ff`) is answered 400 with the documented
+/// error body by every route that names a job.
+#[test]
+fn undecodable_job_ids_answer_400_as_documented() {
+    let doc = document();
+    let api = DevApi::start(Sample::Echo, &[]);
+    let client = client();
+    for operation in operations(&doc).iter().filter(|o| o.takes_job()) {
+        for path in operation.request_paths("%ff") {
+            let answer = call(&client, &operation.method, &api.url(&path), None, None);
+            assert_eq!(answer.status, 400, "{}: {}", answer.request, answer.body);
+            check(&doc, operation, &answer);
         }
     }
 }

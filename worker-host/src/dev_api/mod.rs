@@ -11,10 +11,11 @@
 //! So jobs run on the production code path, with the same concurrency, limits and error shapes;
 //! the loopback hop costs tens of microseconds. [`webhook`] sends final statuses to webhooks.
 //!
-//! Shutdown (SIGTERM or Ctrl-C): new jobs are refused (503) while the worker drains as in
-//! production (running jobs get the grace period) and results stay readable; then waiting
-//! requests answer with the current status, webhooks under way get a few seconds, and the
-//! servers stop. Queued jobs that never started are dropped with the process.
+//! Shutdown (SIGTERM or Ctrl-C): new jobs (and retries) are refused (503) while the worker drains
+//! as in production (running jobs get the grace period) and results stay readable; then waiting
+//! requests answer with the current status, the servers stop, and the webhooks of finished jobs,
+//! those under way and those still queued, get a few seconds (what is left then is abandoned
+//! and logged by job id). Queued jobs that never started are dropped with the process.
 
 pub mod public;
 pub mod store;
@@ -33,7 +34,7 @@ use tokio_util::sync::CancellationToken;
 
 /// How long open requests may take to answer once the worker has drained at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
-/// How long webhook deliveries under way may go on at shutdown.
+/// How long webhook deliveries (under way or queued) may go on at shutdown.
 const WEBHOOK_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 /// How the dev API runs.
@@ -104,12 +105,12 @@ pub async fn serve(
         .map_err(DevApiError::Loopback)?;
     let loopback_address = loopback.local_addr().map_err(DevApiError::Loopback)?;
 
-    let (webhook_sender, webhook_receiver) = tokio::sync::mpsc::unbounded_channel();
-    let store = Arc::new(Store::new(
-        config.limits.clone(),
-        config.worker_id.clone(),
-        webhook_sender,
-    ));
+    let (webhook_sender, webhooks) = webhook::channel(config.webhook_retry);
+    let limits = StoreLimits {
+        worker_slots: worker.concurrency.max(1),
+        ..config.limits.clone()
+    };
+    let store = Arc::new(Store::new(limits, config.worker_id.clone(), webhook_sender));
     let key = format!("{:032x}", rand::random::<u128>());
     let client = PlatformClient::new(
         &worker_facing::worker_urls(
@@ -123,9 +124,12 @@ pub async fn serve(
 
     let sweeper_store = store.clone();
     let sweeper = tokio::spawn(async move { sweeper_store.sweep_forever().await });
-    let webhooks = webhook::Webhooks::new(webhook_receiver, config.webhook_retry);
-    let deliveries = webhooks.deliveries();
-    let webhooks = tokio::spawn(webhooks.run());
+    let webhooks_stop = CancellationToken::new();
+    let webhooks_stopped = webhooks_stop.clone();
+    let webhooks = tokio::spawn(webhooks.run(
+        async move { webhooks_stopped.cancelled().await },
+        WEBHOOK_SHUTDOWN_GRACE,
+    ));
 
     let worker_done = CancellationToken::new();
     let facing = worker_facing::router(Arc::new(worker_facing::WorkerFacing {
@@ -176,15 +180,16 @@ pub async fn serve(
     }
     worker_done.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, facing_server).await;
-    deliveries.close();
-    if tokio::time::timeout(WEBHOOK_SHUTDOWN_GRACE, deliveries.wait())
+    // Jobs no longer end (a straggling request's webhook would be dropped, and logged): the
+    // calls queued are delivered, or abandoned and logged, within the grace.
+    sweeper.abort();
+    webhooks_stop.cancel();
+    if tokio::time::timeout(WEBHOOK_SHUTDOWN_GRACE + SHUTDOWN_GRACE, webhooks)
         .await
         .is_err()
     {
         tracing::warn!("Webhook deliveries still under way at exit are abandoned.");
     }
-    sweeper.abort();
-    webhooks.abort();
     Ok(handlers_returned)
 }
 

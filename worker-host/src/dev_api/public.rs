@@ -3,8 +3,8 @@
 //! it, under `/v2/{endpoint_id}/...` for any endpoint id and without the prefix.
 //!
 //! This module owns the HTTP side only: request limits, validation of job requests (every
-//! rejection is a JSON `{"error": ...}` that says what is wrong), the optional API key, and the
-//! answers' shapes. The jobs themselves live in [`super::store`].
+//! rejection is a JSON `{"error": ...}` that says what is wrong, axum's own rejections included),
+//! the optional API key, and the answers' shapes. The jobs themselves live in [`super::store`].
 
 use super::json_answer as json;
 use super::store::{
@@ -14,7 +14,8 @@ use super::store::{
 use crate::job::{JobError, OrderedRawMap};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, Request, State};
+use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::Response;
@@ -79,7 +80,38 @@ pub fn router(api: Arc<PublicApi>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(api.clone(), require_key))
+        .layer(middleware::map_response(json_errors))
         .with_state(api)
+}
+
+/// The largest error text [`json_errors`] reads from an answer it rewrites.
+const MAX_ERROR_TEXT_BYTES: usize = 16 * 1024;
+
+/// Every error answer is JSON: one that is not yet (a rejection axum writes itself as plain text)
+/// becomes `{"error": <its text>}` with the same status.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return response;
+    }
+    let text = axum::body::to_bytes(response.into_body(), MAX_ERROR_TEXT_BYTES)
+        .await
+        .map(|body| String::from_utf8_lossy(&body).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status
+            .canonical_reason()
+            .unwrap_or("the request failed")
+            .to_lowercase()
+    } else {
+        text
+    };
+    error(status, message)
 }
 
 /// `{"id": id, "status": status}`, the answer of `/run`, `/cancel` and `/retry`.
@@ -154,7 +186,24 @@ struct JobPath {
     job_id: String,
 }
 
-/// The answer to a new job while the worker shuts down.
+/// The `{job_id}` of a route; a path axum cannot decode (`/status/%ff`: not UTF-8) is a JSON 400.
+struct JobId(String);
+
+impl<S: Send + Sync> FromRequestParts<S> for JobId {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Response> {
+        match Path::<JobPath>::from_request_parts(parts, state).await {
+            Ok(Path(path)) => Ok(Self(path.job_id)),
+            Err(rejection) => Err(error(
+                rejection.status(),
+                format!("the request path cannot be read: {}", rejection.body_text()),
+            )),
+        }
+    }
+}
+
+/// The answer to a new job or a retry while the worker shuts down.
 fn shutting_down() -> Response {
     error(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -215,30 +264,34 @@ fn runsync_wait(query: Option<&str>) -> Result<Duration, String> {
     Ok(Duration::from_millis(millis.clamp(low, high)))
 }
 
-async fn status(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> Response {
-    match api.store.status(&path.job_id) {
+async fn status(State(api): State<Arc<PublicApi>>, JobId(id): JobId) -> Response {
+    match api.store.status(&id) {
         Some(status) => json(StatusCode::OK, status),
         None => error(StatusCode::NOT_FOUND, UNKNOWN_JOB),
     }
 }
 
-async fn stream(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> Response {
-    match api.store.read_stream(&path.job_id, STREAM_WAIT).await {
+async fn stream(State(api): State<Arc<PublicApi>>, JobId(id): JobId) -> Response {
+    match api.store.read_stream(&id, STREAM_WAIT).await {
         Some(answer) => json(StatusCode::OK, answer),
         None => error(StatusCode::NOT_FOUND, UNKNOWN_JOB),
     }
 }
 
-async fn cancel(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> Response {
-    match api.store.cancel(&path.job_id) {
-        Some(status) => id_and_status(&path.job_id, status),
+async fn cancel(State(api): State<Arc<PublicApi>>, JobId(id): JobId) -> Response {
+    match api.store.cancel(&id) {
+        Some(status) => id_and_status(&id, status),
         None => error(StatusCode::NOT_FOUND, UNKNOWN_JOB),
     }
 }
 
-async fn retry(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> Response {
-    match api.store.retry(&path.job_id) {
-        Some(RetryOutcome::Requeued) => id_and_status(&path.job_id, Status::InQueue),
+async fn retry(State(api): State<Arc<PublicApi>>, JobId(id): JobId) -> Response {
+    // A retry is a new run of the job: refused while shutting down, as new jobs are.
+    if api.draining.is_cancelled() {
+        return shutting_down();
+    }
+    match api.store.retry(&id) {
+        Some(RetryOutcome::Requeued) => id_and_status(&id, Status::InQueue),
         Some(RetryOutcome::NotRetryable(status)) => error(
             StatusCode::BAD_REQUEST,
             format!(
@@ -252,7 +305,8 @@ async fn retry(State(api): State<Arc<PublicApi>>, Path(path): Path<JobPath>) -> 
 
 async fn health(State(api): State<Arc<PublicApi>>) -> Response {
     let counts = api.store.counts();
-    let running = u64::from(counts.in_progress > 0);
+    // Not `inProgress > 0`: a handler told to stop may still hold the worker's slot.
+    let running = u64::from(api.store.worker_running());
     json(
         StatusCode::OK,
         serde_json::json!({
