@@ -4,13 +4,11 @@
 //! production). In each case the host survives and the handler gets the status the header
 //! documents.
 
+use e2e::dev_api::DevApi;
 use e2e::{fixture, worker_host, Run};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 /// WH_STATUS_INVALID_ARGUMENT
@@ -20,75 +18,32 @@ const INVALID_STATE: i32 = 3;
 /// WH_STATUS_TOO_LARGE
 const TOO_LARGE: i32 = 4;
 
-/// How long the host may take to start listening, or to answer a job.
+/// How long a job may take to answer.
 const WAIT: Duration = Duration::from_secs(60);
 
-/// The line the host logs once the dev API listens, followed by its base URL.
-const LISTENING: &str = "Local dev API listening on ";
-
-/// `worker-host --rp_serve_api` on a fixture library, on a free loopback port. Dropping it kills
-/// the process.
-struct DevApi {
-    child: Child,
-    base_url: String,
-    stderr: Arc<Mutex<String>>,
+/// The dev API on a fixture library, with a client that waits as long as a job may take.
+struct Host {
+    api: DevApi,
     http: Client,
 }
 
-impl DevApi {
+impl Host {
     /// Starts the dev API on the handler at `library` and waits until it listens.
     fn start(library: &Path) -> Self {
-        let mut child = worker_host()
-            .arg("--handler")
-            .arg(library)
-            .args(["--rp_serve_api", "--rp_api_port", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("worker-host could not be started");
-        let pipe = child.stderr.take().expect("stderr is piped");
-        let stderr = Arc::new(Mutex::new(String::new()));
-        let (listening, url) = mpsc::channel();
-        let log = stderr.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(pipe).lines() {
-                let Ok(line) = line else { break };
-                if let Some((_, rest)) = line.split_once(LISTENING) {
-                    let base_url = rest.split_whitespace().next().unwrap_or_default();
-                    let _ = listening.send(base_url.to_owned());
-                }
-                let mut log = log.lock().unwrap_or_else(|e| e.into_inner());
-                log.push_str(&line);
-                log.push('\n');
-            }
-        });
-        let base_url = url.recv_timeout(WAIT).unwrap_or_else(|_| {
-            let _ = child.kill();
-            panic!(
-                "worker-host did not listen; stderr:\n{}",
-                stderr.lock().unwrap_or_else(|e| e.into_inner())
-            )
-        });
-        let http = Client::builder().timeout(WAIT).build().unwrap();
         Self {
-            child,
-            base_url,
-            stderr,
-            http,
+            api: DevApi::start_library(library, &[], &[]),
+            http: Client::builder().timeout(WAIT).build().unwrap(),
         }
     }
 
     /// Everything the host wrote to stderr so far.
     fn stderr(&self) -> String {
-        self.stderr
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.api.stderr()
     }
 
     /// Panics, with the host's stderr, if the process has ended.
     fn assert_alive(&mut self) {
-        if let Some(status) = self.child.try_wait().unwrap() {
+        if let Some(status) = self.api.exit_status() {
             // Let the stderr reader catch up with the last lines.
             std::thread::sleep(Duration::from_millis(200));
             panic!("worker-host died ({status}); stderr:\n{}", self.stderr());
@@ -99,7 +54,7 @@ impl DevApi {
     fn runsync(&mut self, input: Value) -> Value {
         let reply = self
             .http
-            .post(format!("{}/runsync", self.base_url))
+            .post(self.api.url("/runsync"))
             .json(&json!({ "input": input }))
             .send();
         let reply = match reply {
@@ -111,13 +66,6 @@ impl DevApi {
         };
         assert_eq!(reply.status(), 200, "stderr:\n{}", self.stderr());
         reply.json().expect("/runsync answers JSON")
-    }
-}
-
-impl Drop for DevApi {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -144,7 +92,7 @@ fn one_shot(library: &Path, input: &str) -> Run {
 /// keeps serving.
 #[test]
 fn callbacks_after_the_call_returned_are_refused() {
-    let mut host = DevApi::start(&fixture("late_callbacks"));
+    let mut host = Host::start(&fixture("late_callbacks"));
     let first = host.runsync(json!("keep"));
     assert_eq!(
         (&first["status"], &first["output"]),
@@ -183,7 +131,7 @@ fn jobs_get_eight_mib_of_stack() {
     let run = one_shot(&library, "{}");
     assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
     assert_eq!(run.result(), json!({"output": "deep"}));
-    let mut host = DevApi::start(&library);
+    let mut host = Host::start(&library);
     let done = host.runsync(json!({}));
     assert_eq!(
         (&done["status"], &done["output"]),

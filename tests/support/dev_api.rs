@@ -3,7 +3,8 @@
 
 use crate::{artifacts, send_sigterm, wait_for_exit, worker_host, Sample};
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -30,10 +31,15 @@ impl DevApi {
 
     /// [`DevApi::start`] with extra environment variables.
     pub fn start_with_env(sample: Sample, args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::start_library(artifacts().library(sample), args, env)
+    }
+
+    /// [`DevApi::start_with_env`] on any handler library, such as a test fixture.
+    pub fn start_library(library: &Path, args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut command: Command = worker_host();
         command
             .arg("--handler")
-            .arg(artifacts().library(sample))
+            .arg(library)
             .args(["--rp_serve_api", "--rp_api_port", "0"])
             .args(args)
             .envs(env.iter().copied())
@@ -105,6 +111,11 @@ impl DevApi {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .clone()
+    }
+
+    /// How the process ended, or `None` while it runs.
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().expect("the child can be waited for")
     }
 
     /// Sends SIGTERM.
