@@ -153,38 +153,30 @@ fn handler_error_exits_1_with_the_sdk_error_shape() {
 /// the run exits 1.
 #[test]
 fn panic_becomes_an_error_result() {
-    let run = Run::of(
-        host(Sample::Faulty)
-            .arg("--test_input")
-            .arg(r#"{"input": {"mode": "panic", "message": "index out of range"}}"#),
-    );
+    let payload =
+        failed_faulty_run(r#"{"input": {"mode": "panic", "message": "index out of range"}}"#);
+    assert_eq!(payload["error_type"], "Panic");
+    assert_eq!(payload["error_message"], "index out of range");
+}
+
+/// Runs the faulty handler on `test_input`, expects exit 1 (not a signal), and returns the
+/// result's error payload.
+fn failed_faulty_run(test_input: &str) -> Value {
+    let run = Run::of(host(Sample::Faulty).arg("--test_input").arg(test_input));
     assert_eq!(
         run.code,
         Some(1),
         "exit code (None = killed by a signal); stderr: {}",
         run.stderr
     );
-    let payload = error_payload(&run.result());
-    assert_eq!(payload["error_type"], "Panic");
-    assert_eq!(payload["error_message"], "index out of range");
+    error_payload(&run.result())
 }
 
 /// A panic payload whose own `Drop` panics fails the job with a `Panic` error; the host is not
 /// aborted.
 #[test]
 fn panic_payload_that_panics_on_drop_is_contained() {
-    let run = Run::of(
-        host(Sample::Faulty)
-            .arg("--test_input")
-            .arg(r#"{"input": {"mode": "panic_bomb"}}"#),
-    );
-    assert_eq!(
-        run.code,
-        Some(1),
-        "exit code (None = killed by a signal); stderr: {}",
-        run.stderr
-    );
-    let payload = error_payload(&run.result());
+    let payload = failed_faulty_run(r#"{"input": {"mode": "panic_bomb"}}"#);
     assert_eq!(payload["error_type"], "Panic");
 }
 
