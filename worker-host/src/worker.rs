@@ -69,6 +69,8 @@ const STOP_POLL_PAUSE: Duration = Duration::from_secs(1);
 /// How many jobs per slot may be held between take and delivered result: one running and one
 /// whose result is being posted.
 const HELD_JOBS_PER_SLOT: usize = 2;
+/// How long the taking may wait for a result to be delivered before it says so.
+const HOLD_WARNING_AFTER: Duration = Duration::from_secs(1);
 
 /// What a job's task receives from its handler, in order: what it emitted, then its result.
 #[derive(Debug)]
@@ -262,20 +264,24 @@ async fn first_permits(shared: &Shared) -> Option<Permits> {
         () = shared.stop_taking.cancelled() => return None,
         permit = shared.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
     };
-    let hold = match shared.holds.clone().try_acquire_owned() {
-        Ok(hold) => hold,
-        Err(_) => {
-            tracing::warn!(
-                "Results of earlier jobs are still being delivered: no new job is taken until one is."
-            );
-            tokio::select! {
-                biased;
-                () = shared.stop_taking.cancelled() => return None,
-                permit = shared.holds.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            biased;
+            () = shared.stop_taking.cancelled() => return None,
+            hold = shared.holds.clone().acquire_owned() => {
+                return Some((slot, hold.expect("the semaphore is never closed")));
+            }
+            // A result still in flight when the next job could start is normal (it is posted
+            // while that job runs); one that holds the taking up for long is worth a line.
+            () = tokio::time::sleep(HOLD_WARNING_AFTER), if !warned => {
+                tracing::warn!(
+                    "Results of earlier jobs are still being delivered: no new job is taken until one is."
+                );
+                warned = true;
             }
         }
-    };
-    Some((slot, hold))
+    }
 }
 
 async fn take_loop(shared: Arc<Shared>) {
