@@ -765,7 +765,8 @@ fn health_counts_jobs_and_the_busy_worker() {
 #[test]
 fn health_shows_the_worker_running_while_a_cancelled_handler_still_runs() {
     let api = Api::start(Sample::Faulty, &["--concurrency", "1"]);
-    let id = api.run(json!({"mode": "sleep", "ms": 6000, "ignore_cancel": true}));
+    // Long enough that a stalled CI machine still checks while it sleeps, short of WAIT.
+    let id = api.run(json!({"mode": "sleep", "ms": 12_000, "ignore_cancel": true}));
     api.wait_for(&id, "IN_PROGRESS");
     api.ok(&api.post(&format!("/cancel/{id}"), ""));
     // The handler sleeps on for seconds after the cancel; look for the first of them.
@@ -785,6 +786,23 @@ fn health_shows_the_worker_running_while_a_cancelled_handler_still_runs() {
     assert_eq!(health["workers"]["running"], 0, "{health}");
     assert_eq!(api.ok(&api.status(&id))["status"], "CANCELLED");
     assert_eq!(api.runsync(json!({"mode": "echo"}))["status"], "COMPLETED");
+}
+
+/// A handler's recycle request (which ends a production worker after its job) does not stop the
+/// local server: the job completes and later jobs are still served.
+#[test]
+fn a_recycle_request_does_not_stop_the_dev_api() {
+    let api = Api::start(Sample::Faulty, &[]);
+    let first = api.runsync(json!({"mode": "recycle"}));
+    assert_eq!(first["status"], "COMPLETED", "{first}");
+    assert_eq!(first["output"], json!({"mode": "recycle"}));
+    let second = api.runsync(json!({"mode": "recycle"}));
+    assert_eq!(
+        second["status"],
+        "COMPLETED",
+        "{second}\n--- host stderr ---\n{}",
+        api.host.stderr()
+    );
 }
 
 /// `/purge-queue` forgets the queued jobs only: it answers how many, their ids are unknown
@@ -1318,11 +1336,13 @@ fn a_webhook_receiver_that_never_answers_does_not_hold_up_others() {
 
     let id = api.submit(&json!({"input": {"to": "healthy"}, "webhook": hook.url}));
     api.wait_for(&id, "COMPLETED");
-    let deadline = Instant::now() + Duration::from_secs(5);
+    // Generous for a loaded machine, yet short of the dead receiver's 10 s attempt timeout,
+    // which is how long a call stuck behind it would wait.
+    let deadline = Instant::now() + Duration::from_secs(8);
     while hook.calls().is_empty() {
         assert!(
             Instant::now() < deadline,
-            "the healthy webhook did not arrive within 5 s\n--- host stderr ---\n{}",
+            "the healthy webhook did not arrive within 8 s\n--- host stderr ---\n{}",
             api.host.stderr()
         );
         std::thread::sleep(POLL);

@@ -615,3 +615,20 @@ fn a_recycle_request_ends_the_worker_after_its_job() {
     assert_eq!(by_id.len(), 1, "{by_id:?}");
     assert_eq!(platform.pending_jobs(), 1);
 }
+
+/// An output with a truthy `refresh_worker` (the SDK's way to ask for `stopPod`) ends the worker
+/// after its job, like a `request_recycle`.
+#[test]
+fn an_output_asking_for_refresh_ends_the_worker_after_its_job() {
+    let platform = Platform::start();
+    for n in 0..2 {
+        platform
+            .push_job(json!({"id": format!("o-{n}"), "input": {"refresh_worker": true, "n": n}}));
+    }
+    let mut worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(by_id["o-0"], json!({"output": {"n": 0}, "stopPod": true}));
+    assert_eq!(by_id.len(), 1, "{by_id:?}");
+    assert_eq!(platform.pending_jobs(), 1);
+}

@@ -94,8 +94,9 @@ typedef int32_t wh_log_level;
  * `init`, one job, or the `teardown`) and is the first argument of every callback.
  *
  * Valid only until the handler function it was passed to returns. Never NULL. It is an
- * identifier, not an address, and the host never hands out the same one twice, so a callback
- * made with an expired `wh_call` (say, from a thread the handler left running) is not undefined
+ * identifier, not an address: it may hold any non-NULL value, so never dereference it and
+ * compare it only for equality. The host never hands out the same one twice, so a callback made
+ * with an expired `wh_call` (say, from a thread the handler left running) is not undefined
  * behaviour: it records nothing and returns WH_STATUS_INVALID_STATE (`log` and `request_recycle`
  * do nothing, `is_cancelled` returns false). Handlers must not rely on this to deliver anything:
  * whatever they pass after the call returned is dropped.

@@ -50,6 +50,9 @@ pub struct WorkerConfig {
     pub return_aggregate_stream: bool,
     /// Add `stopPod` to every result and stop after the first job.
     pub refresh_worker: bool,
+    /// Stop taking jobs (and end) after a job whose result asks for the worker to be recycled:
+    /// on the platform, the pod is about to be stopped. Off for the dev API, which keeps serving.
+    pub recycle_ends_worker: bool,
     /// Where error payloads say they come from.
     pub origin: Origin,
 }
@@ -69,6 +72,9 @@ const STOP_POLL_PAUSE: Duration = Duration::from_secs(1);
 /// How many jobs per slot may be held between take and delivered result: one running and one
 /// whose result is being posted.
 const HELD_JOBS_PER_SLOT: usize = 2;
+/// How long the jobs of a take the platform began to answer may take to arrive once shutdown
+/// has begun (before it, the long-poll timeout applies).
+const TAKE_BODY_GRACE: Duration = Duration::from_secs(5);
 /// How long the taking may wait for a result to be delivered before it says so.
 const HOLD_WARNING_AFTER: Duration = Duration::from_secs(1);
 
@@ -257,20 +263,17 @@ async fn pause(token: &CancellationToken, duration: Duration) -> bool {
 /// A slot and a hold: what one taken job needs.
 type Permits = (OwnedSemaphorePermit, OwnedSemaphorePermit);
 
-/// Waits for a slot, then a hold; `None` once the worker stops taking jobs.
+/// Waits for a hold, then a slot; `None` once the worker stops taking jobs. The hold comes
+/// first so that no slot sits idle while results wait for delivery: a job already here (sent
+/// beyond what was asked for) may use it.
 async fn first_permits(shared: &Shared) -> Option<Permits> {
-    let slot = tokio::select! {
-        biased;
-        () = shared.stop_taking.cancelled() => return None,
-        permit = shared.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
-    };
     let mut warned = false;
-    loop {
+    let hold = loop {
         tokio::select! {
             biased;
             () = shared.stop_taking.cancelled() => return None,
             hold = shared.holds.clone().acquire_owned() => {
-                return Some((slot, hold.expect("the semaphore is never closed")));
+                break hold.expect("the semaphore is never closed");
             }
             // A result still in flight when the next job could start is normal (it is posted
             // while that job runs); one that holds the taking up for long is worth a line.
@@ -281,7 +284,13 @@ async fn first_permits(shared: &Shared) -> Option<Permits> {
                 warned = true;
             }
         }
-    }
+    };
+    let slot = tokio::select! {
+        biased;
+        () = shared.stop_taking.cancelled() => return None,
+        permit = shared.slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+    };
+    Some((slot, hold))
 }
 
 async fn take_loop(shared: Arc<Shared>) {
@@ -291,8 +300,8 @@ async fn take_loop(shared: Arc<Shared>) {
             return;
         };
         let mut permits = vec![first];
-        while let Ok(slot) = shared.slots.clone().try_acquire_owned() {
-            let Ok(hold) = shared.holds.clone().try_acquire_owned() else {
+        while let Ok(hold) = shared.holds.clone().try_acquire_owned() {
+            let Ok(slot) = shared.slots.clone().try_acquire_owned() else {
                 break;
             };
             permits.push((slot, hold));
@@ -308,7 +317,19 @@ async fn take_loop(shared: Arc<Shared>) {
         // Once the platform has answered with jobs, they are read and run even if shutdown has
         // begun meanwhile: dropping them now would leave them without a result.
         let outcome = match answer {
-            Ok(answer) => shared.client.read_take(answer).await,
+            Ok(answer) => {
+                let read = shared.client.read_take(answer);
+                let shutdown_deadline = async {
+                    shared.stop_taking.cancelled().await;
+                    tokio::time::sleep(TAKE_BODY_GRACE).await;
+                };
+                tokio::select! {
+                    outcome = read => outcome,
+                    () = shutdown_deadline => TakeOutcome::Failed(format!(
+                        "the jobs of a take answered as shutdown began did not arrive within {TAKE_BODY_GRACE:?}"
+                    )),
+                }
+            }
             Err(outcome) => outcome,
         };
         match outcome {
@@ -461,6 +482,7 @@ impl JobTask {
         let handler = shared.handler.clone();
         let stop_taking = shared.stop_taking.clone();
         let refresh_worker = shared.config.refresh_worker;
+        let recycle_ends_worker = shared.config.recycle_ends_worker;
         let span = tracing::Span::current();
         // A blocking-pool thread: the handler may block for minutes without touching the
         // runtime. The slot goes with it and frees when the handler returns, before the result is
@@ -480,11 +502,13 @@ impl JobTask {
                 recycle: false,
             });
             // A worker that is to be recycled takes no job after this one: stop taking before
-            // the slot frees.
-            if refresh_worker || result.recycle {
+            // the slot frees (and after the result is on its way, so the shutdown that follows
+            // finds it).
+            let recycle = refresh_worker || (recycle_ends_worker && result.asks_for_recycle());
+            let _ = events.0.send(JobMessage::Completed(result));
+            if recycle {
                 stop_taking.cancel();
             }
-            let _ = events.0.send(JobMessage::Completed(result));
             drop(slot);
         });
 
@@ -609,7 +633,7 @@ impl JobTask {
         if delivered {
             tracing::info!("Finished.");
         }
-        if config.refresh_worker || result.recycle {
+        if config.refresh_worker || (config.recycle_ends_worker && result.asks_for_recycle()) {
             tracing::info!("The worker is to be recycled: no more jobs are taken.");
             shared.stop_taking.cancel();
         }

@@ -546,10 +546,15 @@ static HOST_API: ffi::wh_host_api = ffi::wh_host_api {
 // for those callbacks. A slow callback (a 20 MiB output being parsed) holds up only the end of its
 // own call.
 
-/// The next `wh_call` id. Starts at 1, so no call is NULL; a pointer-sized counter (64 bits on
-/// every platform worker-host ships for) does not wrap in the life of a process, so an id is
-/// never reused.
+/// The next `wh_call` number. A pointer-sized counter (64 bits on every platform worker-host
+/// ships for) does not wrap in the life of a process, so an id is never reused.
 static NEXT_CALL_ID: AtomicUsize = AtomicUsize::new(1);
+
+/// Set in every `wh_call` id, so an id is never NULL and never looks like a small integer or a
+/// heap address to a language runtime that inspects pointers (Go's stack copier aborts on a
+/// pointer below 4096). With the top bit set it is a non-canonical address on x86-64 and
+/// aarch64: nothing can live there.
+const CALL_ID_TAG: usize = 1 << (usize::BITS - 1);
 
 /// The calls whose handler function has not returned, by id.
 static LIVE_CALLS: LazyLock<RwLock<HashMap<usize, Arc<CallSlot>>>> =
@@ -594,7 +599,7 @@ struct LiveCall<'s> {
 impl<'s> LiveCall<'s> {
     /// Opens a call on `state`.
     fn open(state: &'s CallState<'_>) -> Self {
-        let id = NEXT_CALL_ID.fetch_add(1, Ordering::Relaxed);
+        let id = CALL_ID_TAG | NEXT_CALL_ID.fetch_add(1, Ordering::Relaxed);
         let slot = Arc::new(CallSlot {
             state: RwLock::new(Some(StatePtr(NonNull::from(state).cast()))),
         });
