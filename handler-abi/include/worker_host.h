@@ -211,8 +211,10 @@ typedef struct wh_host_api {
 
     /**
      * Ask for this worker to be recycled once the current job is finished (RunPod's
-     * `refresh_worker`): the job's result carries `"stopPod": true`. Use it after a job leaves
-     * the process in a state later jobs must not see.
+     * `refresh_worker`): the job's result carries `"stopPod": true`, and the platform replaces
+     * the worker. Use it after a job leaves the process in a state later jobs should not see. As
+     * with the Python SDK, the worker goes on serving until the platform stops it, so a job may
+     * still arrive meanwhile.
      *
      * When: during `handle`. Thread: any. Idempotent. Returns nothing; does nothing outside
      * `handle` or with an expired `wh_call`.

@@ -295,7 +295,6 @@ fn worker_config(
         max_output_bytes: results.max_output_bytes,
         return_aggregate_stream: results.return_aggregate_stream,
         refresh_worker: results.refresh_worker,
-        recycle_ends_worker: true,
         origin: origin.clone(),
     })
 }

@@ -331,16 +331,6 @@ pub struct JobResult {
 }
 
 impl JobResult {
-    /// Whether the result asks for the worker to be recycled: the handler called
-    /// `request_recycle`, or its output object has a truthy `refresh_worker` (the SDK's
-    /// `stopPod`).
-    pub fn asks_for_recycle(&self) -> bool {
-        self.recycle
-            || matches!(&self.outcome, Outcome::Output(output)
-                if matches!(special_keys(output), Ok(Some(special))
-                    if special.refresh_worker.is_some_and(is_truthy)))
-    }
-
     /// Whether the platform will see this job as failed.
     pub fn is_failure(&self) -> bool {
         match &self.outcome {

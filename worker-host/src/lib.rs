@@ -110,8 +110,6 @@ fn run_dev_api(
         );
         worker.refresh_worker = false;
     }
-    // A handler's recycle request cannot stop a local server; its result still says stopPod.
-    worker.recycle_ends_worker = false;
     let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
     let handlers_returned = runtime.block_on(dev_api::serve(
         handler.clone(),

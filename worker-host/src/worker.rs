@@ -50,9 +50,6 @@ pub struct WorkerConfig {
     pub return_aggregate_stream: bool,
     /// Add `stopPod` to every result and stop after the first job.
     pub refresh_worker: bool,
-    /// Stop taking jobs (and end) after a job whose result asks for the worker to be recycled:
-    /// on the platform, the pod is about to be stopped. Off for the dev API, which keeps serving.
-    pub recycle_ends_worker: bool,
     /// Where error payloads say they come from.
     pub origin: Origin,
 }
@@ -482,7 +479,6 @@ impl JobTask {
         let handler = shared.handler.clone();
         let stop_taking = shared.stop_taking.clone();
         let refresh_worker = shared.config.refresh_worker;
-        let recycle_ends_worker = shared.config.recycle_ends_worker;
         let span = tracing::Span::current();
         // A blocking-pool thread: the handler may block for minutes without touching the
         // runtime. The slot goes with it and frees when the handler returns, before the result is
@@ -501,12 +497,12 @@ impl JobTask {
                 },
                 recycle: false,
             });
-            // A worker that is to be recycled takes no job after this one: stop taking before
+            // With --refresh-worker the worker takes no job after this one: stop taking before
             // the slot frees (and after the result is on its way, so the shutdown that follows
-            // finds it).
-            let recycle = refresh_worker || (recycle_ends_worker && result.asks_for_recycle());
+            // finds it). A handler's own recycle request only sets stopPod, as in the SDK: the
+            // platform replaces the worker.
             let _ = events.0.send(JobMessage::Completed(result));
-            if recycle {
+            if refresh_worker {
                 stop_taking.cancel();
             }
             drop(slot);
@@ -633,8 +629,8 @@ impl JobTask {
         if delivered {
             tracing::info!("Finished.");
         }
-        if config.refresh_worker || (config.recycle_ends_worker && result.asks_for_recycle()) {
-            tracing::info!("The worker is to be recycled: no more jobs are taken.");
+        if config.refresh_worker {
+            tracing::info!("refresh_worker is set: no more jobs are taken.");
             shared.stop_taking.cancel();
         }
     }
