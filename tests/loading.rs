@@ -45,6 +45,15 @@ fn missing_file() {
     );
 }
 
+/// A directory where the library should be: exit 3, saying so (it exists, so "does not exist"
+/// would mislead).
+#[test]
+fn a_directory_instead_of_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = run_on(dir.path());
+    assert_refused(&run, 3, &["is a directory", "the .so file inside it"]);
+}
+
 /// A file that is not a shared library: exit 4, with the loader's reason.
 #[test]
 fn not_a_library() {
@@ -83,7 +92,11 @@ fn invalid_descriptors() {
     let run = run_on(&fixture("too_small"));
     assert_refused(&run, 7, &["descriptor of 8 bytes", "smaller than"]);
     let run = run_on(&fixture("null_handle"));
-    assert_refused(&run, 7, &["handle is NULL"]);
+    assert_refused(
+        &run,
+        7,
+        &["handle is NULL", "a handler must set init, handle"],
+    );
 }
 
 /// A failing init: exit 8, with the handler's own message; no job runs.

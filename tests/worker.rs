@@ -615,3 +615,31 @@ fn a_recycle_request_marks_its_result_only() {
     );
     assert_eq!(by_id["r-2"], json!({"output": {"mode": "echo"}}));
 }
+
+/// A failed job says so in the worker's log, with the handler's error; a successful one does not.
+#[test]
+fn a_failed_job_is_logged_with_its_error() {
+    let platform = Platform::start();
+    platform.push_job(
+        json!({"id": "l-1", "input": {"mode": "error", "type": "ValueError", "message": "boom"}}),
+    );
+    platform.push_job(json!({"id": "l-2", "input": {"mode": "echo"}}));
+    let worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    platform.wait_for(WAIT, "both results", |r| results(r).len() == 2);
+    // The worker logs once the platform has answered: give it a moment after the POSTs arrive.
+    let deadline = std::time::Instant::now() + WAIT;
+    let mut log = worker.stderr();
+    while log.matches("Finished").count() < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+        log = worker.stderr();
+    }
+    let failures: Vec<&str> = log
+        .lines()
+        .filter(|line| line.contains("the job failed"))
+        .collect();
+    assert_eq!(failures.len(), 1, "{log}");
+    assert!(
+        failures[0].contains("l-1") && failures[0].contains("ValueError: boom"),
+        "{log}"
+    );
+}

@@ -26,7 +26,7 @@ pub const INIT_FAILED: u8 = 8;
 /// The exit code for a handler that could not be made ready.
 pub fn for_load_error(error: &LoadError) -> u8 {
     match error {
-        LoadError::NotFound { .. } => HANDLER_NOT_FOUND,
+        LoadError::NotFound { .. } | LoadError::IsADirectory { .. } => HANDLER_NOT_FOUND,
         LoadError::NotALibrary { .. } => NOT_A_LIBRARY,
         LoadError::MissingEntry { .. } => MISSING_ENTRY,
         LoadError::AbiMismatch { .. } => ABI_MISMATCH,

@@ -618,6 +618,9 @@ impl JobTask {
                 recycle: result.recycle,
             };
             body = job_done_body(&oversize, &config.origin, None, config.refresh_worker);
+            if let Outcome::Failed { failure, .. } = &oversize.outcome {
+                tracing::error!("The job fails: {}.", failure.message);
+            }
         }
         // The SDK marks every final result of a streaming handler isStream=true, failures
         // included.
@@ -627,7 +630,19 @@ impl JobTask {
         let delivered = deliver(shared, Post::Done { is_stream }, id, body).await;
         shared.in_flight().remove(id);
         if delivered {
-            tracing::info!("Finished.");
+            // A failure is worth a line of its own in the worker's log, as the SDK logs the
+            // handler's exception.
+            match &result.outcome {
+                Outcome::Failed { failure, .. } => tracing::error!(
+                    "Finished: the job failed ({}: {}).",
+                    failure.error_type,
+                    failure.message
+                ),
+                _ if result.is_failure() => {
+                    tracing::error!("Finished: the job failed (its output has an error key).");
+                }
+                _ => tracing::info!("Finished."),
+            }
         }
         if config.refresh_worker {
             tracing::info!("refresh_worker is set: no more jobs are taken.");

@@ -40,6 +40,12 @@ pub enum LoadError {
         /// The path given.
         path: PathBuf,
     },
+    /// The path names a directory.
+    #[error("handler library {path} is a directory: point --handler / WORKER_HOST_HANDLER at the .so file inside it")]
+    IsADirectory {
+        /// The path given.
+        path: PathBuf,
+    },
     /// `dlopen` refused the file.
     #[error("{path} could not be loaded as a shared library ({reason}): is it a .so built for this platform, with its dependencies installed?")]
     NotALibrary {
@@ -81,7 +87,7 @@ pub enum LoadError {
         expected: usize,
     },
     /// A required descriptor field is NULL.
-    #[error("{path} has an invalid handler descriptor: {field} is NULL")]
+    #[error("{path} has an invalid handler descriptor: {field} is NULL (a handler must set init, handle, name and version in the wh_handler_descriptor its wh_handler_entry returns)")]
     InvalidDescriptor {
         /// The path given.
         path: PathBuf,
@@ -113,6 +119,9 @@ impl HandlerLibrary {
         // means a file, so make it absolute first.
         let path_buf = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let path = path_buf.as_path();
+        if path.is_dir() {
+            return Err(LoadError::IsADirectory { path: path_buf });
+        }
         if !path.is_file() {
             return Err(LoadError::NotFound { path: path_buf });
         }
