@@ -88,9 +88,7 @@ impl SdkWorker {
 impl Drop for SdkWorker {
     /// Kills the whole process group: the worker and its heartbeat process.
     fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.wait();
+        e2e::kill_process_group(&mut self.child);
     }
 }
 

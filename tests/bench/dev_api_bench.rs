@@ -24,6 +24,7 @@
 //! ```
 
 use serde_json::{json, Value};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -100,9 +101,9 @@ struct Server {
 }
 
 impl Drop for Server {
+    /// Kills the server's whole process group: the Python SDK forks a heartbeat process.
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        e2e::kill_process_group(&mut self.child);
     }
 }
 
@@ -120,6 +121,7 @@ fn start(mut command: Command, port: u16, probe: &str) -> Result<Server, String>
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
+        .process_group(0)
         .spawn()
         .map_err(|e| format!("cannot start the server: {e}"))?;
     let server = Server {

@@ -45,6 +45,7 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::fmt::Write as _;
+use std::os::unix::process::CommandExt;
 use std::path::{Path as FsPath, PathBuf};
 use std::pin::pin;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -601,7 +602,7 @@ impl Bench {
             }
         };
         let mut command = subject.command(&self.base, &worker, concurrency, self.dir.path());
-        command.stdout(Stdio::null()).stderr(log);
+        command.stdout(Stdio::null()).stderr(log).process_group(0);
         let mut child = match command.spawn() {
             Ok(child) => child,
             Err(error) => {
@@ -698,8 +699,8 @@ impl Bench {
                 }
             }
             (None, Subject::Python { .. }) => {
-                let _ = child.kill();
-                let _ = child.wait();
+                // The SDK forks a heartbeat process: kill the whole group.
+                e2e::kill_process_group(&mut child);
                 "killed".into()
             }
         };

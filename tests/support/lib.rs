@@ -11,7 +11,7 @@ pub mod platform;
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
 
 /// The packages the tests load, and the binary they run.
@@ -267,6 +267,14 @@ impl Run {
     pub fn result(&self) -> Value {
         self.json_lines().pop().expect("no result on stdout")
     }
+}
+
+/// Kills `child` and every process in its group (start it with `process_group(0)`), then reaps
+/// it: the Python SDK forks a heartbeat process that a plain kill leaves running.
+pub fn kill_process_group(child: &mut Child) {
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+    let _ = child.wait();
 }
 
 /// Sends SIGTERM to a process, as a container runtime does to stop a worker.

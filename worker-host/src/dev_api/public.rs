@@ -258,7 +258,7 @@ fn runsync_wait(query: Option<&str>) -> Result<Duration, String> {
         return Ok(DEFAULT_RUNSYNC_WAIT);
     };
     let millis: u64 = value.trim().parse().map_err(|_| {
-        format!("wait must be a whole number of milliseconds (1000 to 300000), not {value:?}")
+        format!("wait must be a whole number of milliseconds (it is clamped to 1000-300000), not {value:?}")
     })?;
     let (low, high) = RUNSYNC_WAIT_RANGE_MS;
     Ok(Duration::from_millis(millis.clamp(low, high)))
