@@ -643,3 +643,34 @@ fn a_failed_job_is_logged_with_its_error() {
         "{log}"
     );
 }
+
+/// With `--refresh-worker`, jobs still running when the first one finishes are not cut short by
+/// the shutdown grace: they finish, then the worker exits.
+#[test]
+fn refresh_worker_lets_the_other_running_jobs_finish() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "slow", "input": {"mode": "sleep", "ms": 2000}}));
+    platform.push_job(json!({"id": "quick", "input": {"mode": "echo"}}));
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[
+            "--refresh-worker",
+            "--concurrency",
+            "2",
+            "--shutdown-grace-secs",
+            "0.2",
+        ],
+        &[],
+    );
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(
+        by_id["slow"],
+        json!({"output": {"mode": "sleep", "ms": 2000}, "stopPod": true})
+    );
+    assert_eq!(
+        by_id["quick"],
+        json!({"output": {"mode": "echo"}, "stopPod": true})
+    );
+}

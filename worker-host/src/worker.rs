@@ -158,12 +158,27 @@ pub async fn run(
     let stops = tokio::spawn(stop_loop(shared.clone(), finished.clone()));
     let takes = tokio::spawn(take_loop(shared.clone()));
 
-    tokio::select! {
-        () = shutdown => tracing::info!("Shutdown signal received: no new jobs will be taken."),
-        () = shared.stop_taking.cancelled() => {}
-    }
+    let mut shutdown = std::pin::pin!(shutdown);
+    let signalled = tokio::select! {
+        () = &mut shutdown => {
+            tracing::info!("Shutdown signal received: no new jobs will be taken.");
+            true
+        }
+        () = shared.stop_taking.cancelled() => false,
+    };
     shared.stop_taking.cancel();
     let _ = takes.await;
+    if !signalled {
+        // Stopped by refresh_worker: the jobs still running finish in their own time, unless a
+        // shutdown signal comes first (then the grace period applies from there).
+        shared.jobs.close();
+        tokio::select! {
+            () = shared.jobs.wait() => {}
+            () = &mut shutdown => {
+                tracing::info!("Shutdown signal received while the last jobs run.");
+            }
+        }
+    }
     let drain_deadline = Instant::now() + shared.config.shutdown_grace;
     drain(&shared).await;
     finished.cancel();
