@@ -81,11 +81,19 @@ pub struct HandlerArgs {
 #[derive(Debug, Args)]
 pub struct TestArgs {
     /// Run one job and exit: the job as JSON ({"input": ...}), or @FILE.
-    #[arg(long = "test_input", alias = "test-input", value_name = "JSON|@FILE")]
+    #[arg(
+        long = "test_input",
+        visible_alias = "test-input",
+        value_name = "JSON|@FILE"
+    )]
     pub test_input: Option<String>,
 
     /// Compare the job's output with this JSON (or @FILE); on a difference print it and exit 1.
-    #[arg(long = "test_output", alias = "test-output", value_name = "JSON|@FILE")]
+    #[arg(
+        long = "test_output",
+        visible_alias = "test-output",
+        value_name = "JSON|@FILE"
+    )]
     pub test_output: Option<String>,
 }
 
@@ -117,7 +125,7 @@ pub struct WorkerArgs {
     /// How many jobs run at once; capped by what the handler declares.
     #[arg(
         long,
-        alias = "rp_api_concurrency",
+        visible_alias = "rp_api_concurrency",
         env = "WORKER_HOST_CONCURRENCY",
         value_name = "N",
         default_value_t = 1
@@ -152,7 +160,7 @@ pub struct DevApiArgs {
     /// RUNPOD_ENDPOINT_BASE_URL=http://HOST:PORT/v2.
     #[arg(
         long = "rp_serve_api",
-        alias = "serve-api",
+        visible_alias = "serve-api",
         conflicts_with = "test_input"
     )]
     pub serve_api: bool,
@@ -160,7 +168,7 @@ pub struct DevApiArgs {
     /// The address the dev API listens on (0.0.0.0 to reach it from other machines).
     #[arg(
         long = "rp_api_host",
-        alias = "api-host",
+        visible_alias = "api-host",
         env = "WORKER_HOST_API_HOST",
         value_name = "HOST",
         default_value = "127.0.0.1"
@@ -170,7 +178,7 @@ pub struct DevApiArgs {
     /// The dev API's port (0 picks a free one; the log says which).
     #[arg(
         long = "rp_api_port",
-        alias = "api-port",
+        visible_alias = "api-port",
         env = "WORKER_HOST_API_PORT",
         value_name = "PORT",
         default_value_t = 8000
@@ -200,8 +208,13 @@ pub struct DevApiArgs {
 /// Logging.
 #[derive(Debug, Args)]
 pub struct LogArgs {
-    /// Log level: TRACE, DEBUG, INFO, WARN (or WARNING), ERROR or NOTSET. Default INFO.
-    #[arg(long = "rp_log_level", alias = "log-level", value_name = "LEVEL")]
+    /// Log level: TRACE, DEBUG, INFO, WARN (or WARNING), ERROR or NOTSET. Default: the
+    /// RUNPOD_LOG_LEVEL variable, else RUNPOD_DEBUG_LEVEL, else INFO.
+    #[arg(
+        long = "rp_log_level",
+        visible_alias = "log-level",
+        value_name = "LEVEL"
+    )]
     pub log_level: Option<String>,
 
     /// The SDK's log level variable; the flag wins over it.
