@@ -374,6 +374,16 @@ struct ErrorPayload<'a> {
     runpod_version: &'a str,
 }
 
+/// A job-done body, and whether the platform will see the job as failed (it has an `error`).
+#[derive(Debug)]
+pub struct JobDoneBody {
+    /// The body's JSON text.
+    pub text: String,
+    /// Whether the body reports a failure: worked out while building it, so a caller need not
+    /// read the output again.
+    pub failed: bool,
+}
+
 /// The job-done body for a finished job (§6.1, §6.2).
 ///
 /// `aggregate` is the list of streamed chunks when the operator asked for aggregated stream
@@ -384,7 +394,7 @@ pub fn job_done_body(
     origin: &Origin,
     aggregate: Option<&[RawJson]>,
     force_stop_pod: bool,
-) -> String {
+) -> JobDoneBody {
     let mut body = OrderedRawMap::default();
     let mut stop_pod = result.recycle || force_stop_pod;
     match &result.outcome {
@@ -414,10 +424,14 @@ pub fn job_done_body(
             streaming: false,
         } => body.push("error", error_payload(failure, origin)),
     }
+    let failed = body.get("error").is_some();
     if stop_pod {
         body.push("stopPod", to_raw(&true));
     }
-    body.to_json()
+    JobDoneBody {
+        text: body.to_json(),
+        failed,
+    }
 }
 
 /// The `error` member of a failed non-streaming job: the SDK's payload, as a JSON string.
@@ -593,6 +607,7 @@ mod tests {
             None,
             false,
         )
+        .text
     }
 
     /// Output objects map to bodies exactly as the SDK's table in §6.1 says.

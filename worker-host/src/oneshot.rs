@@ -69,13 +69,13 @@ pub fn run(handler: &dyn Handler, test: &OneShot, options: &ResultOptions) -> Ve
         .unwrap_or_else(PoisonError::into_inner);
     let aggregate = options.return_aggregate_stream.then_some(chunks.as_slice());
     let body = job_done_body(&result, &options.origin, aggregate, options.refresh_worker);
-    StdoutEvents::print(&body);
+    StdoutEvents::print(&body.text);
 
-    if result.is_failure() {
+    if body.failed {
         tracing::error!(
             "Job {} failed with error: {}",
             job.id(),
-            failure_text(&body)
+            failure_text(&body.text)
         );
         return Verdict::JobFailed;
     }

@@ -414,7 +414,7 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
                         None,
                         shared.config.refresh_worker,
                     );
-                    deliver(&shared, Post::Done { is_stream: false }, &id, body).await;
+                    deliver(&shared, Post::Done { is_stream: false }, &id, body.text).await;
                 }
                 .instrument(span),
             );
@@ -617,14 +617,16 @@ impl JobTask {
         };
         let aggregate = config.return_aggregate_stream.then_some(chunks);
         let mut body = job_done_body(&result, &config.origin, aggregate, config.refresh_worker);
-        if body.len() > config.max_output_bytes {
+        // The handler's output itself reported the failure (an `error` key).
+        let failed_by_output = body.failed && matches!(result.outcome, Outcome::Output(_));
+        if body.text.len() > config.max_output_bytes {
             let oversize = JobResult {
                 outcome: Outcome::Failed {
                     failure: Failure::new(
                         "OutputTooLarge",
                         format!(
                             "the job's result is {} bytes, over the limit of {} bytes",
-                            body.len(),
+                            body.text.len(),
                             config.max_output_bytes
                         ),
                     ),
@@ -642,7 +644,7 @@ impl JobTask {
         let is_stream = streaming;
         // The job stays in the heartbeat's list until its result is delivered (or given up), so
         // the platform does not take it for lost while a POST is being retried.
-        let delivered = deliver(shared, Post::Done { is_stream }, id, body).await;
+        let delivered = deliver(shared, Post::Done { is_stream }, id, body.text).await;
         shared.in_flight().remove(id);
         if delivered {
             // A failure is worth a line of its own in the worker's log, as the SDK logs the
@@ -653,7 +655,7 @@ impl JobTask {
                     failure.error_type,
                     failure.message
                 ),
-                _ if result.is_failure() => {
+                _ if failed_by_output => {
                     tracing::error!("Finished: the job failed (its output has an error key).");
                 }
                 _ => tracing::info!("Finished."),
