@@ -4,6 +4,7 @@
 //! a dashed alias in this host's own style. Everything is read here, at the edge; the library
 //! below gets a [`crate::config::Settings`] and never reads the environment itself.
 
+use crate::handler::Isolation;
 use crate::logging::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -75,6 +76,29 @@ pub struct HandlerArgs {
         global = true
     )]
     pub handler_config: Option<String>,
+
+    /// Where the handler runs: `runner`, a child process the host supervises (a crash fails only
+    /// its jobs, and a fresh runner takes over), or `none`, in the host's own process (no hop, but
+    /// a crash ends the worker)
+    #[arg(
+        long,
+        env = "WORKER_HOST_ISOLATION",
+        value_enum,
+        default_value_t = Isolation::Runner,
+        global = true
+    )]
+    pub isolation: Isolation,
+
+    /// How long a stopped or cancelled job's handler may take to return before its runner is
+    /// killed and restarted (the job's siblings on that runner fail, saying why)
+    #[arg(
+        long,
+        env = "WORKER_HOST_CANCEL_GRACE_SECS",
+        value_name = "SECONDS",
+        default_value_t = 5.0,
+        global = true
+    )]
+    pub cancel_grace_secs: f64,
 }
 
 /// The one-shot test run.

@@ -6,7 +6,7 @@
 use crate::cli::{Cli, Command, ResultArgs, WorkerArgs};
 use crate::dev_api::store::StoreLimits;
 use crate::dev_api::DevApiConfig;
-use crate::handler::Limits;
+use crate::handler::{HandlerSpec, Limits};
 use crate::job::{InputRule, Job, JobError, Origin};
 use crate::logging::{parse_level, LogFormat, UnknownLevel};
 use crate::runpod::PlatformUrls;
@@ -82,12 +82,10 @@ impl ConfigError {
 pub struct Settings {
     /// What to do.
     pub mode: Mode,
-    /// The handler library.
-    pub handler_path: PathBuf,
+    /// The handler library, and how it is loaded and run.
+    pub handler: HandlerSpec,
     /// The handler configuration as JSON text (`{}` when none was given).
     pub handler_config: String,
-    /// Size limits.
-    pub limits: Limits,
     /// How results are shaped.
     pub results: ResultOptions,
     /// The log level.
@@ -182,6 +180,7 @@ impl Settings {
             other => other,
         };
         let handler_path = cli.handler.handler.ok_or(ConfigError::NoHandler)?;
+        let cancel_grace = seconds("--cancel-grace-secs", cli.handler.cancel_grace_secs)?;
         let handler_config = match cli.handler.handler_config {
             Some(argument) => json_argument("the handler configuration", &argument)?,
             None => "{}".to_owned(),
@@ -264,11 +263,15 @@ impl Settings {
         };
         Ok(Self {
             mode,
-            handler_path,
-            handler_config,
-            limits: Limits {
-                max_output_bytes: cli.results.max_output_bytes,
+            handler: HandlerSpec {
+                path: handler_path,
+                limits: Limits {
+                    max_output_bytes: cli.results.max_output_bytes,
+                },
+                isolation: cli.handler.isolation,
+                cancel_grace,
             },
+            handler_config,
             results: ResultOptions {
                 return_aggregate_stream: cli.results.return_aggregate_stream,
                 refresh_worker: cli.results.refresh_worker,

@@ -285,7 +285,7 @@ fn key_name(raw: &RawValue) -> Cow<'_, str> {
 }
 
 /// Why a job failed, as the handler (or the host on its behalf) reported it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Failure {
     /// The error's type, e.g. `ValueError`, `Panic`, `InvalidOutput`.
     pub error_type: String,

@@ -17,7 +17,8 @@ pub mod runpod;
 pub mod worker;
 
 use config::{ConfigError, Mode, Settings};
-use handler::{Handler, HandlerInfo, HandlerLibrary, LoadError};
+use handler::{Handler, HandlerInfo, LoadError};
+use std::sync::Arc;
 
 /// Why the host stopped before doing its work.
 #[derive(Debug, thiserror::Error)]
@@ -58,7 +59,7 @@ impl HostError {
 
 /// Runs the host with resolved settings; returns the exit code.
 pub fn run(settings: Settings) -> Result<u8, HostError> {
-    let handler = HandlerLibrary::load(&settings.handler_path, settings.limits)?;
+    let handler = handler::load(&settings.handler)?;
     let info = handler.info().clone();
     tracing::debug!(
         handler = %info.name,
@@ -68,13 +69,17 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
     );
     match settings.mode {
         Mode::Inspect { json } => {
+            handler.shutdown();
             print_descriptor(&info, json);
             Ok(exit::SUCCESS)
         }
         Mode::OneShot(test) => {
-            handler.init(&settings.handler_config)?;
-            let verdict = oneshot::run(&handler, &test, &settings.results);
-            handler.teardown();
+            if let Err(error) = handler.init(&settings.handler_config) {
+                handler.shutdown();
+                return Err(error.into());
+            }
+            let verdict = oneshot::run(&*handler, &test, &settings.results);
+            handler.shutdown();
             Ok(match verdict {
                 oneshot::Verdict::Passed => exit::SUCCESS,
                 oneshot::Verdict::JobFailed => exit::JOB_FAILED,
@@ -94,7 +99,7 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
 
 /// Serves the local dev API, with the queue worker behind it, until a shutdown signal.
 fn run_dev_api(
-    handler: HandlerLibrary,
+    handler: Arc<dyn Handler>,
     handler_config: &str,
     dev: config::DevApi,
 ) -> Result<u8, HostError> {
@@ -102,35 +107,28 @@ fn run_dev_api(
     // that arrive during init wait in the backlog.
     let listener = dev_api::bind(&dev.host, dev.port)?;
     let runtime = io_runtime()?;
-    handler.init(handler_config)?;
-    let mut worker = worker_settings(&handler, dev.worker);
+    if let Err(error) = handler.init(handler_config) {
+        handler.shutdown();
+        return Err(error.into());
+    }
+    let mut worker = worker_settings(&*handler, dev.worker);
     if worker.refresh_worker {
         tracing::warn!(
             "--refresh-worker has no effect with the dev API: the worker keeps serving."
         );
         worker.refresh_worker = false;
     }
-    let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
-    let handlers_returned = runtime.block_on(dev_api::serve(
+    let served = runtime.block_on(dev_api::serve(
         handler.clone(),
         listener,
         dev.api,
         worker,
         shutdown_signal(),
-    ))?;
-    teardown(&handler, handlers_returned);
+    ));
+    handler.shutdown();
     runtime.shutdown_background();
+    served?;
     Ok(exit::SUCCESS)
-}
-
-/// Runs the handler's teardown, unless a handler call may still be running: the ABI promises
-/// teardown only after every call has returned, so a C handler's state is never freed under it.
-fn teardown(handler: &HandlerLibrary, handlers_returned: bool) {
-    if handlers_returned {
-        handler.teardown();
-    } else {
-        tracing::warn!("Skipping the handler's teardown: a handler call has not returned.");
-    }
 }
 
 /// The stack of every thread of the runtime, including the blocking-pool threads that run
@@ -152,7 +150,7 @@ fn io_runtime() -> Result<tokio::runtime::Runtime, HostError> {
 
 /// The worker settings once the handler is up: concurrency capped by what the handler allows.
 fn worker_settings(
-    handler: &HandlerLibrary,
+    handler: &dyn Handler,
     mut config: worker::WorkerConfig,
 ) -> worker::WorkerConfig {
     let info = handler.info();
@@ -176,7 +174,7 @@ fn worker_settings(
 
 /// Runs the queue worker until a shutdown signal (or, with refresh_worker, one job).
 fn run_worker(
-    handler: HandlerLibrary,
+    handler: Arc<dyn Handler>,
     handler_config: &str,
     worker: config::Worker,
 ) -> Result<u8, HostError> {
@@ -185,17 +183,17 @@ fn run_worker(
     if let Err(error) = handler.init(handler_config) {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
+        handler.shutdown();
         return Err(HostError::WorkerInitFailed(error));
     }
-    let config = worker_settings(&handler, worker.config);
-    let handler: std::sync::Arc<HandlerLibrary> = std::sync::Arc::new(handler);
-    let handlers_returned = runtime.block_on(worker::run(
+    let config = worker_settings(&*handler, worker.config);
+    runtime.block_on(worker::run(
         handler.clone(),
         client,
         config,
         shutdown_signal(),
     ));
-    teardown(&handler, handlers_returned);
+    handler.shutdown();
     // Handler threads of jobs cancelled at shutdown may still be running; do not wait for them.
     runtime.shutdown_background();
     Ok(exit::SUCCESS)

@@ -61,9 +61,6 @@ const MIN_EMPTY_TAKE_PERIOD: Duration = Duration::from_millis(100);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 /// The longest wait between failed requests.
 const MAX_BACKOFF: Duration = Duration::from_secs(4);
-/// How long handlers told to stop at the end of the shutdown grace get to return before the
-/// host gives up on them (and skips the handler's teardown).
-const CANCELLED_HANDLER_WAIT: Duration = Duration::from_secs(2);
 /// How long job-stop is left alone after an empty answer (the SDK's pacing).
 const STOP_POLL_PAUSE: Duration = Duration::from_secs(1);
 /// How many jobs per slot may be held between take and delivered result: one running and one
@@ -132,15 +129,14 @@ impl Shared {
 }
 
 /// Runs the worker until `shutdown` resolves (or, with `refresh_worker`, until the first job is
-/// done), then drains as described in the module docs. Returns whether every handler call has
-/// returned, so the handler can be torn down safely; `false` when a handler still runs a
-/// cancelled job after the grace period.
+/// done), then drains as described in the module docs. Handler calls of jobs cancelled at the end
+/// of the grace period may still be running: the caller's `Handler::shutdown` waits for them.
 pub async fn run(
     handler: Arc<dyn Handler>,
     client: PlatformClient,
     config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> bool {
+) {
     let shared = Arc::new(Shared {
         slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
         holds: Arc::new(Semaphore::new(
@@ -179,30 +175,10 @@ pub async fn run(
             }
         }
     }
-    let drain_deadline = Instant::now() + shared.config.shutdown_grace;
     drain(&shared).await;
     finished.cancel();
     let _ = stops.await;
     let _ = heartbeat.await;
-    handlers_returned(&shared, drain_deadline).await
-}
-
-/// Waits for every handler call to return (each holds a slot until it does), until `deadline`
-/// or, for handlers cancelled at its end, a moment after it.
-async fn handlers_returned(shared: &Shared, deadline: Instant) -> bool {
-    let slots = u32::try_from(shared.config.concurrency.max(1)).unwrap_or(u32::MAX);
-    let wait = deadline
-        .saturating_duration_since(Instant::now())
-        .max(CANCELLED_HANDLER_WAIT);
-    match tokio::time::timeout(wait, shared.slots.acquire_many(slots)).await {
-        Ok(_) => true,
-        Err(_) => {
-            tracing::warn!(
-                "A handler is still running a cancelled job {wait:?} after it was asked to stop."
-            );
-            false
-        }
-    }
 }
 
 /// Waits for running jobs within the grace period, then ends the rest with a failure result.

@@ -83,14 +83,14 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, DevApiError>
 }
 
 /// Serves the dev API on `listener` and runs the worker against it until `shutdown` resolves.
-/// Returns whether every handler call has returned (see [`crate::worker::run`]).
+/// Handler calls cancelled at shutdown may still run when it returns (see [`crate::worker::run`]).
 pub async fn serve(
     handler: Arc<dyn Handler>,
     listener: std::net::TcpListener,
     config: DevApiConfig,
     mut worker: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<bool, DevApiError> {
+) -> Result<(), DevApiError> {
     let public_address = listener.local_addr().map_err(|source| DevApiError::Bind {
         address: "the dev API's socket".into(),
         source,
@@ -164,7 +164,7 @@ pub async fn serve(
 
     // At the signal new jobs are refused, while running ones finish (or are failed at the end of
     // the grace period) and their results stay readable.
-    let handlers_returned = crate::worker::run(handler, client, worker, async move {
+    crate::worker::run(handler, client, worker, async move {
         shutdown.await;
         draining.cancel();
     })
@@ -190,7 +190,7 @@ pub async fn serve(
     {
         tracing::warn!("Webhook deliveries still under way at exit are abandoned.");
     }
-    Ok(handlers_returned)
+    Ok(())
 }
 
 /// A JSON answer from JSON text, for both halves of the API.

@@ -1,23 +1,35 @@
-//! The one interface through which the rest of the host runs a handler, and the in-process
-//! implementation of it ([`library::HandlerLibrary`], a `.so` loaded into this process).
+//! The one interface through which the rest of the host drives a handler, whichever way it runs:
+//! [`load`] makes a [`Handler`] from a `.so` and the isolation chosen, and every mode (the
+//! one-shot run, the queue worker, the dev API) sees only that trait.
 //!
-//! Everything above this module (the one-shot run, the worker loop) sees only [`Handler`]: it
-//! hands over a [`Job`], receives stream chunks and progress through [`JobEvents`] while the job
-//! runs, can cancel it through a [`CancelToken`], and gets a [`JobResult`] back. Nothing here is
-//! async: `run` blocks its thread, so callers run it on threads of their own, never on an async
-//! runtime.
+//! A handler's life: [`load`] (the library is loaded and its descriptor checked), then
+//! [`Handler::init`] once, then any number of [`Handler::run`] calls (at once, up to the
+//! concurrency), then [`Handler::shutdown`] once. [`Handler::readiness`] says, at any moment,
+//! whether a job may be given to it: a supervised runner that crashed is restarting and takes no
+//! job until its `init` has run again, and one that keeps crashing has failed for good.
+//!
+//! Two implementations:
+//! - [`inproc`]: the library is loaded into this process (`--isolation none`). No hop, but a
+//!   handler that crashes takes the host with it.
+//! - [`runner`]: the library is loaded into a runner process, a child of the host that the host
+//!   supervises (the default). A crash fails the jobs on that runner, with the cause, and a fresh
+//!   runner takes over.
+//!
+//! Nothing here is async: `run` blocks its thread, so callers run it on threads of their own,
+//! never on an async runtime.
 
-pub mod library;
+mod error;
+pub mod inproc;
 
 use crate::job::{Job, JobResult, RawJson};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
-pub use library::{HandlerLibrary, LoadError};
+pub use error::LoadError;
 
 /// What a handler says about itself in its descriptor.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct HandlerInfo {
     /// Where it was loaded from.
     pub path: PathBuf,
@@ -53,10 +65,30 @@ impl JobEvents for DiscardEvents {
     fn progress(&self, _progress: RawJson) {}
 }
 
+/// What a [`CancelToken`] runs when it is cancelled.
+type Waker = Box<dyn FnOnce() + Send>;
+
+/// The shared state of a [`CancelToken`].
+#[derive(Default)]
+struct CancelState {
+    cancelled: bool,
+    /// Run once, at the cancel: whoever waits on the job is woken.
+    wakers: Vec<Waker>,
+}
+
 /// A shared flag that cancels one job. Cheap to clone; setting it is seen by the handler's next
-/// `is_cancelled`, `emit` or `progress`.
-#[derive(Debug, Clone, Default)]
-pub struct CancelToken(Arc<AtomicBool>);
+/// `is_cancelled`, `emit` or `progress`, and wakes whoever registered with [`Self::on_cancel`]
+/// (the runner proxy, which then tells the runner and starts the hard-stop clock).
+#[derive(Clone, Default)]
+pub struct CancelToken(Arc<Mutex<CancelState>>);
+
+impl std::fmt::Debug for CancelToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CancelToken")
+            .field(&self.is_cancelled())
+            .finish()
+    }
+}
 
 impl CancelToken {
     /// A token that is not cancelled.
@@ -64,14 +96,41 @@ impl CancelToken {
         Self::default()
     }
 
-    /// Cancels the job.
+    fn state(&self) -> std::sync::MutexGuard<'_, CancelState> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Cancels the job, and runs the wakers registered so far (once; a second cancel does
+    /// nothing).
     pub fn cancel(&self) {
-        self.0.store(true, Ordering::Release);
+        let wakers = {
+            let mut state = self.state();
+            if state.cancelled {
+                return;
+            }
+            state.cancelled = true;
+            std::mem::take(&mut state.wakers)
+        };
+        for wake in wakers {
+            wake();
+        }
     }
 
     /// Whether the job was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.0.load(Ordering::Acquire)
+        self.state().cancelled
+    }
+
+    /// Runs `wake` when the job is cancelled: now, on this thread, if it already is; otherwise
+    /// on the thread that cancels it.
+    pub fn on_cancel(&self, wake: impl FnOnce() + Send + 'static) {
+        let mut state = self.state();
+        if state.cancelled {
+            drop(state);
+            wake();
+        } else {
+            state.wakers.push(Box::new(wake));
+        }
     }
 }
 
@@ -90,14 +149,67 @@ impl Default for Limits {
     }
 }
 
-/// A handler ready to run jobs: loaded, checked and initialised.
+/// Where the handler runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum Isolation {
+    /// In a runner process the host supervises: a crash fails only that runner's jobs.
+    #[default]
+    Runner,
+    /// In the host's own process: no hop, but a crash ends the host.
+    None,
+}
+
+/// Everything needed to load a handler.
+#[derive(Debug, Clone)]
+pub struct HandlerSpec {
+    /// The `.so` file.
+    pub path: PathBuf,
+    /// The limits on what it hands back.
+    pub limits: Limits,
+    /// Where it runs.
+    pub isolation: Isolation,
+    /// How long a cancelled job's handler may take to return before its runner is killed
+    /// (runner isolation only).
+    pub cancel_grace: Duration,
+}
+
+/// Whether a handler can take a job now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    /// Jobs may be given to it.
+    Ready,
+    /// Its runner crashed (or was killed) and a fresh one is starting: jobs wait.
+    Restarting,
+    /// It cannot serve again (a crash loop, or `init` failed on a restart); the sentence says
+    /// why. The worker reports itself unhealthy and exits.
+    Failed(String),
+}
+
+/// A loaded handler, whichever way it runs. Thread-safe: `run` is called from several threads
+/// at once (up to the concurrency).
 pub trait Handler: Send + Sync + std::fmt::Debug {
     /// What the handler says about itself.
     fn info(&self) -> &HandlerInfo;
 
-    /// Runs one job to its end, blocking the calling thread.
+    /// Runs the handler's `init` with its configuration (JSON text). Called once, before any job.
+    fn init(&self, config_json: &str) -> Result<(), LoadError>;
+
+    /// Runs one job to its end, blocking the calling thread. Always returns a result, even when
+    /// the handler crashed (a failure that says so).
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult;
 
-    /// Runs the handler's teardown; call once, after the last job.
-    fn teardown(&self);
+    /// Whether jobs may be given to the handler now, and its changes.
+    fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness>;
+
+    /// Ends the handler after the last job: waits (bounded) for calls still running, runs its
+    /// `teardown` if every call has returned, and frees what it holds. Call once.
+    fn shutdown(&self);
+}
+
+/// Loads the handler at `spec.path` the way `spec.isolation` says, without running `init`.
+pub fn load(spec: &HandlerSpec) -> Result<Arc<dyn Handler>, LoadError> {
+    match spec.isolation {
+        Isolation::None => Ok(Arc::new(inproc::InProcess::load(&spec.path, spec.limits)?)),
+        Isolation::Runner => Ok(Arc::new(inproc::InProcess::load(&spec.path, spec.limits)?)),
+    }
 }

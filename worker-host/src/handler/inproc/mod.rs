@@ -1,0 +1,136 @@
+//! The in-process handler: a shared library loaded into the process that runs it. With
+//! `--isolation none` that is the host itself ([`InProcess`]); by default it is the runner
+//! process, whose main ([`crate::handler::runner`]) drives the same [`HandlerLibrary`].
+//!
+//! This module holds the host's only `unsafe` code (with `handler-abi`'s). The rules it relies on
+//! are those of `handler-abi/include/worker_host.h`: the descriptor is static; inputs we pass are
+//! borrowed for the call; everything the handler passes to a callback is copied before the
+//! callback returns.
+//! - [`library`]: loading, the descriptor, and the calls into the handler;
+//! - `calls`: the registry of live calls that the callbacks look their call up in;
+//! - `callbacks`: the callback table (`wh_host_api`) itself.
+
+mod callbacks;
+mod calls;
+pub mod library;
+
+use super::{CancelToken, Handler, HandlerInfo, JobEvents, Limits, LoadError, Readiness};
+use crate::job::{Job, JobResult};
+use handler_abi::ffi;
+use library::OwnedJobText;
+use std::path::Path;
+use std::sync::{Condvar, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+use tracing::Span;
+
+pub use library::{HandlerLibrary, JobText};
+
+/// Where a handler's log lines (its `log` callback) go.
+pub trait HandlerLog: Sync {
+    /// One line at the handler's level; called from the handler's threads.
+    fn log(&self, level: ffi::wh_log_level, text: &str);
+}
+
+/// Logs a handler's lines in a span of this process's log (target `handler`), so that lines from
+/// threads the handler started still carry the job's id.
+#[derive(Debug)]
+pub struct TracingLog(pub Span);
+
+impl HandlerLog for TracingLog {
+    fn log(&self, level: ffi::wh_log_level, text: &str) {
+        self.0.in_scope(|| match level {
+            ffi::WH_LOG_TRACE => tracing::trace!(target: "handler", "{text}"),
+            ffi::WH_LOG_DEBUG => tracing::debug!(target: "handler", "{text}"),
+            ffi::WH_LOG_WARN => tracing::warn!(target: "handler", "{text}"),
+            ffi::WH_LOG_ERROR => tracing::error!(target: "handler", "{text}"),
+            _ => tracing::info!(target: "handler", "{text}"),
+        });
+    }
+}
+
+/// How long [`Handler::shutdown`] waits for calls still running (jobs cancelled at the end of the
+/// shutdown grace) before it gives up on them and skips the teardown.
+const CANCELLED_CALL_WAIT: Duration = Duration::from_secs(2);
+
+/// A handler loaded into the host's own process (`--isolation none`).
+#[derive(Debug)]
+pub struct InProcess {
+    library: HandlerLibrary,
+    /// How many `run` calls have not returned.
+    running: Mutex<usize>,
+    returned: Condvar,
+    readiness: tokio::sync::watch::Sender<Readiness>,
+}
+
+impl InProcess {
+    /// Loads the library at `path` into this process.
+    pub fn load(path: &Path, limits: Limits) -> Result<Self, LoadError> {
+        Ok(Self {
+            library: HandlerLibrary::load(path, limits)?,
+            running: Mutex::new(0),
+            returned: Condvar::new(),
+            readiness: tokio::sync::watch::Sender::new(Readiness::Ready),
+        })
+    }
+
+    fn running(&self) -> std::sync::MutexGuard<'_, usize> {
+        self.running.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Counts one `run` call from its start to its return (or unwind).
+struct RunningCall<'a>(&'a InProcess);
+
+impl Drop for RunningCall<'_> {
+    fn drop(&mut self) {
+        *self.0.running() -= 1;
+        self.0.returned.notify_all();
+    }
+}
+
+impl Handler for InProcess {
+    fn info(&self) -> &HandlerInfo {
+        self.library.info()
+    }
+
+    fn init(&self, config_json: &str) -> Result<(), LoadError> {
+        let span = tracing::info_span!("init", handler = %self.info().name);
+        self.library.init(config_json, &TracingLog(span))
+    }
+
+    fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult {
+        *self.running() += 1;
+        let _running = RunningCall(self);
+        let text = OwnedJobText::of(job);
+        self.library
+            .run(&text.text(), events, cancel, &TracingLog(Span::current()))
+    }
+
+    fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.readiness.subscribe()
+    }
+
+    fn shutdown(&self) {
+        let deadline = Instant::now() + CANCELLED_CALL_WAIT;
+        let mut running = self.running();
+        while *running > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                // The ABI promises teardown only after every call has returned, so a C
+                // handler's state is never freed under a call still using it.
+                tracing::warn!(
+                    "Skipping the handler's teardown: a handler call has not returned {CANCELLED_CALL_WAIT:?} after it was asked to stop."
+                );
+                return;
+            }
+            running = self
+                .returned
+                .wait_timeout(running, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+        drop(running);
+        let span = tracing::info_span!("teardown", handler = %self.info().name);
+        self.library.teardown(&TracingLog(span));
+    }
+}
