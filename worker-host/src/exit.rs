@@ -34,5 +34,6 @@ pub fn for_load_error(error: &LoadError) -> u8 {
         | LoadError::DescriptorTooSmall { .. }
         | LoadError::InvalidDescriptor { .. } => INVALID_DESCRIPTOR,
         LoadError::InitFailed { .. } => INIT_FAILED,
+        LoadError::RunnerStart { .. } => JOB_FAILED,
     }
 }

@@ -35,6 +35,9 @@ pub enum HostError {
     /// The handler's init failed in production (reported to the platform as unhealthy).
     #[error("{0}")]
     WorkerInitFailed(LoadError),
+    /// The handler stopped being able to serve (a crash loop), reported as unhealthy.
+    #[error("{0}")]
+    HandlerFailed(String),
     /// The local dev API could not start.
     #[error(transparent)]
     DevApi(#[from] dev_api::DevApiError),
@@ -51,7 +54,9 @@ impl HostError {
             Self::Config(_) | Self::Url(_) => exit::USAGE,
             Self::DevApi(dev_api::DevApiError::Bind { .. }) => exit::USAGE,
             Self::DevApi(_) => exit::JOB_FAILED,
-            Self::WorkerInitFailed(_) | Self::Runtime(_) => exit::JOB_FAILED,
+            Self::WorkerInitFailed(_) | Self::HandlerFailed(_) | Self::Runtime(_) => {
+                exit::JOB_FAILED
+            }
             Self::Load(error) => exit::for_load_error(error),
         }
     }
@@ -127,8 +132,15 @@ fn run_dev_api(
     ));
     handler.shutdown();
     runtime.shutdown_background();
-    served?;
-    Ok(exit::SUCCESS)
+    worker_exit(served?)
+}
+
+/// The exit code of a worker that stopped, or the error of one whose handler failed.
+fn worker_exit(exit: worker::WorkerExit) -> Result<u8, HostError> {
+    match exit {
+        worker::WorkerExit::Stopped => Ok(exit::SUCCESS),
+        worker::WorkerExit::HandlerFailed(reason) => Err(HostError::HandlerFailed(reason)),
+    }
 }
 
 /// The stack of every thread of the runtime, including the blocking-pool threads that run
@@ -187,7 +199,7 @@ fn run_worker(
         return Err(HostError::WorkerInitFailed(error));
     }
     let config = worker_settings(&*handler, worker.config);
-    runtime.block_on(worker::run(
+    let exit = runtime.block_on(worker::run(
         handler.clone(),
         client,
         config,
@@ -196,7 +208,7 @@ fn run_worker(
     handler.shutdown();
     // Handler threads of jobs cancelled at shutdown may still be running; do not wait for them.
     runtime.shutdown_background();
-    Ok(exit::SUCCESS)
+    worker_exit(exit)
 }
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger.

@@ -8,6 +8,14 @@ use worker_host::config::Settings;
 use worker_host::{exit, logging};
 
 fn main() -> ExitCode {
+    // The host starts its handler's runner process from this same binary.
+    let arguments: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if arguments
+        .get(1)
+        .is_some_and(|first| first == worker_host::handler::runner::RUNNER_ARGUMENT)
+    {
+        return worker_host::handler::runner::child::main(&arguments[2..]);
+    }
     let cli = Cli::parse();
     let working_dir = std::env::current_dir().unwrap_or_else(|_| ".".into());
     let settings = match Settings::from_cli(cli, &working_dir) {

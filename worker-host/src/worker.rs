@@ -18,7 +18,7 @@
 //! them and post a failure result for each; then exit. A stop or the end of the grace period
 //! reaches a job ahead of any stream chunks still queued for delivery.
 
-use crate::handler::{CancelToken, Handler, JobEvents};
+use crate::handler::{CancelToken, Handler, JobEvents, Readiness};
 use crate::job::{
     job_done_body, progress_body, stream_chunk_body, Failure, Job, JobResult, Origin, Outcome,
     RawJson,
@@ -113,6 +113,8 @@ struct Shared {
     in_flight: Mutex<HashMap<String, InFlightJob>>,
     /// Cancelled to make the worker stop taking jobs (shutdown, or refresh_worker after a job).
     stop_taking: CancellationToken,
+    /// Why the handler cannot serve any more (a crash loop), once it says so.
+    handler_failed: Mutex<Option<String>>,
     jobs: TaskTracker,
 }
 
@@ -129,14 +131,15 @@ impl Shared {
 }
 
 /// Runs the worker until `shutdown` resolves (or, with `refresh_worker`, until the first job is
-/// done), then drains as described in the module docs. Handler calls of jobs cancelled at the end
-/// of the grace period may still be running: the caller's `Handler::shutdown` waits for them.
+/// done, or the handler can no longer serve), then drains as described in the module docs.
+/// Handler calls of jobs cancelled at the end of the grace period may still be running: the
+/// caller's `Handler::shutdown` waits for them.
 pub async fn run(
     handler: Arc<dyn Handler>,
     client: PlatformClient,
     config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) {
+) -> WorkerExit {
     let shared = Arc::new(Shared {
         slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
         holds: Arc::new(Semaphore::new(
@@ -147,6 +150,7 @@ pub async fn run(
         config,
         in_flight: Mutex::new(HashMap::new()),
         stop_taking: CancellationToken::new(),
+        handler_failed: Mutex::new(None),
         jobs: TaskTracker::new(),
     });
     let finished = CancellationToken::new();
@@ -179,6 +183,57 @@ pub async fn run(
     finished.cancel();
     let _ = stops.await;
     let _ = heartbeat.await;
+    let failed = shared
+        .handler_failed
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .take();
+    match failed {
+        Some(reason) => WorkerExit::HandlerFailed(reason),
+        None => WorkerExit::Stopped,
+    }
+}
+
+/// Why the worker stopped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkerExit {
+    /// A shutdown signal, or `--refresh-worker` after its job.
+    Stopped,
+    /// The handler can no longer serve (a crash loop); reported to the platform as unhealthy.
+    HandlerFailed(String),
+}
+
+/// Waits until the handler can take a job. `false` when the worker stops taking first, or the
+/// handler failed for good: then it is reported unhealthy (once) and taking stops.
+async fn handler_ready(shared: &Shared) -> bool {
+    let mut readiness = shared.handler.readiness();
+    let waited = tokio::select! {
+        biased;
+        () = shared.stop_taking.cancelled() => return false,
+        state = readiness.wait_for(|state| *state != Readiness::Restarting) => state.map(|state| state.clone()),
+    };
+    match waited {
+        Ok(Readiness::Ready) => true,
+        Ok(Readiness::Failed(reason)) => {
+            tracing::error!(
+                "The handler cannot serve any more: {reason}. Reporting the worker unhealthy."
+            );
+            shared
+                .client
+                .report_unhealthy("handler_crashed", &reason)
+                .await;
+            *shared
+                .handler_failed
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner) = Some(reason);
+            shared.stop_taking.cancel();
+            false
+        }
+        Ok(Readiness::Restarting) | Err(_) => {
+            shared.stop_taking.cancel();
+            false
+        }
+    }
 }
 
 /// Waits for running jobs within the grace period, then ends the rest with a failure result.
@@ -284,6 +339,10 @@ async fn first_permits(shared: &Shared) -> Option<Permits> {
 async fn take_loop(shared: Arc<Shared>) {
     let mut backoff = Backoff::new();
     loop {
+        // Jobs wait in the platform's queue, not here, while a crashed runner restarts.
+        if !handler_ready(&shared).await {
+            return;
+        }
         let Some(first) = first_permits(&shared).await else {
             return;
         };
@@ -554,7 +613,7 @@ impl JobTask {
     /// posted; a result the handler already returned is still posted (it is the job's real
     /// answer), otherwise the stop or shutdown ending applies.
     async fn interrupted(
-        self,
+        mut self,
         ending: Ending,
         messages: &mut mpsc::UnboundedReceiver<JobMessage>,
         chunks: &[RawJson],
@@ -562,6 +621,21 @@ impl JobTask {
         while let Ok(message) = messages.try_recv() {
             if let JobMessage::Completed(result) = message {
                 return self.finish(Ending::Completed(result), chunks).await;
+            }
+        }
+        if matches!(ending, Ending::Stopped) {
+            // The job stays in the heartbeat's list until its handler has returned (as in the
+            // SDK), or the end of the shutdown grace gives up on it; what it sends meanwhile is
+            // dropped.
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(Ending::ShutDown) = self.interrupts.recv() => break,
+                    message = messages.recv() => match message {
+                        Some(JobMessage::Completed(_)) | None => break,
+                        Some(_) => {}
+                    },
+                }
             }
         }
         self.finish(ending, chunks).await;

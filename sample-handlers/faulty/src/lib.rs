@@ -8,11 +8,19 @@
 //! - `panic_bomb`: panic with a payload whose `Drop` panics too;
 //! - `sleep`: sleep `ms` milliseconds in 10 ms steps, failing early if the job is cancelled
 //!   (unless `ignore_cancel` is true); logs "slept" at INFO when it returns;
-//! - `crash`: raise SIGSEGV, killing the process;
+//! - `crash`: write to an invalid address, so the process dies of a real SIGSEGV;
+//! - `abort`: call `abort()` (SIGABRT);
+//! - `exit`: end the process with `exit(code)`;
+//! - `hang`: never return, ignoring cancellation;
+//! - `print`: write `message` to stdout and to stderr (as a handler's `printf` would), then
+//!   return the input;
 //! - `recycle`: ask for the worker to be recycled, then return the input;
 //! - `big`: return a string of `bytes` bytes.
 //!
-//! Config: `{"fail_init": "<message>"}` makes `init` fail with that message.
+//! Before `crash`, `abort`, `exit` and `hang`, a non-empty `message` is written to stderr.
+//!
+//! Config: `{"fail_init": "<message>"}` makes `init` fail with that message, and
+//! `{"crash_init": true}` makes it crash (SIGSEGV).
 
 use handler_abi::{export_handler, Handler, HandlerError, Job, LogLevel, RawJson};
 use serde::Deserialize;
@@ -34,6 +42,8 @@ struct Fault {
     bytes: usize,
     #[serde(default)]
     ignore_cancel: bool,
+    #[serde(default)]
+    code: i32,
 }
 
 /// Keeps no state.
@@ -45,6 +55,9 @@ impl Handler for Faulty {
     type Output = RawJson;
 
     fn init(config: Value) -> Result<Self, HandlerError> {
+        if config.get("crash_init").and_then(Value::as_bool) == Some(true) {
+            crash();
+        }
         match config.get("fail_init").and_then(Value::as_str) {
             Some(message) => Err(HandlerError::new("InitFailed", message)),
             None => Ok(Faulty),
@@ -59,7 +72,13 @@ impl Handler for Faulty {
             ms: 0,
             bytes: 0,
             ignore_cancel: false,
+            code: 0,
         });
+        if matches!(fault.mode.as_str(), "crash" | "abort" | "exit" | "hang")
+            && !fault.message.is_empty()
+        {
+            eprintln!("{}", fault.message);
+        }
         match fault.mode.as_str() {
             "error" => Err(HandlerError::new(
                 fault.error_type.unwrap_or_else(|| "ValueError".into()),
@@ -83,6 +102,16 @@ impl Handler for Faulty {
                 Ok(input)
             }
             "crash" => crash(),
+            "abort" => std::process::abort(),
+            "exit" => std::process::exit(fault.code),
+            "hang" => loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            },
+            "print" => {
+                println!("{}", fault.message);
+                eprintln!("{}", fault.message);
+                Ok(input)
+            }
             "recycle" => {
                 job.request_recycle();
                 Ok(input)
@@ -102,16 +131,15 @@ impl Drop for PanicBomb {
     }
 }
 
-/// Kills the process with a segmentation fault, as a buggy native handler would.
+/// Kills the process with a segmentation fault, as a buggy native handler would: a write to an
+/// address nothing is mapped at. (Raising SIGSEGV would not do: Rust's own SIGSEGV handler
+/// returns from a raised signal.)
 fn crash() -> ! {
-    extern "C" {
-        fn raise(signal: std::ffi::c_int) -> std::ffi::c_int;
-    }
-    const SIGSEGV: std::ffi::c_int = 11;
-    // SAFETY: `raise` is the C library's, with its C signature; sending a signal to ourselves
-    // touches no Rust memory. The default SIGSEGV action ends the process.
-    unsafe { raise(SIGSEGV) };
-    std::process::abort()
+    let address = std::hint::black_box(16_usize) as *mut u8;
+    // SAFETY: not safe at all, on purpose: the write faults, and the default SIGSEGV action
+    // ends the process before anything could observe the write.
+    unsafe { address.write_volatile(1) };
+    unreachable!("the write above faults")
 }
 
 export_handler!(Faulty);

@@ -90,7 +90,7 @@ pub async fn serve(
     config: DevApiConfig,
     mut worker: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
-) -> Result<(), DevApiError> {
+) -> Result<crate::worker::WorkerExit, DevApiError> {
     let public_address = listener.local_addr().map_err(|source| DevApiError::Bind {
         address: "the dev API's socket".into(),
         source,
@@ -164,7 +164,7 @@ pub async fn serve(
 
     // At the signal new jobs are refused, while running ones finish (or are failed at the end of
     // the grace period) and their results stay readable.
-    crate::worker::run(handler, client, worker, async move {
+    let exit = crate::worker::run(handler, client, worker, async move {
         shutdown.await;
         draining.cancel();
     })
@@ -190,7 +190,7 @@ pub async fn serve(
     {
         tracing::warn!("Webhook deliveries still under way at exit are abandoned.");
     }
-    Ok(())
+    Ok(exit)
 }
 
 /// A JSON answer from JSON text, for both halves of the API.

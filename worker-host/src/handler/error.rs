@@ -66,7 +66,13 @@ pub enum LoadError {
         /// The path given.
         path: PathBuf,
         /// The NULL field.
-        field: &'static str,
+        field: String,
+    },
+    /// The runner process could not be started (or broke the protocol while starting).
+    #[error("the handler's runner process could not be started ({reason}); --isolation none runs the handler in the host's own process instead")]
+    RunnerStart {
+        /// Why.
+        reason: String,
     },
     /// The handler's `init` failed.
     #[error("the handler's init failed: {failure}")]

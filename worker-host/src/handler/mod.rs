@@ -20,6 +20,7 @@
 
 mod error;
 pub mod inproc;
+pub mod runner;
 
 use crate::job::{Job, JobResult, RawJson};
 use std::path::PathBuf;
@@ -210,6 +211,6 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
 pub fn load(spec: &HandlerSpec) -> Result<Arc<dyn Handler>, LoadError> {
     match spec.isolation {
         Isolation::None => Ok(Arc::new(inproc::InProcess::load(&spec.path, spec.limits)?)),
-        Isolation::Runner => Ok(Arc::new(inproc::InProcess::load(&spec.path, spec.limits)?)),
+        Isolation::Runner => Ok(Arc::new(runner::Supervised::start(spec)?)),
     }
 }

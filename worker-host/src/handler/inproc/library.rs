@@ -89,9 +89,9 @@ impl HandlerLibrary {
         }
         // SAFETY: the header makes the descriptor static and `struct_size` bytes long.
         let descriptor = unsafe { read_descriptor(descriptor, struct_size as usize) };
-        let missing = |field| LoadError::InvalidDescriptor {
+        let missing = |field: &str| LoadError::InvalidDescriptor {
             path: path_buf.clone(),
-            field,
+            field: field.to_owned(),
         };
         if descriptor.init.is_none() {
             return Err(missing("init"));

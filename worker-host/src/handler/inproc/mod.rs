@@ -38,14 +38,19 @@ pub struct TracingLog(pub Span);
 
 impl HandlerLog for TracingLog {
     fn log(&self, level: ffi::wh_log_level, text: &str) {
-        self.0.in_scope(|| match level {
-            ffi::WH_LOG_TRACE => tracing::trace!(target: "handler", "{text}"),
-            ffi::WH_LOG_DEBUG => tracing::debug!(target: "handler", "{text}"),
-            ffi::WH_LOG_WARN => tracing::warn!(target: "handler", "{text}"),
-            ffi::WH_LOG_ERROR => tracing::error!(target: "handler", "{text}"),
-            _ => tracing::info!(target: "handler", "{text}"),
-        });
+        log_in(&self.0, level, text);
     }
+}
+
+/// Logs one handler line at its level in `span` (target `handler`).
+pub fn log_in(span: &Span, level: ffi::wh_log_level, text: &str) {
+    span.in_scope(|| match level {
+        ffi::WH_LOG_TRACE => tracing::trace!(target: "handler", "{text}"),
+        ffi::WH_LOG_DEBUG => tracing::debug!(target: "handler", "{text}"),
+        ffi::WH_LOG_WARN => tracing::warn!(target: "handler", "{text}"),
+        ffi::WH_LOG_ERROR => tracing::error!(target: "handler", "{text}"),
+        _ => tracing::info!(target: "handler", "{text}"),
+    });
 }
 
 /// How long [`Handler::shutdown`] waits for calls still running (jobs cancelled at the end of the

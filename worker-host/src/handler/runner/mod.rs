@@ -1,0 +1,213 @@
+//! The supervised runner (the default isolation): the handler runs in a runner process, a child
+//! of the host started from the same binary in a hidden mode, and the host drives it over one
+//! channel. A crash (a segfault, an abort, an `exit`, an OOM kill) ends the runner, not the
+//! host: each job on it fails with the cause, and a fresh runner runs `init` again.
+//!
+//! - [`Supervised`] (here): the [`Handler`] the modes see; `run` sends a job over the channel and
+//!   waits for what comes back, and a cancelled job whose handler does not return within
+//!   `--cancel-grace-secs` gets its runner killed (a hard stop).
+//! - `supervisor`: starting, watching and restarting runners, and the reports of their ends.
+//! - `protocol`: the frames. [`child`]: the runner's own main. `capture`: its stdout and
+//!   stderr. `crash`: what a runner's end means. `reaper`: waiting for child processes.
+//!
+//! # The channel
+//!
+//! The runner's stdin is one end of a Unix socketpair (the runner moves it off fd 0 and puts
+//! `/dev/null` there); its stdout and stderr are pipes the host logs, never the channel. Frames
+//! are length-prefixed (`protocol`); `call` numbers a job on the channel.
+//!
+//! ```text
+//! host                                   runner
+//!                                        loads the .so
+//!      <── Loaded {descriptor facts}     (or Failed {load error}, then it exits)
+//! Init {config} ──>
+//!      <── Log {call 0}...               init runs
+//!      <── Ready                         (or Failed {init error}, then it waits for Shutdown)
+//! Job {call, id, input, job JSON} ──>    one thread per running job
+//! Cancel {call} ──>                      (any time; the handler sees is_cancelled)
+//!      <── Log / Chunk / Progress {call} (any number, in order)
+//!      <── Done {call, outcome, recycle} (exactly one per job, after its other frames)
+//! Shutdown ──>                           waits for its running jobs, runs teardown
+//!      <── TornDown                      then exits
+//! ```
+//!
+//! Jobs interleave: frames of different calls come in any order, those of one call in order. The
+//! end of the channel (or of the process, which the host's reaper sees) ends every call still
+//! open with the runner's cause of death. The runner exits when the channel closes, and dies with
+//! the host (`PR_SET_PDEATHSIG`, checked against the host's pid after it is set).
+//!
+//! A large input or output crosses the channel without an extra copy: the host writes the job's
+//! own buffers with one vectored write, the runner hands the handler pointers into the frame it
+//! read, and an output goes back the same way.
+
+mod capture;
+pub mod child;
+mod crash;
+mod protocol;
+mod reaper;
+mod supervisor;
+
+use super::{CancelToken, Handler, HandlerInfo, HandlerSpec, JobEvents, LoadError, Readiness};
+use crate::job::{Job, JobResult, Outcome};
+use crash::KillReason;
+use protocol::Kind;
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::Instant;
+use supervisor::{Event, Shared, ToJob};
+
+pub use supervisor::RUNNER_ARGUMENT;
+
+/// A handler loaded into a supervised runner process.
+#[derive(Debug)]
+pub struct Supervised {
+    shared: Arc<Shared>,
+    info: HandlerInfo,
+    events: mpsc::Sender<Event>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Supervised {
+    /// Starts the first runner and waits for it to load the library (not to run `init`).
+    pub fn start(spec: &HandlerSpec) -> Result<Self, LoadError> {
+        let (events, receiver) = mpsc::channel();
+        let shared = Arc::new(Shared::new(spec.clone(), events.clone()));
+        let (loaded, load_result) = mpsc::channel();
+        let supervisor_shared = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("runner-supervisor".into())
+            .spawn(move || supervisor::supervise(supervisor_shared, receiver, loaded))
+            .map_err(|error| LoadError::RunnerStart {
+                reason: error.to_string(),
+            })?;
+        match load_result.recv() {
+            Ok(Ok(info)) => Ok(Self {
+                shared,
+                info,
+                events,
+                thread: Mutex::new(Some(thread)),
+            }),
+            Ok(Err(error)) => {
+                let _ = thread.join();
+                Err(error)
+            }
+            Err(_) => Err(LoadError::RunnerStart {
+                reason: "its supervisor thread ended".into(),
+            }),
+        }
+    }
+}
+
+impl Handler for Supervised {
+    fn info(&self) -> &HandlerInfo {
+        &self.info
+    }
+
+    fn init(&self, config_json: &str) -> Result<(), LoadError> {
+        let (reply, answer) = mpsc::channel();
+        let sent = self.events.send(Event::Init {
+            config: config_json.to_owned(),
+            reply,
+        });
+        match sent.ok().and_then(|()| answer.recv().ok()) {
+            Some(result) => result,
+            None => Err(LoadError::RunnerStart {
+                reason: "its supervisor thread ended".into(),
+            }),
+        }
+    }
+
+    fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult {
+        let streaming = self.info.streaming;
+        let failed = |failure| JobResult {
+            outcome: Outcome::Failed { failure, streaming },
+            recycle: false,
+        };
+        let (to_job, messages) = mpsc::channel();
+        let (runner, call) = match self.shared.acquire(job.id(), to_job.clone()) {
+            Ok(acquired) => acquired,
+            Err(failure) => return failed(failure),
+        };
+        cancel.on_cancel(move || {
+            let _ = to_job.send(ToJob::Cancel);
+        });
+        let mut lengths = [0; 16];
+        let body = protocol::job_body(
+            &mut lengths,
+            job.id(),
+            job.input().get(),
+            job.job_json().get(),
+        );
+        // A write error means the runner is dying; its end reaches this job as `Died`.
+        let _ = runner.send(Kind::Job, call, &body);
+        let grace = self.shared.spec().cancel_grace;
+        let mut hard_stop_at: Option<Instant> = None;
+        loop {
+            let message = match hard_stop_at {
+                None => messages.recv().ok(),
+                Some(at) => {
+                    match messages.recv_timeout(at.saturating_duration_since(Instant::now())) {
+                        Ok(message) => Some(message),
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            tracing::warn!(
+                                "The job's handler did not return within {grace:?} of the stop: killing its runner process (pid {}).",
+                                runner.pid()
+                            );
+                            runner.kill(KillReason::HardStop {
+                                job_id: job.id().to_owned(),
+                                grace_secs: grace.as_secs_f64(),
+                            });
+                            hard_stop_at = None;
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => None,
+                    }
+                }
+            };
+            match message {
+                Some(ToJob::Chunk(chunk)) => events.chunk(chunk),
+                Some(ToJob::Progress(progress)) => events.progress(progress),
+                Some(ToJob::Done(mut result)) => {
+                    if let Outcome::Failed {
+                        streaming: ref mut of_a_stream,
+                        ..
+                    } = result.outcome
+                    {
+                        *of_a_stream = streaming;
+                    }
+                    return result;
+                }
+                Some(ToJob::Died(failure)) => return failed(failure),
+                Some(ToJob::Cancel) => {
+                    let _ = runner.send(Kind::Cancel, call, &[]);
+                    hard_stop_at.get_or_insert(Instant::now() + grace);
+                }
+                // The channel always ends a call with Done or Died before it drops the sender.
+                None => {
+                    return failed(crate::job::Failure::new(
+                        "HandlerCrashed",
+                        "the handler's runner process ended without a result for this job",
+                    ))
+                }
+            }
+        }
+    }
+
+    fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.shared.readiness()
+    }
+
+    fn shutdown(&self) {
+        let (reply, done) = mpsc::channel();
+        if self.events.send(Event::Shutdown { reply }).is_ok() {
+            let _ = done.recv();
+        }
+        let thread = self
+            .thread
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+}

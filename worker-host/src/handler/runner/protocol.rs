@@ -1,0 +1,278 @@
+//! The frames of the runner channel (see the [parent module](super) for who sends what, and in
+//! which order), and reading and writing them on a blocking stream.
+//!
+//! A frame is a fixed 24-byte header and a body:
+//!
+//! ```text
+//! offset 0   u64 LE  body length in bytes
+//! offset 8   u8      kind (Kind)
+//! offset 9   u8      flags (per kind: a job outcome and recycle bit, a log level)
+//! offset 10  [u8; 6] zero
+//! offset 16  u64 LE  call: the job a frame is about (0 for the runner as a whole)
+//! offset 24          body
+//! ```
+//!
+//! Bodies are raw bytes, not an encoding of them: a job's JSON text goes into the channel as it
+//! is (written with one vectored write straight from the job's own buffers) and comes out as one
+//! buffer the handler's strings point into, so a 20 MiB input is copied by the kernel and by no
+//! one else. Small structured bodies (the descriptor, a load error, a failure) are JSON.
+//!
+//! The framing is written here rather than taken from a codec crate because both ends are
+//! blocking threads and the point is to avoid assembling a frame in a buffer of its own.
+
+use std::io::{IoSlice, Read, Write};
+
+/// The size of a frame header.
+const HEADER_LEN: usize = 24;
+
+/// What a frame is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Kind {
+    // Host to runner.
+    /// Run `init`; body: the handler configuration (JSON text).
+    Init = 1,
+    /// Run a job; body: see [`job_body`].
+    Job = 2,
+    /// Cancel the job `call`; no body.
+    Cancel = 3,
+    /// Finish the running jobs, run `teardown` and exit; no body.
+    Shutdown = 4,
+    // Runner to host.
+    /// The library loaded; body: the handler's descriptor facts (`HandlerInfo`, JSON).
+    Loaded = 10,
+    /// The library could not be loaded, or `init` failed; body: the `LoadError` (JSON).
+    Failed = 11,
+    /// `init` succeeded; no body.
+    Ready = 12,
+    /// A log line of the handler's; flags: the `wh_log_level`; body: the text.
+    Log = 13,
+    /// A stream chunk of the job `call`; body: JSON text.
+    Chunk = 14,
+    /// A progress report of the job `call`; body: JSON text.
+    Progress = 15,
+    /// The job `call` ended; flags: [`Outcome`] | [`RECYCLE`]; body: the output's JSON text, or
+    /// for a failure the `Failure` (JSON), or nothing for a finished stream.
+    Done = 16,
+    /// `teardown` ran; the runner exits next. No body.
+    TornDown = 17,
+}
+
+impl Kind {
+    fn from_byte(byte: u8) -> Option<Self> {
+        Some(match byte {
+            1 => Self::Init,
+            2 => Self::Job,
+            3 => Self::Cancel,
+            4 => Self::Shutdown,
+            10 => Self::Loaded,
+            11 => Self::Failed,
+            12 => Self::Ready,
+            13 => Self::Log,
+            14 => Self::Chunk,
+            15 => Self::Progress,
+            16 => Self::Done,
+            17 => Self::TornDown,
+            _ => return None,
+        })
+    }
+}
+
+/// How a job ended, in a [`Kind::Done`] frame's flags.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub(crate) enum Outcome {
+    /// The body is the output.
+    Output = 0,
+    /// A streaming job finished; no body.
+    Streamed = 1,
+    /// The body is the failure.
+    Failed = 2,
+}
+
+/// The flag bit of a [`Kind::Done`] frame saying the handler asked to be recycled.
+pub(crate) const RECYCLE: u8 = 0x10;
+
+impl Outcome {
+    /// The outcome in a Done frame's flags.
+    pub(crate) fn from_flags(flags: u8) -> Option<Self> {
+        match flags & 0x0f {
+            0 => Some(Self::Output),
+            1 => Some(Self::Streamed),
+            2 => Some(Self::Failed),
+            _ => None,
+        }
+    }
+}
+
+/// One frame read from the channel.
+#[derive(Debug)]
+pub(crate) struct Frame {
+    pub(crate) kind: Kind,
+    pub(crate) flags: u8,
+    pub(crate) call: u64,
+    pub(crate) body: Vec<u8>,
+}
+
+/// Why a frame could not be read.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    /// The other end closed the channel between frames.
+    #[error("the channel was closed")]
+    Closed,
+    /// Reading failed, or the channel closed inside a frame.
+    #[error("reading the runner channel failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// The frame breaks the protocol.
+    #[error("the runner channel carried an invalid frame: {0}")]
+    Invalid(String),
+}
+
+/// Reads the next frame; a body over `max_body` bytes is refused before anything is allocated.
+pub(crate) fn read_frame(reader: &mut impl Read, max_body: u64) -> Result<Frame, ReadError> {
+    let mut header = [0_u8; HEADER_LEN];
+    // Distinguish a clean close (no byte of a new frame) from one inside a frame.
+    let mut filled = 0;
+    while filled < HEADER_LEN {
+        match reader.read(&mut header[filled..]) {
+            Ok(0) if filled == 0 => return Err(ReadError::Closed),
+            Ok(0) => return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into())),
+            Ok(read) => filled += read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error.into()),
+        }
+    }
+    let length = u64::from_le_bytes(header[0..8].try_into().expect("8 bytes"));
+    let kind = Kind::from_byte(header[8])
+        .ok_or_else(|| ReadError::Invalid(format!("unknown kind {}", header[8])))?;
+    let flags = header[9];
+    let call = u64::from_le_bytes(header[16..24].try_into().expect("8 bytes"));
+    if length > max_body {
+        return Err(ReadError::Invalid(format!(
+            "a {kind:?} body of {length} bytes, over the limit of {max_body}"
+        )));
+    }
+    let mut body = vec![0_u8; usize::try_from(length).expect("checked against the limit")];
+    reader.read_exact(&mut body)?;
+    Ok(Frame {
+        kind,
+        flags,
+        call,
+        body,
+    })
+}
+
+/// Writes one frame whose body is `parts`, in order, with vectored writes (no copy of the
+/// parts into a buffer). The caller holds the writer for the whole frame.
+pub(crate) fn write_frame(
+    writer: &mut impl Write,
+    kind: Kind,
+    flags: u8,
+    call: u64,
+    parts: &[&[u8]],
+) -> std::io::Result<()> {
+    let length: usize = parts.iter().map(|part| part.len()).sum();
+    let mut header = [0_u8; HEADER_LEN];
+    header[0..8].copy_from_slice(&(length as u64).to_le_bytes());
+    header[8] = kind as u8;
+    header[9] = flags;
+    header[16..24].copy_from_slice(&call.to_le_bytes());
+    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
+    slices.push(IoSlice::new(&header));
+    slices.extend(parts.iter().map(|part| IoSlice::new(part)));
+    let mut remaining = &mut slices[..];
+    while !remaining.is_empty() {
+        match writer.write_vectored(remaining) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(written) => IoSlice::advance_slices(&mut remaining, written),
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    writer.flush()
+}
+
+/// The body of a [`Kind::Job`] frame, as parts for [`write_frame`]: the lengths of the first two
+/// strings (u64 LE each, NULs included), then the id, the input and the job JSON, each followed
+/// by a NUL, so the runner hands the handler pointers into the body as it arrived.
+pub(crate) fn job_body<'a>(
+    lengths: &'a mut [u8; 16],
+    id: &'a str,
+    input: &'a str,
+    job_json: &'a str,
+) -> [&'a [u8]; 7] {
+    lengths[0..8].copy_from_slice(&(id.len() as u64 + 1).to_le_bytes());
+    lengths[8..16].copy_from_slice(&(input.len() as u64 + 1).to_le_bytes());
+    const NUL: &[u8] = &[0];
+    [
+        lengths,
+        id.as_bytes(),
+        NUL,
+        input.as_bytes(),
+        NUL,
+        job_json.as_bytes(),
+        NUL,
+    ]
+}
+
+/// Splits a [`Kind::Job`] body into its three NUL-terminated strings (id, input, job JSON).
+pub(crate) fn split_job_body(body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let id_len = usize::try_from(u64::from_le_bytes(body.get(0..8)?.try_into().ok()?)).ok()?;
+    let input_len = usize::try_from(u64::from_le_bytes(body.get(8..16)?.try_into().ok()?)).ok()?;
+    let strings = body.get(16..)?;
+    let (id, rest) = strings.split_at_checked(id_len)?;
+    let (input, job_json) = rest.split_at_checked(input_len)?;
+    Some((id, input, job_json))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame written in parts reads back whole, and a closed channel between frames reads as
+    /// `Closed`, inside one as an I/O error.
+    #[test]
+    fn frames_round_trip() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Kind::Chunk, 3, 42, &[b"{\"a\":", b"1}"]).unwrap();
+        write_frame(&mut wire, Kind::Ready, 0, 0, &[]).unwrap();
+        let mut reader = &wire[..];
+        let frame = read_frame(&mut reader, 100).unwrap();
+        assert_eq!(
+            (frame.kind, frame.flags, frame.call, frame.body.as_slice()),
+            (Kind::Chunk, 3, 42, &b"{\"a\":1}"[..])
+        );
+        let frame = read_frame(&mut reader, 100).unwrap();
+        assert_eq!((frame.kind, frame.body.len()), (Kind::Ready, 0));
+        assert!(matches!(
+            read_frame(&mut reader, 100),
+            Err(ReadError::Closed)
+        ));
+        let mut cut = &wire[..10];
+        assert!(matches!(read_frame(&mut cut, 100), Err(ReadError::Io(_))));
+    }
+
+    /// A body over the limit is refused from its header, before it is read.
+    #[test]
+    fn oversize_bodies_are_refused() {
+        let mut wire = Vec::new();
+        write_frame(&mut wire, Kind::Done, 0, 1, &[&[b'x'; 64]]).unwrap();
+        assert!(matches!(
+            read_frame(&mut &wire[..], 63),
+            Err(ReadError::Invalid(_))
+        ));
+    }
+
+    /// A job body splits back into the three strings, each with its NUL.
+    #[test]
+    fn job_bodies_split_into_nul_terminated_strings() {
+        let mut lengths = [0; 16];
+        let parts = job_body(&mut lengths, "id-1", "{\"x\":1}", "{\"id\":\"id-1\"}");
+        let body: Vec<u8> = parts.concat();
+        let (id, input, job) = split_job_body(&body).unwrap();
+        assert_eq!(id, b"id-1\0");
+        assert_eq!(input, b"{\"x\":1}\0");
+        assert_eq!(job, b"{\"id\":\"id-1\"}\0");
+        assert!(split_job_body(&body[..20]).is_none());
+    }
+}

@@ -1,0 +1,792 @@
+//! The supervisor: starts runner processes, reads what each sends, notices when one ends, fails
+//! the jobs it held with the cause, and starts the next one.
+//!
+//! Three kinds of thread:
+//! - **the supervisor thread**, one for the handler's life: it spawns every runner (a runner's
+//!   parent-death signal fires when the *thread* that spawned it ends, so that thread must live
+//!   as long as the runner may), drives each through load and `init`, and decides on restarts;
+//! - **a reader thread per runner**, which reads its frames in order, hands job frames to the
+//!   job's own thread, control frames to the supervisor thread, and at the channel's end waits
+//!   for the exit status and fails every job still on the runner;
+//! - **the job threads** of the modes, blocked in [`super::Supervised`]'s `run`.
+//!
+//! Restarts: after a crash a new runner is started with back-off (0.5 s, doubling) and `init` runs
+//! again; jobs wait meanwhile ([`Readiness::Restarting`]). [`CRASH_LOOP`] (3) crashes with no job
+//! finished in between, or a restart whose load or `init` fails, end the handler for good
+//! ([`Readiness::Failed`]). A runner the host killed (a hard stop) is restarted at once and does
+//! not count as a crash.
+
+use super::capture::{Capture, LineContext};
+use super::crash::{describe, describe_kill, KillReason, OomCounter, RunnerEnd};
+use super::protocol::{self, read_frame, write_frame, Frame, Kind, ReadError};
+use super::reaper;
+use crate::handler::{HandlerInfo, HandlerSpec, LoadError, Readiness};
+use crate::job::{Failure, JobResult, Outcome, RawJson};
+use std::collections::HashMap;
+use std::os::unix::net::UnixStream;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
+use tracing::Span;
+
+/// The argument that starts the `worker-host` binary as a runner.
+pub const RUNNER_ARGUMENT: &str = "__worker-host-runner";
+/// Crashes in a row, with no job finished between them, that end the handler for good.
+const CRASH_LOOP: u32 = 3;
+/// The wait before the first restart after a crash; it doubles with each crash in a row.
+const FIRST_RESTART_DELAY: Duration = Duration::from_millis(500);
+/// How long a runner that closed its channel may take to exit before it is killed.
+const EXIT_WAIT: Duration = Duration::from_secs(2);
+/// How long a dead runner's output pipes may take to deliver their last lines.
+const LAST_OUTPUT_WAIT: Duration = Duration::from_millis(300);
+/// How long a runner may take to run `teardown` and exit at shutdown, beyond the cancel grace.
+const TEARDOWN_WAIT: Duration = Duration::from_secs(10);
+/// Room for the non-output bytes of a frame (a failure's JSON, a log line) over the output limit.
+const FRAME_OVERHEAD: u64 = 1024 * 1024;
+
+/// What a job's thread receives while its job runs on a runner.
+#[derive(Debug)]
+pub(super) enum ToJob {
+    Chunk(RawJson),
+    Progress(RawJson),
+    Done(JobResult),
+    /// The runner ended before the job did.
+    Died(Failure),
+    /// The job's cancel token fired: tell the runner, start the hard-stop clock.
+    Cancel,
+}
+
+/// A job running on a runner.
+#[derive(Debug)]
+pub(super) struct Call {
+    pub(super) job_id: String,
+    pub(super) span: Span,
+    pub(super) to_job: mpsc::Sender<ToJob>,
+}
+
+/// One runner process: one generation of the handler.
+#[derive(Debug)]
+pub(super) struct Runner {
+    generation: u64,
+    pid: i32,
+    writer: Mutex<UnixStream>,
+    calls: Mutex<HashMap<u64, Call>>,
+    /// Set when the host kills the runner, so its end is reported as the host's doing.
+    kill_reason: Mutex<Option<KillReason>>,
+    capture: Arc<Capture>,
+    oom: OomCounter,
+    oom_kills_before: Option<u64>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Runner {
+    /// Writes one frame to the runner.
+    pub(super) fn send(&self, kind: Kind, call: u64, parts: &[&[u8]]) -> std::io::Result<()> {
+        write_frame(&mut *lock(&self.writer), kind, 0, call, parts)
+    }
+
+    /// Kills the runner for `reason` (the first reason given is the one reported).
+    pub(super) fn kill(&self, reason: KillReason) {
+        lock(&self.kill_reason).get_or_insert(reason);
+        reaper::kill_child(self.pid);
+    }
+
+    /// The runner's process id.
+    pub(super) fn pid(&self) -> i32 {
+        self.pid
+    }
+}
+
+impl LineContext for Runner {
+    fn span(&self) -> Span {
+        let calls = lock(&self.calls);
+        match calls.values().next() {
+            Some(call) if calls.len() == 1 => call.span.clone(),
+            _ => Span::none(),
+        }
+    }
+}
+
+/// Where the handler stands, shared by every thread.
+#[derive(Debug)]
+enum Phase {
+    Starting,
+    Ready(Arc<Runner>),
+    Restarting,
+    Failed(String),
+    Stopped,
+}
+
+/// What the supervisor thread is told.
+#[derive(Debug)]
+pub(super) enum Event {
+    /// A runner sent a control frame, or ended.
+    Control { generation: u64, control: Control },
+    /// Run `init` (once, after the first load).
+    Init {
+        config: String,
+        reply: mpsc::Sender<Result<(), LoadError>>,
+    },
+    /// Shut down: tear down, stop the runner, end the thread.
+    Shutdown { reply: mpsc::Sender<()> },
+}
+
+/// What a runner says about itself, or its end.
+#[derive(Debug)]
+pub(super) enum Control {
+    Loaded(HandlerInfo),
+    Failed(LoadError),
+    Ready,
+    TornDown,
+    Ended(EndReport),
+}
+
+/// How a runner ended, in words.
+#[derive(Debug, Clone)]
+pub(super) struct EndReport {
+    /// "was killed by SIGSEGV (...)", "exited with status 3 (...)".
+    pub(super) description: String,
+    /// The host killed it (not counted as a crash).
+    pub(super) killed_by_host: bool,
+    /// Its last output lines.
+    pub(super) last_output: String,
+}
+
+impl EndReport {
+    /// The failure of one job that was on the runner, among `all` the jobs on it.
+    fn failure_for(&self, job_id: &str, all: &[String]) -> Failure {
+        let others: Vec<&str> = all
+            .iter()
+            .map(String::as_str)
+            .filter(|id| *id != job_id)
+            .collect();
+        let company = match others.len() {
+            0 => String::new(),
+            n => format!(" and {n} other job(s) ({})", others.join(", ")),
+        };
+        let error_type = if self.killed_by_host {
+            "HandlerKilled"
+        } else {
+            "HandlerCrashed"
+        };
+        Failure::new(
+            error_type,
+            format!(
+                "the handler's runner process {} while running this job{company}{}",
+                self.description,
+                self.output_note()
+            ),
+        )
+    }
+
+    /// The last output, as a note to append to a message.
+    fn output_note(&self) -> String {
+        if self.last_output.trim().is_empty() {
+            String::new()
+        } else {
+            format!(
+                "\n--- the handler's last output ---\n{}",
+                self.last_output.trim_end()
+            )
+        }
+    }
+}
+
+/// The state every thread shares.
+#[derive(Debug)]
+pub(super) struct Shared {
+    spec: HandlerSpec,
+    phase: Mutex<Phase>,
+    changed: Condvar,
+    readiness: tokio::sync::watch::Sender<Readiness>,
+    events: mpsc::Sender<Event>,
+    next_call: AtomicU64,
+    /// Crashes since the last job that finished on a runner.
+    crashes: AtomicU32,
+}
+
+impl Shared {
+    pub(super) fn new(spec: HandlerSpec, events: mpsc::Sender<Event>) -> Self {
+        Self {
+            spec,
+            phase: Mutex::new(Phase::Starting),
+            changed: Condvar::new(),
+            readiness: tokio::sync::watch::Sender::new(Readiness::Restarting),
+            events,
+            next_call: AtomicU64::new(1),
+            crashes: AtomicU32::new(0),
+        }
+    }
+
+    pub(super) fn spec(&self) -> &HandlerSpec {
+        &self.spec
+    }
+
+    pub(super) fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
+        self.readiness.subscribe()
+    }
+
+    fn set_phase(&self, phase: Phase) {
+        let readiness = match &phase {
+            Phase::Ready(_) => Readiness::Ready,
+            Phase::Starting | Phase::Restarting => Readiness::Restarting,
+            Phase::Failed(reason) => Readiness::Failed(reason.clone()),
+            Phase::Stopped => Readiness::Failed("the handler was shut down".into()),
+        };
+        *lock(&self.phase) = phase;
+        self.changed.notify_all();
+        self.readiness.send_replace(readiness);
+    }
+
+    /// Waits for a ready runner and registers a job on it. The failure says why no runner will
+    /// take the job.
+    pub(super) fn acquire(
+        &self,
+        job_id: &str,
+        to_job: mpsc::Sender<ToJob>,
+    ) -> Result<(Arc<Runner>, u64), Failure> {
+        let mut phase = lock(&self.phase);
+        loop {
+            match &*phase {
+                Phase::Ready(runner) => {
+                    let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+                    lock(&runner.calls).insert(
+                        call,
+                        Call {
+                            job_id: job_id.to_owned(),
+                            span: Span::current(),
+                            to_job,
+                        },
+                    );
+                    return Ok((runner.clone(), call));
+                }
+                Phase::Failed(reason) => {
+                    return Err(Failure::new("HandlerUnavailable", reason.clone()))
+                }
+                Phase::Stopped => {
+                    return Err(Failure::new(
+                        "WorkerShutdown",
+                        "the worker is shutting down: the handler takes no more jobs",
+                    ))
+                }
+                Phase::Starting | Phase::Restarting => {
+                    phase = self
+                        .changed
+                        .wait(phase)
+                        .unwrap_or_else(PoisonError::into_inner);
+                }
+            }
+        }
+    }
+
+    /// A runner ended: it takes no more jobs, and each job on it gets its failure.
+    fn runner_ended(&self, runner: &Runner, report: &EndReport) {
+        {
+            let mut phase = lock(&self.phase);
+            if matches!(&*phase, Phase::Ready(current) if current.generation == runner.generation) {
+                *phase = Phase::Restarting;
+                drop(phase);
+                self.changed.notify_all();
+                self.readiness.send_replace(Readiness::Restarting);
+            }
+        }
+        let calls = std::mem::take(&mut *lock(&runner.calls));
+        let ids: Vec<String> = calls.values().map(|call| call.job_id.clone()).collect();
+        for call in calls.into_values() {
+            let failure = report.failure_for(&call.job_id, &ids);
+            call.span.in_scope(|| {
+                tracing::error!("{}: {}", failure.error_type, first_line(&failure.message));
+            });
+            let _ = call.to_job.send(ToJob::Died(failure));
+        }
+    }
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
+}
+
+/// The supervisor thread: loads the first runner (its result goes to `loaded`), then serves
+/// events until shutdown.
+pub(super) fn supervise(
+    shared: Arc<Shared>,
+    events: mpsc::Receiver<Event>,
+    loaded: mpsc::Sender<Result<HandlerInfo, LoadError>>,
+) {
+    let mut supervisor = Supervisor {
+        shared,
+        events,
+        generation: 0,
+        current: None,
+        config: None,
+        shutdown: None,
+        ended_early: None,
+    };
+    match supervisor.start_runner() {
+        Ok(info) => {
+            let _ = loaded.send(Ok(info));
+        }
+        Err(Halt::Failed(error)) => {
+            let _ = loaded.send(Err(error));
+            supervisor.finish();
+            return;
+        }
+        Err(Halt::Shutdown) => {
+            supervisor.finish();
+            return;
+        }
+    }
+    while supervisor.shutdown.is_none() {
+        let Ok(event) = supervisor.events.recv() else {
+            break;
+        };
+        match event {
+            Event::Init { config, reply } => {
+                let result = match supervisor.init_current(&config) {
+                    Ok(()) => {
+                        supervisor.config = Some(config);
+                        Ok(())
+                    }
+                    Err(Halt::Failed(error)) => Err(error),
+                    Err(Halt::Shutdown) => Err(LoadError::InitFailed {
+                        failure: Failure::new("WorkerShutdown", "the worker shut down during init"),
+                    }),
+                };
+                let _ = reply.send(result);
+            }
+            Event::Shutdown { reply } => supervisor.shutdown = Some(reply),
+            Event::Control {
+                generation,
+                control: Control::Ended(report),
+            } if generation == supervisor.generation => {
+                supervisor.current = None;
+                if supervisor.config.is_some() {
+                    supervisor.restart_after(report);
+                } else {
+                    supervisor.ended_early = Some(report);
+                }
+            }
+            Event::Control { .. } => {}
+        }
+    }
+    supervisor.finish();
+}
+
+/// Why the supervisor stops what it is doing.
+enum Halt {
+    /// Loading or `init` failed.
+    Failed(LoadError),
+    /// A shutdown was asked for meanwhile (kept in `Supervisor::shutdown`).
+    Shutdown,
+}
+
+struct Supervisor {
+    shared: Arc<Shared>,
+    events: mpsc::Receiver<Event>,
+    generation: u64,
+    current: Option<Arc<Runner>>,
+    /// The configuration `init` ran with, for restarts.
+    config: Option<String>,
+    /// Set once shutdown was asked for: answered when the runner is gone.
+    shutdown: Option<mpsc::Sender<()>>,
+    /// How the first runner ended, when it ended between its load and `init`.
+    ended_early: Option<EndReport>,
+}
+
+impl Supervisor {
+    /// Waits for the next control message of the current runner; other runners' messages are
+    /// stale and ignored. A shutdown asked for meanwhile halts the wait.
+    fn next_control(&mut self, deadline: Option<Instant>) -> Result<Option<Control>, Halt> {
+        loop {
+            let event = match deadline {
+                Some(deadline) => {
+                    match self
+                        .events
+                        .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(event) => event,
+                        Err(mpsc::RecvTimeoutError::Timeout) => return Ok(None),
+                        Err(mpsc::RecvTimeoutError::Disconnected) => return Err(Halt::Shutdown),
+                    }
+                }
+                None => self.events.recv().map_err(|_| Halt::Shutdown)?,
+            };
+            match event {
+                Event::Control {
+                    generation,
+                    control,
+                } if generation == self.generation => {
+                    if matches!(control, Control::Ended(_)) {
+                        self.current = None;
+                    }
+                    return Ok(Some(control));
+                }
+                Event::Control { .. } => {}
+                Event::Shutdown { reply } => {
+                    self.shutdown = Some(reply);
+                    return Err(Halt::Shutdown);
+                }
+                Event::Init { reply, .. } => {
+                    let _ = reply.send(Err(LoadError::InitFailed {
+                        failure: Failure::new("InitFailed", "init was asked for twice"),
+                    }));
+                }
+            }
+        }
+    }
+
+    /// Starts a new runner and waits for it to load the library.
+    fn start_runner(&mut self) -> Result<HandlerInfo, Halt> {
+        self.generation += 1;
+        let runner = spawn_runner(&self.shared, self.generation).map_err(|error| {
+            Halt::Failed(LoadError::RunnerStart {
+                reason: error.to_string(),
+            })
+        })?;
+        self.current = Some(runner);
+        match self.next_control(None)? {
+            Some(Control::Loaded(info)) => Ok(info),
+            Some(Control::Failed(error)) => Err(Halt::Failed(error)),
+            Some(Control::Ended(report)) => Err(Halt::Failed(LoadError::NotALibrary {
+                path: std::path::absolute(&self.shared.spec.path)
+                    .unwrap_or_else(|_| self.shared.spec.path.clone()),
+                reason: format!(
+                    "loading it ended the runner process, which {}; the file may be truncated or corrupt, or a library constructor in it crashed{}",
+                    report.description,
+                    report.output_note()
+                ),
+            })),
+            Some(other) => Err(Halt::Failed(protocol_error(&other, "Loaded"))),
+            None => unreachable!("no deadline"),
+        }
+    }
+
+    /// Runs `init` on the current runner; on success the handler is ready.
+    fn init_current(&mut self, config: &str) -> Result<(), Halt> {
+        let Some(runner) = self.current.clone() else {
+            let description = self
+                .ended_early
+                .take()
+                .map_or_else(|| "ended".to_owned(), |report| report.description);
+            return Err(Halt::Failed(LoadError::InitFailed {
+                failure: Failure::new(
+                    "HandlerCrashed",
+                    format!("its runner process {description} before init"),
+                ),
+            }));
+        };
+        // A write error means the runner died; its end is the answer.
+        let _ = runner.send(Kind::Init, 0, &[config.as_bytes()]);
+        match self.next_control(None)? {
+            Some(Control::Ready) => {
+                self.shared.set_phase(Phase::Ready(runner));
+                Ok(())
+            }
+            Some(Control::Failed(error)) => Err(Halt::Failed(error)),
+            Some(Control::Ended(report)) => Err(Halt::Failed(LoadError::InitFailed {
+                failure: Failure::new(
+                    "HandlerCrashed",
+                    format!(
+                        "its runner process {} during init{}",
+                        report.description,
+                        report.output_note()
+                    ),
+                ),
+            })),
+            Some(other) => Err(Halt::Failed(protocol_error(&other, "Ready"))),
+            None => unreachable!("no deadline"),
+        }
+    }
+
+    /// The current runner ended on its own (or was killed): restart it with back-off, or give up.
+    fn restart_after(&mut self, mut report: EndReport) {
+        loop {
+            let crashes = if report.killed_by_host {
+                self.shared.crashes.load(Ordering::Acquire)
+            } else {
+                self.shared.crashes.fetch_add(1, Ordering::AcqRel) + 1
+            };
+            if crashes >= CRASH_LOOP {
+                let reason = format!(
+                    "the handler crashed {crashes} times in a row without finishing a job; the last time its runner process {}",
+                    report.description
+                );
+                tracing::error!("{reason}. The worker stops.");
+                self.shared.set_phase(Phase::Failed(reason));
+                return;
+            }
+            let delay = if report.killed_by_host {
+                Duration::ZERO
+            } else {
+                FIRST_RESTART_DELAY * 2_u32.pow(crashes.saturating_sub(1))
+            };
+            tracing::warn!(
+                "The handler's runner process {}; starting a new one in {delay:?} (init runs again).",
+                report.description
+            );
+            let restart_at = Instant::now() + delay;
+            while Instant::now() < restart_at {
+                // Only a shutdown matters here; anything else is from the dead runner.
+                if self.next_control(Some(restart_at)).is_err() {
+                    return;
+                }
+            }
+            let config = self.config.clone().unwrap_or_else(|| "{}".into());
+            let started = self.start_runner().and_then(|_| self.init_current(&config));
+            match started {
+                Ok(()) => {
+                    tracing::info!("The handler's new runner process is ready.");
+                    return;
+                }
+                Err(Halt::Shutdown) => return,
+                // A runner that crashes during init is one more crash in a row.
+                Err(Halt::Failed(LoadError::InitFailed { failure }))
+                    if failure.error_type == "HandlerCrashed" =>
+                {
+                    report = EndReport {
+                        description: failure.message,
+                        killed_by_host: false,
+                        last_output: String::new(),
+                    };
+                }
+                Err(Halt::Failed(error)) => {
+                    let reason = format!(
+                        "the handler could not be started again after its runner process ended: {error}"
+                    );
+                    tracing::error!("{reason}. The worker stops.");
+                    self.shared.set_phase(Phase::Failed(reason));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Stops the current runner in order (teardown, exit) or by force, and answers a shutdown.
+    fn finish(&mut self) {
+        let was_failed = matches!(&*lock(&self.shared.phase), Phase::Failed(_));
+        if !was_failed {
+            self.shared.set_phase(Phase::Stopped);
+        }
+        if let Some(runner) = self.current.take() {
+            let _ = runner.send(Kind::Shutdown, 0, &[]);
+            let deadline = Instant::now() + self.shared.spec.cancel_grace + TEARDOWN_WAIT;
+            let mut ended = false;
+            while !ended {
+                match self.next_control(Some(deadline)) {
+                    Ok(Some(Control::Ended(_))) => ended = true,
+                    Ok(Some(_)) => {}
+                    Ok(None) | Err(_) => {
+                        if Instant::now() >= deadline {
+                            tracing::warn!(
+                                "The handler's runner did not exit in time at shutdown: killing it."
+                            );
+                            runner.kill(KillReason::Shutdown);
+                            let _ = self.next_control(Some(Instant::now() + EXIT_WAIT));
+                            ended = true;
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(reply) = self.shutdown.take() {
+            let _ = reply.send(());
+        }
+    }
+}
+
+fn protocol_error(control: &Control, expected: &str) -> LoadError {
+    LoadError::RunnerStart {
+        reason: format!("the runner sent {control:?} where {expected} was expected"),
+    }
+}
+
+/// Starts runner `generation`: the same binary in runner mode, its stdin the control channel,
+/// its stdout and stderr captured, in a process group of its own (so Ctrl-C in a terminal reaches
+/// only the host, which stops the runner in order), with the host's environment less the
+/// platform's worker key.
+fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Runner>> {
+    let (host_end, runner_end) = UnixStream::pair()?;
+    let spec = &shared.spec;
+    let mut command = Command::new("/proc/self/exe");
+    command
+        .arg(RUNNER_ARGUMENT)
+        .arg(std::process::id().to_string())
+        .arg(spec.limits.max_output_bytes.to_string())
+        .arg(&spec.path)
+        .env_remove("RUNPOD_AI_API_KEY")
+        .stdin(Stdio::from(std::os::fd::OwnedFd::from(runner_end)))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    std::os::unix::process::CommandExt::process_group(&mut command, 0);
+    let oom = OomCounter::of_this_process();
+    let oom_kills_before = oom.read();
+    let mut child = reaper::spawn(&mut command, Some(host_end.try_clone()?))?;
+    // The runner's end must not stay open here, or its death would not close the channel.
+    drop(command);
+    let runner = Arc::new(Runner {
+        generation,
+        pid: child.id() as i32,
+        writer: Mutex::new(host_end.try_clone()?),
+        calls: Mutex::new(HashMap::new()),
+        kill_reason: Mutex::new(None),
+        capture: Capture::new(),
+        oom,
+        oom_kills_before,
+    });
+    if let Some(stdout) = child.stdout.take() {
+        runner.capture.follow("stdout", stdout, runner.clone());
+    }
+    if let Some(stderr) = child.stderr.take() {
+        runner.capture.follow("stderr", stderr, runner.clone());
+    }
+    tracing::debug!(pid = runner.pid, generation, "Runner process started.");
+    let reader_shared = shared.clone();
+    let reader_runner = runner.clone();
+    std::thread::Builder::new()
+        .name(format!("runner-{generation}-reader"))
+        .spawn(move || read_frames(&reader_shared, &reader_runner, host_end))?;
+    Ok(runner)
+}
+
+/// The reader thread of one runner: dispatches its frames until the channel ends, then reports
+/// the end.
+fn read_frames(shared: &Shared, runner: &Arc<Runner>, mut channel: UnixStream) {
+    let max_body = shared.spec.limits.max_output_bytes as u64 + FRAME_OVERHEAD;
+    loop {
+        match read_frame(&mut channel, max_body) {
+            Ok(frame) => {
+                if let Err(problem) = dispatch(shared, runner, frame) {
+                    runner.kill(KillReason::Protocol(problem));
+                    break;
+                }
+            }
+            Err(ReadError::Closed | ReadError::Io(_)) => break,
+            Err(ReadError::Invalid(problem)) => {
+                runner.kill(KillReason::Protocol(problem));
+                break;
+            }
+        }
+    }
+    let status = reaper::wait(runner.pid, EXIT_WAIT).or_else(|| {
+        // The channel closed but the process lives on: it cannot serve, so it goes.
+        runner.kill(KillReason::Protocol("it closed its channel".into()));
+        reaper::wait(runner.pid, EXIT_WAIT)
+    });
+    let killed_for = lock(&runner.kill_reason).clone();
+    let description = match (&killed_for, status.and_then(RunnerEnd::of)) {
+        (Some(reason), _) => describe_kill(reason),
+        (None, Some(end)) => {
+            let oom_killed = match (runner.oom_kills_before, runner.oom.read()) {
+                (Some(before), Some(after)) => Some(after > before),
+                _ => None,
+            };
+            describe(end, oom_killed)
+        }
+        (None, None) => "ended in a way the host could not read".to_owned(),
+    };
+    let report = EndReport {
+        description,
+        killed_by_host: killed_for.is_some(),
+        last_output: runner.capture.last_output(LAST_OUTPUT_WAIT),
+    };
+    shared.runner_ended(runner, &report);
+    let _ = shared.events.send(Event::Control {
+        generation: runner.generation,
+        control: Control::Ended(report),
+    });
+}
+
+/// Hands one frame to whoever it is for; an error says how the frame breaks the protocol.
+fn dispatch(shared: &Shared, runner: &Runner, frame: Frame) -> Result<(), String> {
+    let Frame {
+        kind,
+        flags,
+        call,
+        body,
+    } = frame;
+    let control = match kind {
+        Kind::Loaded => Control::Loaded(
+            serde_json::from_slice(&body)
+                .map_err(|error| format!("a bad Loaded frame: {error}"))?,
+        ),
+        Kind::Failed => Control::Failed(
+            serde_json::from_slice(&body)
+                .map_err(|error| format!("a bad Failed frame: {error}"))?,
+        ),
+        Kind::Ready => Control::Ready,
+        Kind::TornDown => Control::TornDown,
+        Kind::Log => {
+            let text = String::from_utf8_lossy(&body);
+            let span = lock(&runner.calls)
+                .get(&call)
+                .map_or_else(Span::none, |call| call.span.clone());
+            crate::handler::inproc::log_in(&span, i32::from(flags), &text);
+            return Ok(());
+        }
+        Kind::Chunk | Kind::Progress | Kind::Done => {
+            return job_frame(shared, runner, kind, flags, call, body);
+        }
+        Kind::Init | Kind::Job | Kind::Cancel | Kind::Shutdown => {
+            return Err(format!("a host frame ({kind:?}) from the runner"));
+        }
+    };
+    let _ = shared.events.send(Event::Control {
+        generation: runner.generation,
+        control,
+    });
+    Ok(())
+}
+
+/// A chunk, progress report or result of one job.
+fn job_frame(
+    shared: &Shared,
+    runner: &Runner,
+    kind: Kind,
+    flags: u8,
+    call: u64,
+    body: Vec<u8>,
+) -> Result<(), String> {
+    let json = |body: Vec<u8>| -> Result<RawJson, String> {
+        let text = String::from_utf8(body).map_err(|error| error.to_string())?;
+        serde_json::value::RawValue::from_string(text).map_err(|error| error.to_string())
+    };
+    let message = match kind {
+        Kind::Chunk => ToJob::Chunk(json(body)?),
+        Kind::Progress => ToJob::Progress(json(body)?),
+        _ => {
+            // The job's thread knows whether the handler streams, and sets it.
+            let streaming = false;
+            let outcome = match protocol::Outcome::from_flags(flags) {
+                Some(protocol::Outcome::Output) => Outcome::Output(json(body)?),
+                Some(protocol::Outcome::Streamed) => Outcome::Streamed,
+                Some(protocol::Outcome::Failed) => Outcome::Failed {
+                    failure: serde_json::from_slice(&body)
+                        .map_err(|error| format!("a bad failure: {error}"))?,
+                    streaming,
+                },
+                None => return Err(format!("a Done frame with flags {flags:#x}")),
+            };
+            let result = JobResult {
+                outcome,
+                recycle: flags & protocol::RECYCLE != 0,
+            };
+            shared.crashes.store(0, Ordering::Release);
+            let Some(entry) = lock(&runner.calls).remove(&call) else {
+                return Err(format!("a result for call {call}, which is not running"));
+            };
+            let _ = entry.to_job.send(ToJob::Done(result));
+            return Ok(());
+        }
+    };
+    match lock(&runner.calls).get(&call) {
+        Some(entry) => {
+            let _ = entry.to_job.send(message);
+            Ok(())
+        }
+        None => Err(format!("a {kind:?} for call {call}, which is not running")),
+    }
+}
