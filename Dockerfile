@@ -42,8 +42,10 @@ COPY --from=build /out/worker-host /usr/local/bin/worker-host
 COPY --from=build /out/handlers/ /opt/worker-host/handlers/
 ENV WORKER_HOST_HANDLER=/opt/worker-host/handlers/libecho_handler.so
 # worker-host runs as PID 1: it installs its own SIGTERM and SIGINT handlers (RunPod stops a
-# worker with SIGTERM, then drains it for --shutdown-grace-secs) and starts no child processes,
-# so no init shim is needed. It runs as root, as RunPod's own base images do, so that handlers
-# can write to the network volume mounted at /runpod-volume.
+# worker with SIGTERM, then drains it for --shutdown-grace-secs), and it does an init's other
+# job too: it reaps every child it inherits (the handler runs in a runner process of the host's,
+# and processes a handler starts are left to PID 1 when their parent dies), so no init shim is
+# needed. It runs as root, as RunPod's own base images do, so that handlers can write to the
+# network volume mounted at /runpod-volume.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/worker-host"]

@@ -1,7 +1,8 @@
 //! Compiles the handler libraries of `fixtures/*.c` with the system C compiler, one shared library
 //! per fixture, into OUT_DIR: the deliberately broken ones of `bad_handlers.c` (loading must fail)
-//! and the careless ones of `careless_handlers.c` (the host must survive them). The tests find
-//! them through the `FIXTURE_DIR` variable set here.
+//! and the careless ones of `careless_handlers.c` (the host must survive them), and the C++
+//! handler of `cpp_throws.cpp`, whose exception escapes. The tests find them through the
+//! `FIXTURE_DIR` variable set here.
 
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,8 @@ const FIXTURES: &[(&str, &[&str])] = &[
             "TOO_SMALL",
             "NULL_HANDLE",
             "FUTURE_MINOR",
+            "UNDEFINED_SYMBOL",
+            "GONE_DEPENDENCY",
         ],
     ),
     (
@@ -47,10 +50,59 @@ fn main() {
             compile(&compiler, &source, &include_dir, fixture, &library);
         }
     }
+    // Linked against libgone_dependency.so, which then goes: its loading fails on the dependency.
+    let gone = out_dir.join("libgone_dependency.so");
+    compile_with(
+        &compiler,
+        &manifest_dir.join("fixtures/bad_handlers.c"),
+        &include_dir,
+        "MISSING_DEPENDENCY",
+        &out_dir.join("libmissing_dependency.so"),
+        &[
+            format!("-L{}", out_dir.display()),
+            "-lgone_dependency".to_owned(),
+        ],
+    );
+    std::fs::remove_file(&gone).expect("the dependency was built");
+    let cpp = manifest_dir.join("fixtures/cpp_throws.cpp");
+    println!("cargo:rerun-if-changed={}", cpp.display());
+    let status = cc::Build::new()
+        .cpp(true)
+        .cargo_metadata(false)
+        .get_compiler()
+        .to_command()
+        .args([
+            "-std=c++17",
+            "-shared",
+            "-fPIC",
+            "-Wall",
+            "-Werror",
+            "-pthread",
+        ])
+        .arg("-I")
+        .arg(&include_dir)
+        .arg("-o")
+        .arg(out_dir.join("libcpp_throws.so"))
+        .arg(&cpp)
+        .status()
+        .expect("the C++ compiler could not be started");
+    assert!(status.success(), "compiling the C++ fixture failed");
     println!("cargo:rustc-env=FIXTURE_DIR={}", out_dir.display());
 }
 
 fn compile(compiler: &cc::Tool, source: &Path, include_dir: &Path, fixture: &str, library: &Path) {
+    compile_with(compiler, source, include_dir, fixture, library, &[]);
+}
+
+/// [`compile`] with extra arguments after the source (libraries to link).
+fn compile_with(
+    compiler: &cc::Tool,
+    source: &Path,
+    include_dir: &Path,
+    fixture: &str,
+    library: &Path,
+    extra: &[String],
+) {
     let status = compiler
         .to_command()
         .args([
@@ -68,6 +120,7 @@ fn compile(compiler: &cc::Tool, source: &Path, include_dir: &Path, fixture: &str
         .arg("-o")
         .arg(library)
         .arg(source)
+        .args(extra)
         .status()
         .expect("the C compiler could not be started");
     assert!(status.success(), "compiling fixture {fixture} failed");

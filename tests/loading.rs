@@ -68,6 +68,34 @@ fn not_a_library() {
     );
 }
 
+/// A truncated library (a copy cut short, as an interrupted download or build leaves it), which
+/// once crashed the dynamic loader with SIGBUS: exit 4, "not a shared library", one sentence.
+#[test]
+fn a_truncated_library() {
+    let dir = tempfile::tempdir().unwrap();
+    let whole = std::fs::read(artifacts().library(Sample::Echo)).unwrap();
+    for keep in [100, 4096, 200_000] {
+        let path = dir.path().join(format!("cut-{keep}.so"));
+        std::fs::write(&path, &whole[..keep]).unwrap();
+        let run = run_on(&path);
+        assert_refused(
+            &run,
+            4,
+            &["could not be loaded as a shared library", &format!("cut-{keep}.so")],
+        );
+    }
+}
+
+/// A library whose dependency is missing names the dependency; one with an undefined symbol
+/// names the symbol (exit 4 both).
+#[test]
+fn a_missing_dependency_or_symbol_is_named() {
+    let run = run_on(&fixture("missing_dependency"));
+    assert_refused(&run, 4, &["libgone_dependency.so", "cannot open shared object"]);
+    let run = run_on(&fixture("undefined_symbol"));
+    assert_refused(&run, 4, &["undefined symbol", "wh_fixture_symbol_nobody_defines"]);
+}
+
 /// A library without `wh_handler_entry`: exit 5, saying how to export it.
 #[test]
 fn missing_entry_symbol() {

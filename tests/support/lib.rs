@@ -325,6 +325,27 @@ impl WorkerProcess {
         args: &[&str],
         env: &[(&str, &str)],
     ) -> Self {
+        Self::spawn(platform, sample, args, env, false)
+    }
+
+    /// [`WorkerProcess::start`] in a process group of its own, as a shell runs a command in a
+    /// terminal (so a signal to the group is what Ctrl-C sends).
+    pub fn start_in_own_group(
+        platform: &platform::Platform,
+        sample: Sample,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn(platform, sample, args, env, true)
+    }
+
+    fn spawn(
+        platform: &platform::Platform,
+        sample: Sample,
+        args: &[&str],
+        env: &[(&str, &str)],
+        own_group: bool,
+    ) -> Self {
         let stderr_file = tempfile::NamedTempFile::new().expect("a temporary file");
         let mut command = worker_host();
         command.arg("--handler").arg(artifacts().library(sample));
@@ -338,6 +359,9 @@ impl WorkerProcess {
         command
             .stdout(Stdio::null())
             .stderr(stderr_file.reopen().expect("the temporary file reopens"));
+        if own_group {
+            std::os::unix::process::CommandExt::process_group(&mut command, 0);
+        }
         let child = command.spawn().expect("worker-host could not be started");
         Self { child, stderr_file }
     }
@@ -360,6 +384,67 @@ impl WorkerProcess {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.stderr_file.path()).unwrap_or_default()
     }
+
+    /// The worker's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+/// The child processes of `pid` (of any of its threads), from /proc.
+pub fn child_pids(pid: u32) -> Vec<u32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut children: Vec<u32> = tasks
+        .flatten()
+        .filter_map(|task| std::fs::read_to_string(task.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|pid| pid.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .collect();
+    children.sort_unstable();
+    children.dedup();
+    children
+}
+
+/// Waits up to `timeout` for `pid` to have exactly one child (its runner), and returns it.
+pub fn wait_for_one_child(pid: u32, timeout: std::time::Duration) -> u32 {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let [child] = child_pids(pid)[..] {
+            return child;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} has children {:?}, not one runner",
+            child_pids(pid)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+pub fn process_alive(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state follows the parenthesised command name.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X"),
+        Err(_) => false,
+    }
+}
+
+/// Sends `signal` (a name such as `KILL`) to a process.
+pub fn send_signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([&format!("-{signal}"), &pid.to_string()])
+        .status()
+        .expect("kill could not be started");
+    assert!(status.success(), "kill -{signal} {pid} failed");
 }
 
 impl Drop for WorkerProcess {

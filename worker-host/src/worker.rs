@@ -346,6 +346,12 @@ async fn take_loop(shared: Arc<Shared>) {
         let Some(first) = first_permits(&shared).await else {
             return;
         };
+        // A runner that crashed under the job whose slot this is was marked as restarting before
+        // that job ended: look again, so no job is taken for a handler that cannot run it.
+        if *shared.handler.readiness().borrow() != Readiness::Ready {
+            drop(first);
+            continue;
+        }
         let mut permits = vec![first];
         while let Ok(hold) = shared.holds.clone().try_acquire_owned() {
             let Ok(slot) = shared.slots.clone().try_acquire_owned() else {

@@ -12,6 +12,7 @@
 //! - `abort`: call `abort()` (SIGABRT);
 //! - `exit`: end the process with `exit(code)`;
 //! - `hang`: never return, ignoring cancellation;
+//! - `env`: return `{"value": ...}`, the environment variable `message` names (null if unset);
 //! - `print`: write `message` to stdout and to stderr (as a handler's `printf` would), then
 //!   return the input;
 //! - `recycle`: ask for the worker to be recycled, then return the input;
@@ -107,6 +108,9 @@ impl Handler for Faulty {
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },
+            "env" => Ok(serde_json::value::to_raw_value(
+                &serde_json::json!({ "value": std::env::var(&fault.message).ok() }),
+            )?),
             "print" => {
                 println!("{}", fault.message);
                 eprintln!("{}", fault.message);

@@ -53,6 +53,14 @@ pub fn log_in(span: &Span, level: ffi::wh_log_level, text: &str) {
     });
 }
 
+/// Flushes every C stdio output stream of the process (`fflush(NULL)`): a C handler's `printf`
+/// to a pipe is block-buffered, and would otherwise reach the log only when a buffer fills.
+pub fn flush_c_stdio() {
+    // SAFETY: `fflush(NULL)` is defined by C to flush every output stream; it takes no pointer
+    // of ours, and stdio's own locks make it safe to call while handler threads use the streams.
+    unsafe { libc::fflush(std::ptr::null_mut()) };
+}
+
 /// How long [`Handler::shutdown`] waits for calls still running (jobs cancelled at the end of the
 /// shutdown grace) before it gives up on them and skips the teardown.
 const CANCELLED_CALL_WAIT: Duration = Duration::from_secs(2);

@@ -243,6 +243,9 @@ fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender:
             recycle: false,
         },
     };
+    // What the handler printed with C's stdio sits in its buffers (block-buffered on a pipe)
+    // until flushed: push it out now, so it is logged with this job and not at the exit.
+    crate::handler::inproc::flush_c_stdio();
     let recycle = if result.recycle { RECYCLE } else { 0 };
     match &result.outcome {
         job::Outcome::Output(output) => sender.send(

@@ -77,6 +77,9 @@ pub(super) struct Runner {
     capture: Arc<Capture>,
     oom: OomCounter,
     oom_kills_before: Option<u64>,
+    /// The span of the last job that ran alone, and when it ended: output read just after a job
+    /// ended was most likely written by it (the pipes are read on threads of their own).
+    last_alone: Mutex<Option<(Span, Instant)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -101,11 +104,33 @@ impl Runner {
     }
 }
 
+/// How long after a job that ran alone ended its runner's output is still logged in its span.
+const OUTPUT_LINGER: Duration = Duration::from_millis(250);
+
+impl Runner {
+    /// Forgets the job `call` (its result came); `None` if it was not running.
+    fn end_call(&self, call: u64) -> Option<Call> {
+        let mut calls = lock(&self.calls);
+        let ended = calls.remove(&call)?;
+        if calls.is_empty() {
+            *lock(&self.last_alone) = Some((ended.span.clone(), Instant::now()));
+        }
+        Some(ended)
+    }
+}
+
 impl LineContext for Runner {
     fn span(&self) -> Span {
         let calls = lock(&self.calls);
-        match calls.values().next() {
-            Some(call) if calls.len() == 1 => call.span.clone(),
+        match calls.len() {
+            1 => calls
+                .values()
+                .next()
+                .map_or_else(Span::none, |call| call.span.clone()),
+            0 => match &*lock(&self.last_alone) {
+                Some((span, ended)) if ended.elapsed() < OUTPUT_LINGER => span.clone(),
+                _ => Span::none(),
+            },
             _ => Span::none(),
         }
     }
@@ -636,6 +661,7 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         capture: Capture::new(),
         oom,
         oom_kills_before,
+        last_alone: Mutex::new(None),
     });
     if let Some(stdout) = child.stdout.take() {
         runner.capture.follow("stdout", stdout, runner.clone());
@@ -775,7 +801,7 @@ fn job_frame(
                 recycle: flags & protocol::RECYCLE != 0,
             };
             shared.crashes.store(0, Ordering::Release);
-            let Some(entry) = lock(&runner.calls).remove(&call) else {
+            let Some(entry) = runner.end_call(call) else {
                 return Err(format!("a result for call {call}, which is not running"));
             };
             let _ = entry.to_job.send(ToJob::Done(result));

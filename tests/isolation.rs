@@ -1,0 +1,444 @@
+//! The supervised runner, end to end: real handlers that crash (SIGSEGV, abort, exit, an escaping
+//! C++ exception, SIGKILL from outside) or hang, run by the real binary as a queue worker
+//! against the stand-in platform, under the dev API and in a one-shot run. A crash fails only the
+//! jobs on that runner, with the cause; the host keeps its pid; a new runner takes the next job.
+
+use e2e::dev_api::DevApi;
+use e2e::platform::{Platform, Recorded, Route};
+use e2e::{
+    artifacts, child_pids, fixture, process_alive, send_signal, wait_for_one_child, worker_host,
+    Run, Sample, WorkerProcess,
+};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+const WAIT: Duration = Duration::from_secs(30);
+
+/// Final results (not progress) by job id; panics if a job got two.
+fn results_by_id(requests: &[Recorded]) -> HashMap<String, Value> {
+    let mut by_id = HashMap::new();
+    for post in requests
+        .iter()
+        .filter(|r| r.route == Route::Done && r.status == 200 && r.json().get("status").is_none())
+    {
+        let id = post.job_id().expect("a job id in the path");
+        assert!(
+            by_id.insert(id.clone(), post.json()).is_none(),
+            "job {id} got two results"
+        );
+    }
+    by_id
+}
+
+/// The `error_type` and `error_message` of a job-done body's error payload.
+fn error_of(body: &Value) -> (String, String) {
+    let text = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error in {body}"));
+    let payload: Value = serde_json::from_str(text).expect("the error string holds JSON");
+    (
+        payload["error_type"].as_str().unwrap().to_owned(),
+        payload["error_message"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Waits until the stand-in has final results for all of `ids`.
+fn wait_for_results(platform: &Platform, ids: &[&str]) -> HashMap<String, Value> {
+    let requests = platform.wait_for(WAIT, "the results", |requests| {
+        let by_id = results_by_id(requests);
+        ids.iter().all(|id| by_id.contains_key(*id))
+    });
+    results_by_id(&requests)
+}
+
+/// Each kind of crash (a real SIGSEGV, abort(), exit(3), an exception escaping a C++ handler)
+/// fails its own job with one result naming the cause and the handler's last output; the host
+/// keeps its pid, a new runner (another pid) runs the next job, which succeeds.
+#[test]
+fn each_crash_fails_its_job_and_the_next_job_succeeds() {
+    let platform = Platform::start();
+    let crashes = [
+        (
+            "segv",
+            json!({"mode": "crash", "message": "about to fault"}),
+            "was killed by SIGSEGV (signal 11",
+        ),
+        (
+            "abort",
+            json!({"mode": "abort", "message": "about to abort"}),
+            "was killed by SIGABRT (signal 6",
+        ),
+        (
+            "exit",
+            json!({"mode": "exit", "code": 3, "message": "about to exit"}),
+            "exited with status 3",
+        ),
+    ];
+    let worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    let host = worker.pid();
+    for (name, input, cause) in crashes {
+        let runner = wait_for_one_child(host, WAIT);
+        platform.push_job(json!({"id": name, "input": input}));
+        let ok = format!("{name}-after");
+        platform.push_job(json!({"id": ok, "input": {"mode": "echo", "n": 1}}));
+        let by_id = wait_for_results(&platform, &[name, &ok]);
+        let (error_type, message) = error_of(&by_id[name]);
+        assert_eq!(error_type, "HandlerCrashed", "{message}");
+        assert!(message.contains(cause), "{name}: {message}");
+        assert!(
+            message.contains(&format!("last output ---\nabout to {}", &input_word(name))),
+            "{name}: the handler's last output is missing: {message}"
+        );
+        assert_eq!(by_id[&ok], json!({"output": {"mode": "echo", "n": 1}}));
+        assert!(process_alive(host), "the host died");
+        let next_runner = wait_for_one_child(host, WAIT);
+        assert_ne!(runner, next_runner, "the runner was not replaced");
+        assert!(!process_alive(runner), "the crashed runner lingers");
+    }
+    assert!(process_alive(host));
+    assert!(
+        worker.stderr().contains("starting a new one"),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// The word each crash job prints before it crashes.
+fn input_word(name: &str) -> &'static str {
+    match name {
+        "segv" => "fault",
+        "abort" => "abort",
+        _ => "exit",
+    }
+}
+
+/// A C++ handler whose exception escapes `handle` (std::terminate, SIGABRT) fails its job; the
+/// worker goes on.
+#[test]
+fn an_escaping_cpp_exception_fails_only_its_job() {
+    let mut api = DevApi::start_library(&fixture("cpp_throws"), &[], &[]);
+    let client = reqwest::blocking::Client::new();
+    let runsync = |input: Value| -> Value {
+        client
+            .post(api.url("/v2/local/runsync"))
+            .json(&json!({"input": input}))
+            .send()
+            .and_then(|answer| answer.json())
+            .expect("a JSON answer")
+    };
+    let crashed = runsync(json!("throw"));
+    assert_eq!(crashed["status"], "FAILED", "{crashed}");
+    let error: Value = serde_json::from_str(crashed["error"].as_str().unwrap()).unwrap();
+    let message = error["error_message"].as_str().unwrap();
+    assert!(message.contains("SIGABRT"), "{message}");
+    assert!(
+        message.contains("foreign exception"),
+        "the runtime's last words are missing: {message}"
+    );
+    let fine = runsync(json!("fine"));
+    assert_eq!(fine["status"], "COMPLETED", "{fine}");
+    assert!(api.exit_status().is_none(), "the dev API died");
+}
+
+/// With two jobs running on one runner, a crash fails both: the sibling's failure names the
+/// crash and the job that was running with it.
+#[test]
+fn siblings_of_a_crash_fail_with_the_cause() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "slow", "input": {"mode": "sleep", "ms": 10_000}}));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &["--concurrency", "2"],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "the slow job running", |requests| {
+        requests
+            .iter()
+            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("slow"))
+    });
+    platform.push_job(json!({"id": "boom", "input": {"mode": "crash"}}));
+    let by_id = wait_for_results(&platform, &["slow", "boom"]);
+    let (error_type, message) = error_of(&by_id["slow"]);
+    assert_eq!(error_type, "HandlerCrashed");
+    assert!(message.contains("SIGSEGV"), "{message}");
+    assert!(message.contains("1 other job(s) (boom)"), "{message}");
+    let (_, message) = error_of(&by_id["boom"]);
+    assert!(message.contains("1 other job(s) (slow)"), "{message}");
+    platform.push_job(json!({"id": "after", "input": 7}));
+    let by_id = wait_for_results(&platform, &["after"]);
+    assert_eq!(by_id["after"], json!({"output": 7}));
+    assert!(process_alive(worker.pid()));
+}
+
+/// A runner killed with SIGKILL from outside is reported as a kill, and replaced.
+#[test]
+fn a_runner_killed_from_outside_is_reported_as_a_kill() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "victim", "input": {"mode": "sleep", "ms": 20_000}}));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "the job running", |requests| {
+        requests
+            .iter()
+            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("victim"))
+    });
+    let runner = wait_for_one_child(worker.pid(), WAIT);
+    send_signal(runner, "KILL");
+    let by_id = wait_for_results(&platform, &["victim"]);
+    let (error_type, message) = error_of(&by_id["victim"]);
+    assert_eq!(error_type, "HandlerCrashed");
+    assert!(
+        message.contains("was killed by SIGKILL (signal 9"),
+        "{message}"
+    );
+    platform.push_job(json!({"id": "next", "input": 1}));
+    assert_eq!(
+        wait_for_results(&platform, &["next"])["next"],
+        json!({"output": 1})
+    );
+}
+
+/// Three crashes with no finished job between them: the worker reports itself unhealthy (naming
+/// the crash loop) and exits 1, leaving the rest of the queue to other workers.
+#[test]
+fn a_crash_loop_ends_the_worker_unhealthy() {
+    let platform = Platform::start();
+    for n in 0..5 {
+        platform.push_job(json!({"id": format!("c{n}"), "input": {"mode": "crash"}}));
+    }
+    let mut worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    assert_eq!(worker.wait(WAIT), Some(1), "{}", worker.stderr());
+    let requests = platform.requests();
+    let by_id = results_by_id(&requests);
+    assert_eq!(
+        by_id.len(),
+        3,
+        "three jobs were taken and failed: {by_id:?}"
+    );
+    let report = requests
+        .iter()
+        .find(|r| r.route == Route::Ping && r.query_value("status") == Some("unhealthy"))
+        .expect("an unhealthy report");
+    assert_eq!(report.query_value("check"), Some("handler_crashed"));
+    assert!(
+        report
+            .query_value("reason")
+            .unwrap()
+            .contains("crashed 3 times"),
+        "{report}"
+    );
+    assert_eq!(platform.pending_jobs(), 2, "the rest stay in the queue");
+    assert!(worker.stderr().contains("crashed 3 times"));
+}
+
+/// A stopped job whose handler never returns is hard-stopped after --cancel-grace-secs: its
+/// runner is killed, the heartbeat lists the job until then, its sibling fails saying why, no
+/// result is posted for the stopped job, and the freed slots take the next job.
+#[test]
+fn a_hung_stopped_job_is_hard_stopped() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "hung", "input": {"mode": "hang"}}));
+    platform.push_job(json!({"id": "sibling", "input": {"mode": "sleep", "ms": 20_000}}));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &["--concurrency", "2", "--cancel-grace-secs", "1"],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "both jobs running", |requests| {
+        requests.iter().any(|r| {
+            r.route == Route::Ping
+                && r.query_value("job_id")
+                    .is_some_and(|ids| ids.contains("hung") && ids.contains("sibling"))
+        })
+    });
+    let runner = wait_for_one_child(worker.pid(), WAIT);
+    let stopped_at = Instant::now();
+    platform.stop_job("hung");
+    let by_id = wait_for_results(&platform, &["sibling"]);
+    assert!(stopped_at.elapsed() >= Duration::from_millis(900));
+    let (error_type, message) = error_of(&by_id["sibling"]);
+    assert_eq!(error_type, "HandlerKilled", "{message}");
+    assert!(
+        message.contains("because job hung was stopped and its handler did not return within 1 s"),
+        "{message}"
+    );
+    assert!(
+        !by_id.contains_key("hung"),
+        "nothing is posted for a stopped job"
+    );
+    // Until the kill the heartbeat still listed the stopped job.
+    let requests = platform.requests();
+    let listed_after_stop = requests.iter().any(|r| {
+        r.route == Route::Ping
+            && r.at >= stopped_at + Duration::from_millis(300)
+            && r.query_value("job_id")
+                .is_some_and(|ids| ids.contains("hung"))
+    });
+    assert!(
+        listed_after_stop,
+        "the heartbeat dropped the stopped job before its handler returned"
+    );
+    platform.push_job(json!({"id": "next", "input": 2}));
+    assert_eq!(
+        wait_for_results(&platform, &["next"])["next"],
+        json!({"output": 2})
+    );
+    assert_ne!(wait_for_one_child(worker.pid(), WAIT), runner);
+}
+
+/// Killing the host, even with SIGKILL, takes its runner with it: no process is left holding the
+/// model.
+#[test]
+fn killing_the_host_leaves_no_runner() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "busy", "input": {"mode": "sleep", "ms": 30_000}}));
+    let mut worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    let runner = wait_for_one_child(worker.pid(), WAIT);
+    send_signal(worker.pid(), "KILL");
+    worker.wait(WAIT);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(runner) {
+        assert!(
+            Instant::now() < deadline,
+            "runner {runner} outlived its host"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Ctrl-C in a terminal (SIGINT to the whole foreground process group) reaches the host only:
+/// the running job finishes with its own result (it is not killed with the runner), and the
+/// worker exits 0.
+#[test]
+fn ctrl_c_drains_instead_of_killing_the_runner() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "drained", "input": {"mode": "sleep", "ms": 1500}}));
+    let mut worker = WorkerProcess::start_in_own_group(
+        &platform,
+        Sample::Faulty,
+        &[],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "the job running", |requests| {
+        requests
+            .iter()
+            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("drained"))
+    });
+    let group = format!("-{}", worker.pid());
+    let status = std::process::Command::new("kill")
+        .args(["-INT", "--", &group])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(worker.wait(WAIT), Some(0), "{}", worker.stderr());
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(
+        by_id["drained"],
+        json!({"output": {"mode": "sleep", "ms": 1500}}),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// The handler does not see the platform's worker key, and its stdout and stderr lines are logged
+/// by the host in the job's span.
+#[test]
+fn the_runner_hides_the_worker_key_and_its_output_is_logged() {
+    let platform = Platform::start();
+    platform
+        .push_job(json!({"id": "env", "input": {"mode": "env", "message": "RUNPOD_AI_API_KEY"}}));
+    platform.push_job(json!({"id": "home", "input": {"mode": "env", "message": "HOME"}}));
+    platform.push_job(
+        json!({"id": "talk", "input": {"mode": "print", "message": "hello from printf"}}),
+    );
+    let worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    let by_id = wait_for_results(&platform, &["env", "home", "talk"]);
+    assert_eq!(by_id["env"], json!({"output": {"value": null}}));
+    assert_eq!(
+        by_id["home"],
+        json!({"output": {"value": std::env::var("HOME").ok()}}),
+        "the rest of the environment is the host's"
+    );
+    let stderr = worker.stderr();
+    let logged = stderr
+        .lines()
+        .filter(|line| line.contains("job_id=talk") && line.contains("hello from printf"))
+        .count();
+    assert_eq!(
+        logged, 2,
+        "one line from stdout, one from stderr:\n{stderr}"
+    );
+}
+
+/// Under the dev API a crash fails that request with the cause, and the next one succeeds.
+#[test]
+fn the_dev_api_survives_a_crash() {
+    let mut api = DevApi::start(Sample::Faulty, &[]);
+    let client = reqwest::blocking::Client::new();
+    let runsync = |input: Value| -> Value {
+        client
+            .post(api.url("/v2/local/runsync"))
+            .json(&json!({"input": input}))
+            .send()
+            .and_then(|answer| answer.json())
+            .expect("a JSON answer")
+    };
+    let crashed = runsync(json!({"mode": "abort"}));
+    assert_eq!(crashed["status"], "FAILED", "{crashed}");
+    assert!(
+        crashed["error"].as_str().unwrap().contains("SIGABRT"),
+        "{crashed}"
+    );
+    let fine = runsync(json!({"n": 5}));
+    assert_eq!(fine["output"], json!({"n": 5}), "{fine}");
+    assert!(api.exit_status().is_none());
+}
+
+/// A one-shot run whose handler crashes prints the crash result and exits 1 (never dies by a
+/// signal), so a CI log says what happened; a crash in init exits 8 with a sentence.
+#[test]
+fn a_one_shot_crash_exits_1_with_the_cause() {
+    let library = artifacts().library(Sample::Faulty);
+    let run = Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(library)
+            .args(["--test_input", r#"{"input": {"mode": "crash"}}"#]),
+    );
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let (error_type, message) = error_of(&run.result());
+    assert_eq!(error_type, "HandlerCrashed");
+    assert!(message.contains("SIGSEGV"), "{message}");
+    let run = Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(library)
+            .args(["--handler-config", r#"{"crash_init": true}"#])
+            .args(["--test_input", r#"{"input": 1}"#]),
+    );
+    assert_eq!(run.code, Some(8), "{}", run.stderr);
+    assert!(run.stderr.contains("init failed"), "{}", run.stderr);
+    assert!(run.stderr.contains("SIGSEGV"), "{}", run.stderr);
+}
+
+/// With `--isolation none` the handler runs in the host: no runner process.
+#[test]
+fn isolation_none_runs_in_process() {
+    let mut api = DevApi::start(Sample::Echo, &["--isolation", "none"]);
+    assert!(child_pids(api.pid()).is_empty(), "a runner was started");
+    let answer: Value = reqwest::blocking::Client::new()
+        .post(api.url("/v2/local/runsync"))
+        .json(&json!({"input": 3}))
+        .send()
+        .and_then(|answer| answer.json())
+        .unwrap();
+    assert_eq!(answer["output"], 3);
+    assert!(api.exit_status().is_none());
+}
