@@ -81,7 +81,10 @@ fn a_truncated_library() {
         assert_refused(
             &run,
             4,
-            &["could not be loaded as a shared library", &format!("cut-{keep}.so")],
+            &[
+                "could not be loaded as a shared library",
+                &format!("cut-{keep}.so"),
+            ],
         );
     }
 }
@@ -91,9 +94,17 @@ fn a_truncated_library() {
 #[test]
 fn a_missing_dependency_or_symbol_is_named() {
     let run = run_on(&fixture("missing_dependency"));
-    assert_refused(&run, 4, &["libgone_dependency.so", "cannot open shared object"]);
+    assert_refused(
+        &run,
+        4,
+        &["libgone_dependency.so", "cannot open shared object"],
+    );
     let run = run_on(&fixture("undefined_symbol"));
-    assert_refused(&run, 4, &["undefined symbol", "wh_fixture_symbol_nobody_defines"]);
+    assert_refused(
+        &run,
+        4,
+        &["undefined symbol", "wh_fixture_symbol_nobody_defines"],
+    );
 }
 
 /// A library without `wh_handler_entry`: exit 5, saying how to export it.
