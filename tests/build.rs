@@ -28,6 +28,7 @@ const FIXTURES: &[(&str, &[&str])] = &[
             "DEEP_STACK",
             "ODD_ARGUMENTS",
             "STREAMING_SET_OUTPUT",
+            "TEARDOWN_TRACE",
         ],
     ),
 ];

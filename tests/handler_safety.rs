@@ -198,3 +198,48 @@ fn set_output_is_refused_for_a_streaming_handler() {
         ]
     );
 }
+
+/// `teardown` runs once after a successful `init`, in both isolations, and never after a failed
+/// `init` or an `inspect` (which runs no `init`).
+#[test]
+fn teardown_runs_only_after_a_successful_init() {
+    let library = fixture("teardown_trace");
+    for isolation in ["runner", "none"] {
+        let run = |args: &[&str]| {
+            Run::of(
+                worker_host()
+                    .arg("--handler")
+                    .arg(&library)
+                    .args(["--isolation", isolation])
+                    .args(args),
+            )
+        };
+        let served = run(&["--test_input", r#"{"input": 1}"#]);
+        assert_eq!(served.code, Some(0), "{}", served.stderr);
+        assert_eq!(
+            served.stderr.matches("teardown ran").count(),
+            1,
+            "{}",
+            served.stderr
+        );
+        let failed = run(&[
+            "--handler-config",
+            r#"{"fail": true}"#,
+            "--test_input",
+            r#"{"input": 1}"#,
+        ]);
+        assert_eq!(failed.code, Some(8), "{}", failed.stderr);
+        assert!(
+            !failed.stderr.contains("teardown ran"),
+            "{isolation}: {}",
+            failed.stderr
+        );
+        let inspected = run(&["inspect"]);
+        assert_eq!(inspected.code, Some(0), "{}", inspected.stderr);
+        assert!(
+            !inspected.stderr.contains("teardown ran"),
+            "{isolation}: {}",
+            inspected.stderr
+        );
+    }
+}

@@ -428,6 +428,100 @@ fn a_one_shot_crash_exits_1_with_the_cause() {
     assert!(run.stderr.contains("SIGSEGV"), "{}", run.stderr);
 }
 
+/// A memory cgroup of its own for one test, with a limit, removed when dropped; `None` (with a
+/// note) where none can be made (not root, or no memory controller).
+struct MemoryCgroup {
+    dir: std::path::PathBuf,
+}
+
+impl MemoryCgroup {
+    fn create(limit_bytes: u64) -> Option<Self> {
+        let name = format!("worker-host-test-{}", std::process::id());
+        // cgroup v1's memory hierarchy, or v2's unified one with the memory controller.
+        let candidates = [
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes"),
+            ("/sys/fs/cgroup", "memory.max"),
+        ];
+        for (root, limit_file) in candidates {
+            let dir = std::path::Path::new(root).join(&name);
+            if std::fs::create_dir(&dir).is_err() {
+                continue;
+            }
+            if std::fs::write(dir.join(limit_file), limit_bytes.to_string()).is_ok() {
+                // No swap to escape to (v2); v1's swappiness.
+                let _ = std::fs::write(dir.join("memory.swap.max"), "0");
+                let _ = std::fs::write(dir.join("memory.swappiness"), "0");
+                return Some(Self { dir });
+            }
+            let _ = std::fs::remove_dir(&dir);
+        }
+        eprintln!("skipping: no memory cgroup can be made here (root and cgroup v1 or v2 with the memory controller are needed)");
+        None
+    }
+
+    /// A shell command line that joins the cgroup, then runs `program` with `args`.
+    fn command(&self, program: &std::path::Path, args: &[&str]) -> std::process::Command {
+        let mut command = worker_host();
+        let mut line = format!(
+            "echo $$ > {}/cgroup.procs && exec \"$0\"",
+            self.dir.display()
+        );
+        for index in 1..=args.len() {
+            line.push_str(&format!(" \"${index}\""));
+        }
+        let mut shell = std::process::Command::new("sh");
+        shell.arg("-c").arg(line).arg(program).args(args);
+        // The clean environment of `worker_host()`.
+        shell.env_clear();
+        for (name, value) in command.get_envs() {
+            if let Some(value) = value {
+                shell.env(name, value);
+            }
+        }
+        command.env_clear();
+        shell.stdin(std::process::Stdio::null());
+        shell
+    }
+}
+
+impl Drop for MemoryCgroup {
+    fn drop(&mut self) {
+        // The cgroup can go once its processes have.
+        for _ in 0..100 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A handler killed by the kernel's OOM killer (in a memory cgroup of 256 MiB) is reported as out
+/// of memory, from the cgroup's OOM-kill count, not as a bare SIGKILL.
+#[test]
+fn an_oom_kill_is_reported_as_out_of_memory() {
+    let Some(cgroup) = MemoryCgroup::create(256 * 1024 * 1024) else {
+        return;
+    };
+    let library = artifacts().library(Sample::Faulty).to_str().unwrap().to_owned();
+    let run = Run::of(&mut cgroup.command(
+        &artifacts().worker_host,
+        &[
+            "--handler",
+            &library,
+            "--test_input",
+            r#"{"input": {"mode": "oom"}}"#,
+        ],
+    ));
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let (error_type, message) = error_of(&run.result());
+    assert_eq!(error_type, "HandlerCrashed");
+    assert!(
+        message.contains("killed by SIGKILL (signal 9) because it ran out of memory"),
+        "{message}"
+    );
+}
+
 /// With `--isolation none` the handler runs in the host: no runner process.
 #[test]
 fn isolation_none_runs_in_process() {

@@ -12,6 +12,7 @@
 //! - `abort`: call `abort()` (SIGABRT);
 //! - `exit`: end the process with `exit(code)`;
 //! - `hang`: never return, ignoring cancellation;
+//! - `oom`: allocate and touch memory, 64 MiB at a time, until the kernel kills the process;
 //! - `env`: return `{"value": ...}`, the environment variable `message` names (null if unset);
 //! - `print`: write `message` to stdout and to stderr (as a handler's `printf` would), then
 //!   return the input;
@@ -75,7 +76,7 @@ impl Handler for Faulty {
             ignore_cancel: false,
             code: 0,
         });
-        if matches!(fault.mode.as_str(), "crash" | "abort" | "exit" | "hang")
+        if matches!(fault.mode.as_str(), "crash" | "abort" | "exit" | "hang" | "oom")
             && !fault.message.is_empty()
         {
             eprintln!("{}", fault.message);
@@ -105,6 +106,13 @@ impl Handler for Faulty {
             "crash" => crash(),
             "abort" => std::process::abort(),
             "exit" => std::process::exit(fault.code),
+            "oom" => {
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1_u8; 64 * 1024 * 1024]);
+                    std::hint::black_box(&hoard);
+                }
+            }
             "hang" => loop {
                 std::thread::sleep(Duration::from_secs(3600));
             },

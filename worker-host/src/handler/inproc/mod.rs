@@ -69,6 +69,8 @@ const CANCELLED_CALL_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct InProcess {
     library: HandlerLibrary,
+    /// Whether `init` succeeded: `teardown` runs only then (the header promises it).
+    initialised: std::sync::atomic::AtomicBool,
     /// How many `run` calls have not returned.
     running: Mutex<usize>,
     returned: Condvar,
@@ -80,6 +82,7 @@ impl InProcess {
     pub fn load(path: &Path, limits: Limits) -> Result<Self, LoadError> {
         Ok(Self {
             library: HandlerLibrary::load(path, limits)?,
+            initialised: std::sync::atomic::AtomicBool::new(false),
             running: Mutex::new(0),
             returned: Condvar::new(),
             readiness: tokio::sync::watch::Sender::new(Readiness::Ready),
@@ -108,7 +111,10 @@ impl Handler for InProcess {
 
     fn init(&self, config_json: &str) -> Result<(), LoadError> {
         let span = tracing::info_span!("init", handler = %self.info().name);
-        self.library.init(config_json, &TracingLog(span))
+        self.library.init(config_json, &TracingLog(span))?;
+        self.initialised
+            .store(true, std::sync::atomic::Ordering::Release);
+        Ok(())
     }
 
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult {
@@ -124,6 +130,9 @@ impl Handler for InProcess {
     }
 
     fn shutdown(&self) {
+        if !self.initialised.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
         let deadline = Instant::now() + CANCELLED_CALL_WAIT;
         let mut running = self.running();
         while *running > 0 {

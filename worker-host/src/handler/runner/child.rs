@@ -158,6 +158,8 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
     sender.send_json(Kind::Loaded, library.info());
     let cancels: Arc<Mutex<HashMap<u64, CancelToken>>> = Arc::default();
     let pool = Pool::default();
+    // `teardown` runs only after a successful `init` (the header promises it).
+    let mut initialised = false;
     loop {
         let frame = read_frame(&mut reader, u64::MAX)?;
         match frame.kind {
@@ -168,7 +170,10 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
                     call: 0,
                 };
                 match library.init(&config, &log) {
-                    Ok(()) => sender.send(Kind::Ready, 0, 0, &[]),
+                    Ok(()) => {
+                        initialised = true;
+                        sender.send(Kind::Ready, 0, 0, &[]);
+                    }
                     Err(error) => sender.send_json(Kind::Failed, &error),
                 }
             }
@@ -194,7 +199,9 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
                     sender: sender.clone(),
                     call: 0,
                 };
-                library.teardown(&log);
+                if initialised {
+                    library.teardown(&log);
+                }
                 sender.send(Kind::TornDown, 0, 0, &[]);
                 return Ok(());
             }

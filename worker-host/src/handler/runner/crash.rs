@@ -67,7 +67,7 @@ pub(crate) fn describe(end: RunnerEnd, oom_killed: Option<bool>) -> String {
                 Ok(Signal::SIGKILL) => {
                     return match oom_killed {
                         Some(true) => format!(
-                            "was killed by SIGKILL (signal {number}): out of memory, the kernel's OOM killer ended it"
+                            "was killed by SIGKILL (signal {number}) because it ran out of memory (the kernel's OOM killer ended it)"
                         ),
                         Some(false) => format!(
                             "was killed by SIGKILL (signal {number}) from outside the worker (the out-of-memory killer did not fire)"
@@ -107,24 +107,32 @@ pub(crate) struct OomCounter {
 }
 
 impl OomCounter {
-    /// Finds the counter of this process's cgroup (a runner shares it).
+    /// Finds the counter of this process's cgroup (a runner shares it): cgroup v2's
+    /// `memory.events` (mounted at `/sys/fs/cgroup`, or at `/sys/fs/cgroup/unified` on a hybrid
+    /// host), else v1's `memory.oom_control` of the memory controller's cgroup, else of its root.
     pub(crate) fn of_this_process() -> Self {
-        let v2 = std::fs::read_to_string("/proc/self/cgroup")
-            .ok()
-            .and_then(|text| {
-                text.lines()
-                    .find_map(|line| line.strip_prefix("0::").map(str::to_owned))
-            })
-            .map(|path| {
-                PathBuf::from(format!(
-                    "/sys/fs/cgroup{}/memory.events",
-                    path.trim_end_matches('/')
-                ))
-            });
-        let v1 = PathBuf::from("/sys/fs/cgroup/memory/memory.oom_control");
-        let file = [v2, Some(v1)]
+        let memberships = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+        let mut candidates = Vec::new();
+        for line in memberships.lines() {
+            let mut fields = line.splitn(3, ':');
+            let (_, controllers, path) = match (fields.next(), fields.next(), fields.next()) {
+                (Some(id), Some(controllers), Some(path)) => (id, controllers, path),
+                _ => continue,
+            };
+            let path = path.trim_end_matches('/');
+            if controllers.is_empty() {
+                for mount in ["/sys/fs/cgroup", "/sys/fs/cgroup/unified"] {
+                    candidates.push(PathBuf::from(format!("{mount}{path}/memory.events")));
+                }
+            } else if controllers.split(',').any(|name| name == "memory") {
+                candidates.push(PathBuf::from(format!(
+                    "/sys/fs/cgroup/memory{path}/memory.oom_control"
+                )));
+            }
+        }
+        candidates.push(PathBuf::from("/sys/fs/cgroup/memory/memory.oom_control"));
+        let file = candidates
             .into_iter()
-            .flatten()
             .find(|file| read_oom_kills(file).is_some());
         Self { file }
     }
