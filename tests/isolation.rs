@@ -313,6 +313,35 @@ fn killing_the_host_leaves_no_runner() {
     }
 }
 
+/// A process the handler started does not outlive its crashed runner: the runner's whole process
+/// group goes with it, so nothing is left holding memory or a GPU.
+#[test]
+fn what_a_crashed_handler_started_goes_with_it() {
+    let library = artifacts().library(Sample::Faulty);
+    let run = Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(library)
+            .args(["--test_input", r#"{"input": {"mode": "orphan"}}"#]),
+    );
+    assert_eq!(run.code, Some(1), "{}", run.stderr);
+    let (_, message) = error_of(&run.result());
+    let orphan: u32 = message
+        .split("orphan pid ")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no orphan pid in {message}"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while process_alive(orphan) {
+        assert!(
+            Instant::now() < deadline,
+            "the handler's child {orphan} outlived its runner"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Ctrl-C in a terminal (SIGINT to the whole foreground process group) reaches the host only:
 /// the running job finishes with its own result (it is not killed with the runner), and the
 /// worker exits 0.
@@ -503,7 +532,11 @@ fn an_oom_kill_is_reported_as_out_of_memory() {
     let Some(cgroup) = MemoryCgroup::create(256 * 1024 * 1024) else {
         return;
     };
-    let library = artifacts().library(Sample::Faulty).to_str().unwrap().to_owned();
+    let library = artifacts()
+        .library(Sample::Faulty)
+        .to_str()
+        .unwrap()
+        .to_owned();
     let run = Run::of(&mut cgroup.command(
         &artifacts().worker_host,
         &[

@@ -10,6 +10,8 @@
 //!   (unless `ignore_cancel` is true); logs "slept" at INFO when it returns;
 //! - `crash`: write to an invalid address, so the process dies of a real SIGSEGV;
 //! - `abort`: call `abort()` (SIGABRT);
+//! - `orphan`: start `sleep 30` as a child process, write "orphan pid N" to stderr, then crash
+//!   (SIGSEGV), leaving the child behind;
 //! - `exit`: end the process with `exit(code)`;
 //! - `hang`: never return, ignoring cancellation;
 //! - `oom`: allocate and touch memory, 64 MiB at a time, until the kernel kills the process;
@@ -105,6 +107,14 @@ impl Handler for Faulty {
             }
             "crash" => crash(),
             "abort" => std::process::abort(),
+            "orphan" => {
+                let child = std::process::Command::new("sleep")
+                    .arg("30")
+                    .spawn()
+                    .map_err(|error| HandlerError::new("SpawnFailed", error.to_string()))?;
+                eprintln!("orphan pid {}", child.id());
+                crash()
+            }
             "exit" => std::process::exit(fault.code),
             "oom" => {
                 let mut hoard: Vec<Vec<u8>> = Vec::new();

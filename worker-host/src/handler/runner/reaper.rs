@@ -3,8 +3,10 @@
 //! the kernel hands it (a handler that started processes leaves them behind when its runner dies)
 //! is reaped instead of piling up as zombies.
 //!
-//! In runner isolation the host's only own children are its runners, so waiting for any child
-//! takes nothing from anyone. (With `--isolation none` the handler lives in the host and may wait
+//! The host is also a child subreaper (`PR_SET_CHILD_SUBREAPER`): processes a handler started
+//! are handed to the host, not to the system's init, when their runner dies, so they are reaped
+//! here in or out of a container. In runner isolation the host's only own children are its
+//! runners, so waiting for any child takes nothing from anyone. (With `--isolation none` the handler lives in the host and may wait
 //! for children of its own; this module is not used there.)
 //!
 //! A runner's pid is registered under the same lock its spawn runs under, so the reaper never
@@ -53,6 +55,9 @@ fn children() -> MutexGuard<'static, Children> {
 /// is shut down when the child is reaped.
 pub(crate) fn spawn(command: &mut Command, channel: Option<UnixStream>) -> std::io::Result<Child> {
     REAPER.call_once(|| {
+        if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::debug!("Cannot become a child subreaper: {error}");
+        }
         if let Err(error) = std::thread::Builder::new()
             .name("reaper".into())
             .spawn(reap_forever)
@@ -103,6 +108,14 @@ pub(crate) fn wait(pid: i32, timeout: Duration) -> Option<WaitStatus> {
             .unwrap_or_else(PoisonError::into_inner)
             .0;
     }
+}
+
+/// Sends SIGKILL to every process left in the process group of the runner `pid` (it led its own
+/// group), once the runner itself has been reaped: what a crashed handler started (a helper
+/// server holding VRAM, say) goes with it. The group's number cannot be reused while it has
+/// members.
+pub(crate) fn kill_group_of(pid: i32) {
+    let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
 }
 
 /// Sends SIGKILL to the registered child `pid`, if it has not been reaped.

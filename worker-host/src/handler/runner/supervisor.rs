@@ -702,6 +702,9 @@ fn read_frames(shared: &Shared, runner: &Arc<Runner>, mut channel: UnixStream) {
         runner.kill(KillReason::Protocol("it closed its channel".into()));
         reaper::wait(runner.pid, EXIT_WAIT)
     });
+    if status.is_some() {
+        reaper::kill_group_of(runner.pid);
+    }
     let killed_for = lock(&runner.kill_reason).clone();
     let description = match (&killed_for, status.and_then(RunnerEnd::of)) {
         (Some(reason), _) => describe_kill(reason),
