@@ -406,6 +406,24 @@ fn the_runner_hides_the_worker_key_and_its_output_is_logged() {
     );
 }
 
+/// A handler that closes every descriptor (the runner's channel with them) fails its job with a
+/// reason instead of leaving it without a result forever; the next job runs on a new runner.
+#[test]
+fn a_handler_that_closes_the_channel_fails_its_job() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "closer", "input": {"mode": "close_fds"}}));
+    platform.push_job(json!({"id": "after", "input": 4}));
+    let _worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    let by_id = wait_for_results(&platform, &["closer", "after"]);
+    let (error_type, message) = error_of(&by_id["closer"]);
+    assert_eq!(error_type, "HandlerCrashed", "{message}");
+    assert!(
+        message.contains("the channel to the host broke"),
+        "{message}"
+    );
+    assert_eq!(by_id["after"], json!({"output": 4}));
+}
+
 /// Under the dev API a crash fails that request with the cause, and the next one succeeds.
 #[test]
 fn the_dev_api_survives_a_crash() {

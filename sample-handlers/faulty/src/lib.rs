@@ -15,7 +15,11 @@
 //! - `exit`: end the process with `exit(code)`;
 //! - `hang`: never return, ignoring cancellation;
 //! - `oom`: allocate and touch memory, 64 MiB at a time, until the kernel kills the process;
+//! - `close_fds`: close every file descriptor from 3 to 1023 (a daemonising mistake), then
+//!   return the input;
 //! - `env`: return `{"value": ...}`, the environment variable `message` names (null if unset);
+//! - `read_file`: return `{"value": ...}`, the text of the file `message` names (null if it
+//!   cannot be read; `$PPID` in the name is the parent's pid);
 //! - `print`: write `message` to stdout and to stderr (as a handler's `printf` would), then
 //!   return the input;
 //! - `recycle`: ask for the worker to be recycled, then return the input;
@@ -78,8 +82,10 @@ impl Handler for Faulty {
             ignore_cancel: false,
             code: 0,
         });
-        if matches!(fault.mode.as_str(), "crash" | "abort" | "exit" | "hang" | "oom")
-            && !fault.message.is_empty()
+        if matches!(
+            fault.mode.as_str(),
+            "crash" | "abort" | "exit" | "hang" | "oom"
+        ) && !fault.message.is_empty()
         {
             eprintln!("{}", fault.message);
         }
@@ -129,6 +135,27 @@ impl Handler for Faulty {
             "env" => Ok(serde_json::value::to_raw_value(
                 &serde_json::json!({ "value": std::env::var(&fault.message).ok() }),
             )?),
+            "close_fds" => {
+                extern "C" {
+                    fn close(fd: std::ffi::c_int) -> std::ffi::c_int;
+                }
+                for fd in 3..1024 {
+                    // SAFETY: `close` is the C library's; closing descriptors this handler does
+                    // not own is the careless act this mode stands for.
+                    unsafe { close(fd) };
+                }
+                Ok(input)
+            }
+            "read_file" => {
+                let parent = std::os::unix::process::parent_id().to_string();
+                let path = fault.message.replace("$PPID", &parent);
+                let text = std::fs::read(path)
+                    .ok()
+                    .map(|bytes| String::from_utf8_lossy(&bytes).into_owned());
+                Ok(serde_json::value::to_raw_value(
+                    &serde_json::json!({ "value": text }),
+                )?)
+            }
             "print" => {
                 println!("{}", fault.message);
                 eprintln!("{}", fault.message);

@@ -61,6 +61,13 @@ pub fn flush_c_stdio() {
     unsafe { libc::fflush(std::ptr::null_mut()) };
 }
 
+/// Ends the process at once with `code` (`_exit`): no exit handlers run, since they could free
+/// state that handler threads still use.
+pub fn exit_immediately(code: i32) -> ! {
+    // SAFETY: `_exit` takes a plain integer and never returns; it touches no memory of ours.
+    unsafe { libc::_exit(code) }
+}
+
 /// How long [`Handler::shutdown`] waits for calls still running (jobs cancelled at the end of the
 /// shutdown grace) before it gives up on them and skips the teardown.
 const CANCELLED_CALL_WAIT: Duration = Duration::from_secs(2);

@@ -3,8 +3,9 @@
 //! its stdin (see the [parent module](super) for the frames) until the host says Shutdown or the
 //! channel closes.
 //!
-//! `init` and `teardown` run on the main thread, as they do in the host with `--isolation none`;
-//! each job runs on a thread of a small pool, with 8 MiB of stack, as the header promises.
+//! `init` runs on the main thread, as it does in the host with `--isolation none`; each job runs
+//! on a thread with 8 MiB of stack, as the header promises: the thread that read it off the
+//! channel (see `Serving`).
 
 use super::protocol::{self, read_frame, write_frame, Frame, Kind, Outcome, RECYCLE};
 use crate::handler::inproc::{HandlerLibrary, HandlerLog, JobText};
@@ -14,13 +15,12 @@ use handler_abi::ffi;
 use nix::sys::signal::Signal;
 use std::collections::HashMap;
 use std::ffi::OsString;
-use std::io::Write;
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
 /// The stack of every job thread: the main thread's default on Linux, as the header promises.
 const JOB_STACK_SIZE: usize = 8 * 1024 * 1024;
@@ -58,6 +58,7 @@ pub fn main(arguments: &[OsString]) -> ExitCode {
     {
         return ExitCode::from(crate::exit::JOB_FAILED);
     }
+    hide_the_host();
     let channel = match take_channel() {
         Ok(channel) => channel,
         Err(error) => {
@@ -73,6 +74,23 @@ pub fn main(arguments: &[OsString]) -> ExitCode {
             ExitCode::from(crate::exit::JOB_FAILED)
         }
     }
+}
+
+/// Takes from the runner (and what it starts) the one power that would let a handler read the
+/// host's memory or its `/proc/<pid>/environ`, where the platform's worker key is: tracing another
+/// process (`CAP_SYS_PTRACE`, which root has outside a container's default set). The host itself
+/// is not dumpable (see the supervisor), so without it those files are closed to the runner.
+fn hide_the_host() {
+    use caps::{CapSet, Capability};
+    for set in [
+        CapSet::Effective,
+        CapSet::Permitted,
+        CapSet::Inheritable,
+        CapSet::Ambient,
+    ] {
+        let _ = caps::drop(None, set, Capability::CAP_SYS_PTRACE);
+    }
+    let _ = caps::drop(None, CapSet::Bounding, Capability::CAP_SYS_PTRACE);
 }
 
 /// The channel is the runner's stdin: moved to a new descriptor (close-on-exec, so processes the
@@ -95,12 +113,13 @@ impl Sender {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Sends a frame. A failed write means the host is gone; the runner is about to be killed
-    /// (parent death), so the frame is dropped.
+    /// Sends a frame. A failed write means the channel is broken (the host is gone, or the
+    /// handler closed a descriptor it does not own): a frame cannot be dropped without a job
+    /// losing its result, so the runner ends at once and the host reports its end.
     fn send(&self, kind: Kind, flags: u8, call: u64, parts: &[&[u8]]) {
         let mut channel = self.lock();
-        if write_frame(&mut *channel, kind, flags, call, parts).is_err() {
-            let _ = channel.flush();
+        if let Err(error) = write_frame(&mut *channel, kind, flags, call, parts) {
+            channel_broken(&error);
         }
     }
 
@@ -142,10 +161,21 @@ impl JobEvents for FrameEvents {
     }
 }
 
-/// Loads the library and serves the channel until Shutdown (Ok) or its end (Err).
+/// Ends the runner at once, saying why on stderr (the host shows it as the runner's last
+/// output): nothing can be sent any more. `_exit` runs no exit handlers, which could touch
+/// state the handler's threads are using.
+fn channel_broken(error: &dyn std::fmt::Display) -> ! {
+    eprintln!(
+        "worker-host runner: the channel to the host broke ({error}); did the handler close a file descriptor it does not own?"
+    );
+    crate::handler::inproc::exit_immediately(crate::exit::JOB_FAILED.into())
+}
+
+/// Loads the library, runs `init` on this (the main) thread, then serves jobs until Shutdown.
+/// Returns at the channel's end (Err) or after a failed load (Ok).
 fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::ReadError> {
     let sender = Sender(Arc::new(Mutex::new(channel.try_clone()?)));
-    let mut reader = channel;
+    let mut reader = std::io::BufReader::with_capacity(64 * 1024, channel);
     let library: &'static HandlerLibrary =
         match HandlerLibrary::load(&arguments.path, arguments.limits) {
             // Never unloaded (see `inproc::library`): leaking it makes it 'static for the job threads.
@@ -156,10 +186,7 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
             }
         };
     sender.send_json(Kind::Loaded, library.info());
-    let cancels: Arc<Mutex<HashMap<u64, CancelToken>>> = Arc::default();
-    let pool = Pool::default();
-    // `teardown` runs only after a successful `init` (the header promises it).
-    let mut initialised = false;
+    // Until `init` succeeds only Init and Shutdown can come.
     loop {
         let frame = read_frame(&mut reader, u64::MAX)?;
         match frame.kind {
@@ -171,46 +198,162 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
                 };
                 match library.init(&config, &log) {
                     Ok(()) => {
-                        initialised = true;
                         sender.send(Kind::Ready, 0, 0, &[]);
+                        break;
                     }
                     Err(error) => sender.send_json(Kind::Failed, &error),
                 }
             }
-            Kind::Job => {
-                let cancel = CancelToken::new();
-                lock(&cancels).insert(frame.call, cancel.clone());
-                let sender = sender.clone();
-                let cancels = cancels.clone();
-                pool.run(Box::new(move || {
-                    let call = frame.call;
-                    run_job(library, frame, &cancel, &sender);
-                    lock(&cancels).remove(&call);
-                }));
-            }
-            Kind::Cancel => {
-                if let Some(cancel) = lock(&cancels).get(&frame.call) {
-                    cancel.cancel();
-                }
-            }
+            // `teardown` runs only after a successful `init` (the header promises it).
             Kind::Shutdown => {
-                pool.wait_idle();
-                let log = FrameLog {
-                    sender: sender.clone(),
-                    call: 0,
-                };
-                if initialised {
-                    library.teardown(&log);
-                }
                 sender.send(Kind::TornDown, 0, 0, &[]);
                 return Ok(());
             }
             other => {
                 return Err(protocol::ReadError::Invalid(format!(
-                    "a runner frame ({other:?}) from the host"
+                    "a {other:?} frame before init succeeded"
                 )))
             }
         }
+    }
+    let serving = Arc::new(Serving {
+        library,
+        sender,
+        reader: Mutex::new(reader),
+        waiting: AtomicUsize::new(0),
+        cancels: Mutex::new(HashMap::new()),
+        running: Mutex::new(0),
+        finished: Condvar::new(),
+        shutting_down: AtomicBool::new(false),
+    });
+    follow(&serving)
+}
+
+/// What the runner's threads share once the handler is ready.
+///
+/// The threads take turns reading the channel (leader and followers): the one holding `reader`
+/// reads frames; when it reads a job it hands the reader to a waiting thread (starting one if
+/// none waits) and runs the job itself, with no hand-off between reading a job and starting it.
+/// So a job starts on the thread that read it, and the channel is always being read (a Cancel
+/// gets through while every job runs).
+struct Serving {
+    library: &'static HandlerLibrary,
+    sender: Sender,
+    reader: Mutex<std::io::BufReader<UnixStream>>,
+    /// Threads waiting for their turn at the reader.
+    waiting: AtomicUsize,
+    /// The cancel token of each running job.
+    cancels: Mutex<HashMap<u64, CancelToken>>,
+    /// Jobs running, and its change (teardown waits for none).
+    running: Mutex<usize>,
+    finished: Condvar,
+    shutting_down: AtomicBool,
+}
+
+/// One thread's turns at the reader; a job read is run on this thread. Returns only at the
+/// channel's end (Err).
+fn follow(serving: &Arc<Serving>) -> Result<(), protocol::ReadError> {
+    loop {
+        serving.waiting.fetch_add(1, Ordering::AcqRel);
+        let mut reader = lock(&serving.reader);
+        serving.waiting.fetch_sub(1, Ordering::AcqRel);
+        let frame = read_frame(&mut *reader, u64::MAX)?;
+        match frame.kind {
+            Kind::Job if serving.shutting_down.load(Ordering::Acquire) => {
+                let failure = Failure::new(
+                    "WorkerShutdown",
+                    "the worker is shutting down: the handler takes no more jobs",
+                );
+                let body = serde_json::to_vec(&failure).expect("plain data serializes");
+                serving
+                    .sender
+                    .send(Kind::Done, Outcome::Failed as u8, frame.call, &[&body]);
+            }
+            Kind::Job => {
+                let cancel = CancelToken::new();
+                lock(&serving.cancels).insert(frame.call, cancel.clone());
+                *lock(&serving.running) += 1;
+                if serving.waiting.load(Ordering::Acquire) == 0 {
+                    start_follower(serving);
+                }
+                drop(reader);
+                let call = frame.call;
+                run_job(serving.library, frame, &cancel, &serving.sender);
+                lock(&serving.cancels).remove(&call);
+                *lock(&serving.running) -= 1;
+                serving.finished.notify_all();
+            }
+            Kind::Cancel => {
+                if let Some(cancel) = lock(&serving.cancels).get(&frame.call) {
+                    cancel.cancel();
+                }
+            }
+            Kind::Shutdown => {
+                if !serving.shutting_down.swap(true, Ordering::AcqRel) {
+                    start_teardown(serving);
+                }
+            }
+            other => {
+                return Err(protocol::ReadError::Invalid(format!(
+                    "a {other:?} frame from the host"
+                )))
+            }
+        }
+    }
+}
+
+/// Starts another thread (8 MiB of stack) to take its turns at the reader.
+fn start_follower(serving: &Arc<Serving>) {
+    let serving = serving.clone();
+    let spawned = std::thread::Builder::new()
+        .name("handler-job".into())
+        .stack_size(JOB_STACK_SIZE)
+        .spawn(move || {
+            if let Err(error) = follow(&serving) {
+                host_gone(&error);
+            }
+        });
+    if let Err(error) = spawned {
+        channel_broken(&error);
+    }
+}
+
+/// Waits for the running jobs (they finish, or are cancelled and hard-stopped by the host) on a
+/// thread of its own while the channel is read on, so the host is never blocked writing to it;
+/// then runs `teardown`, says so, and exits.
+fn start_teardown(serving: &Arc<Serving>) {
+    let serving = serving.clone();
+    let spawned = std::thread::Builder::new()
+        .name("teardown".into())
+        .stack_size(JOB_STACK_SIZE)
+        .spawn(move || {
+            let mut running = lock(&serving.running);
+            while *running > 0 {
+                running = serving
+                    .finished
+                    .wait(running)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            drop(running);
+            let log = FrameLog {
+                sender: serving.sender.clone(),
+                call: 0,
+            };
+            serving.library.teardown(&log);
+            crate::handler::inproc::flush_c_stdio();
+            serving.sender.send(Kind::TornDown, 0, 0, &[]);
+            std::process::exit(0)
+        });
+    if let Err(error) = spawned {
+        channel_broken(&error);
+    }
+}
+
+/// The channel ended or broke while a follower read it: nothing is left to serve.
+fn host_gone(error: &protocol::ReadError) -> ! {
+    match error {
+        protocol::ReadError::Closed => crate::handler::inproc::exit_immediately(0),
+        other => channel_broken(other),
     }
 }
 
@@ -267,77 +410,6 @@ fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender:
         job::Outcome::Failed { failure, .. } => {
             let body = serde_json::to_vec(failure).expect("plain data serializes");
             sender.send(Kind::Done, Outcome::Failed as u8 | recycle, call, &[&body]);
-        }
-    }
-}
-
-/// A unit of work for the pool.
-type Work = Box<dyn FnOnce() + Send>;
-
-/// Job threads, kept for the next job: a thread per job would cost a spawn each time.
-#[derive(Default)]
-struct Pool {
-    queue: Mutex<Option<mpsc::Sender<Work>>>,
-    receiver: Arc<Mutex<Option<mpsc::Receiver<Work>>>>,
-    /// Threads waiting for work that no job has claimed yet.
-    idle: Arc<AtomicUsize>,
-    /// Jobs not finished, and its change.
-    busy: Arc<(Mutex<usize>, Condvar)>,
-}
-
-impl Pool {
-    fn run(&self, work: Work) {
-        let mut queue = lock(&self.queue);
-        let sender = queue.get_or_insert_with(|| {
-            let (sender, receiver) = mpsc::channel();
-            *lock(&self.receiver) = Some(receiver);
-            sender
-        });
-        *lock(&self.busy.0) += 1;
-        // Claim an idle thread, or start one: each job must have a thread of its own at once.
-        let claimed = self
-            .idle
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |idle| {
-                idle.checked_sub(1)
-            })
-            .is_ok();
-        if !claimed {
-            let receiver = self.receiver.clone();
-            let idle = self.idle.clone();
-            let busy = self.busy.clone();
-            let spawned = std::thread::Builder::new()
-                .name("handler-job".into())
-                .stack_size(JOB_STACK_SIZE)
-                .spawn(move || loop {
-                    let work = {
-                        let receiver = lock(&receiver);
-                        match receiver.as_ref().map(mpsc::Receiver::recv) {
-                            Some(Ok(work)) => work,
-                            _ => return,
-                        }
-                    };
-                    work();
-                    *lock(&busy.0) -= 1;
-                    busy.1.notify_all();
-                    idle.fetch_add(1, Ordering::AcqRel);
-                });
-            if let Err(error) = spawned {
-                eprintln!("worker-host runner: cannot start a job thread: {error}");
-                std::process::abort();
-            }
-        }
-        let _ = sender.send(work);
-    }
-
-    /// Waits until every job has finished.
-    fn wait_idle(&self) {
-        let mut busy = lock(&self.busy.0);
-        while *busy > 0 {
-            busy = self
-                .busy
-                .1
-                .wait(busy)
-                .unwrap_or_else(PoisonError::into_inner);
         }
     }
 }

@@ -123,13 +123,8 @@ impl Handler for Supervised {
             recycle: false,
         };
         let (to_job, messages) = mpsc::channel();
-        let (runner, call) = match self.shared.acquire(job.id(), to_job.clone()) {
-            Ok(acquired) => acquired,
-            Err(failure) => return failed(failure),
-        };
-        cancel.on_cancel(move || {
-            let _ = to_job.send(ToJob::Cancel);
-        });
+        let shared = self.shared.clone();
+        cancel.on_cancel(move || shared.wake_waiting());
         let mut lengths = [0; 16];
         let body = protocol::job_body(
             &mut lengths,
@@ -137,8 +132,22 @@ impl Handler for Supervised {
             job.input().get(),
             job.job_json().get(),
         );
-        // A write error means the runner is dying; its end reaches this job as `Died`.
-        let _ = runner.send(Kind::Job, call, &body);
+        let (runner, call) = loop {
+            let (runner, call) = match self.shared.acquire(job.id(), to_job.clone(), cancel) {
+                Ok(acquired) => acquired,
+                Err(failure) => return failed(failure),
+            };
+            if runner.send(Kind::Job, call, &body).is_ok() || !runner.withdraw(call) {
+                // Sent; or the runner died and its end has claimed the job (a Died follows).
+                break (runner, call);
+            }
+            // The runner died before it could take the job: it goes to the next runner, once
+            // the dead one's reader has retired it.
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        };
+        cancel.on_cancel(move || {
+            let _ = to_job.send(ToJob::Cancel);
+        });
         let grace = self.shared.spec().cancel_grace;
         let mut hard_stop_at: Option<Instant> = None;
         loop {
@@ -178,8 +187,9 @@ impl Handler for Supervised {
                 }
                 Some(ToJob::Died(failure)) => return failed(failure),
                 Some(ToJob::Cancel) => {
-                    let _ = runner.send(Kind::Cancel, call, &[]);
+                    // The clock starts before the write, which may wait for the channel.
                     hard_stop_at.get_or_insert(Instant::now() + grace);
+                    let _ = runner.send(Kind::Cancel, call, &[]);
                 }
                 // The channel always ends a call with Done or Died before it drops the sender.
                 None => {

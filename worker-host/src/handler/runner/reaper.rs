@@ -15,7 +15,7 @@
 
 use nix::errno::Errno;
 use nix::sys::signal::{kill, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -55,6 +55,11 @@ fn children() -> MutexGuard<'static, Children> {
 /// is shut down when the child is reaped.
 pub(crate) fn spawn(command: &mut Command, channel: Option<UnixStream>) -> std::io::Result<Child> {
     REAPER.call_once(|| {
+        // Not dumpable: a runner cannot read the host's memory or environment (the platform's
+        // worker key) through /proc, nor trace it.
+        if let Err(error) = nix::sys::prctl::set_dumpable(false) {
+            tracing::debug!("Cannot make the host undumpable: {error}");
+        }
         if let Err(error) = nix::sys::prctl::set_child_subreaper(true) {
             tracing::debug!("Cannot become a child subreaper: {error}");
         }
@@ -130,13 +135,21 @@ pub(crate) fn kill_child(pid: i32) {
 }
 
 /// Waits for children forever: registered ones get their status, others (orphans) are reaped.
+///
+/// A child is first only seen to have ended (`waitid` with `WNOWAIT`, which leaves it a zombie,
+/// so its pid stays taken), and reaped under the lock [`kill_child`] takes: a kill can never
+/// reach a pid that was freed and given to another process.
 fn reap_forever() {
     loop {
         let spawned = children().spawned;
-        match waitpid(None::<Pid>, None) {
-            Ok(status) => {
-                let Some(pid) = status.pid() else { continue };
+        match waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT) {
+            Ok(seen) => {
+                let Some(pid) = seen.pid() else { continue };
                 let mut children = children();
+                let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+                    Ok(status) => status,
+                    Err(_) => continue,
+                };
                 match children.registered.get_mut(&pid.as_raw()) {
                     Some(child) => {
                         child.status = Some(status);

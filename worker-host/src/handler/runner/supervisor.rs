@@ -20,7 +20,7 @@ use super::capture::{Capture, LineContext};
 use super::crash::{describe, describe_kill, KillReason, OomCounter, RunnerEnd};
 use super::protocol::{self, read_frame, write_frame, Frame, Kind, ReadError};
 use super::reaper;
-use crate::handler::{HandlerInfo, HandlerSpec, LoadError, Readiness};
+use crate::handler::{CancelToken, HandlerInfo, HandlerSpec, LoadError, Readiness};
 use crate::job::{Failure, JobResult, Outcome, RawJson};
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
@@ -74,6 +74,8 @@ pub(super) struct Runner {
     calls: Mutex<HashMap<u64, Call>>,
     /// Set when the host kills the runner, so its end is reported as the host's doing.
     kill_reason: Mutex<Option<KillReason>>,
+    /// Set (under the phase lock) as soon as its channel ends: no job is given to it after.
+    ended: std::sync::atomic::AtomicBool,
     capture: Arc<Capture>,
     oom: OomCounter,
     oom_kills_before: Option<u64>,
@@ -108,6 +110,13 @@ impl Runner {
 const OUTPUT_LINGER: Duration = Duration::from_millis(250);
 
 impl Runner {
+    /// Forgets a job whose frame could not be sent (the runner is dying), so it can go to the
+    /// next runner; false when the runner's end has already claimed it (its failure is on the
+    /// way to the job).
+    pub(super) fn withdraw(&self, call: u64) -> bool {
+        lock(&self.calls).remove(&call).is_some()
+    }
+
     /// Forgets the job `call` (its result came); `None` if it was not running.
     fn end_call(&self, call: u64) -> Option<Call> {
         let mut calls = lock(&self.calls);
@@ -268,15 +277,32 @@ impl Shared {
     }
 
     /// Waits for a ready runner and registers a job on it. The failure says why no runner will
-    /// take the job.
+    /// take the job: the handler failed for good, the worker is shutting down, or the job was
+    /// cancelled while it waited (a cancel wakes the wait).
     pub(super) fn acquire(
         &self,
         job_id: &str,
         to_job: mpsc::Sender<ToJob>,
+        cancel: &CancelToken,
     ) -> Result<(Arc<Runner>, u64), Failure> {
         let mut phase = lock(&self.phase);
         loop {
             match &*phase {
+                Phase::Failed(reason) => {
+                    return Err(Failure::new("HandlerUnavailable", reason.clone()))
+                }
+                Phase::Stopped => {
+                    return Err(Failure::new(
+                        "WorkerShutdown",
+                        "the worker is shutting down: the handler takes no more jobs",
+                    ))
+                }
+                _ if cancel.is_cancelled() => {
+                    return Err(Failure::new(
+                        "Cancelled",
+                        "the job was cancelled while it waited for the handler to restart",
+                    ))
+                }
                 Phase::Ready(runner) => {
                     let call = self.next_call.fetch_add(1, Ordering::Relaxed);
                     lock(&runner.calls).insert(
@@ -289,15 +315,6 @@ impl Shared {
                     );
                     return Ok((runner.clone(), call));
                 }
-                Phase::Failed(reason) => {
-                    return Err(Failure::new("HandlerUnavailable", reason.clone()))
-                }
-                Phase::Stopped => {
-                    return Err(Failure::new(
-                        "WorkerShutdown",
-                        "the worker is shutting down: the handler takes no more jobs",
-                    ))
-                }
                 Phase::Starting | Phase::Restarting => {
                     phase = self
                         .changed
@@ -306,6 +323,38 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Wakes the jobs waiting in [`Self::acquire`] (one of them was cancelled).
+    pub(super) fn wake_waiting(&self) {
+        let _phase = lock(&self.phase);
+        self.changed.notify_all();
+    }
+
+    /// The runner's channel ended: from now on no job is given to it.
+    fn retire(&self, runner: &Runner) {
+        let mut phase = lock(&self.phase);
+        runner.ended.store(true, Ordering::Release);
+        if matches!(&*phase, Phase::Ready(current) if current.generation == runner.generation) {
+            *phase = Phase::Restarting;
+            drop(phase);
+            self.changed.notify_all();
+            self.readiness.send_replace(Readiness::Restarting);
+        }
+    }
+
+    /// Makes `runner` the one jobs go to, unless its channel has ended meanwhile (false).
+    fn set_ready(&self, runner: Arc<Runner>) -> bool {
+        {
+            let mut phase = lock(&self.phase);
+            if runner.ended.load(Ordering::Acquire) {
+                return false;
+            }
+            *phase = Phase::Ready(runner);
+        }
+        self.changed.notify_all();
+        self.readiness.send_replace(Readiness::Ready);
+        true
     }
 
     /// A runner ended: it takes no more jobs, and each job on it gets its failure.
@@ -507,9 +556,20 @@ impl Supervisor {
         // A write error means the runner died; its end is the answer.
         let _ = runner.send(Kind::Init, 0, &[config.as_bytes()]);
         match self.next_control(None)? {
+            Some(Control::Ready) if self.shared.set_ready(runner) => Ok(()),
             Some(Control::Ready) => {
-                self.shared.set_phase(Phase::Ready(runner));
-                Ok(())
+                // It ended right after init: its end, which is on its way, says how.
+                let description = loop {
+                    if let Some(Control::Ended(report)) = self.next_control(None)? {
+                        break report.description;
+                    }
+                };
+                Err(Halt::Failed(LoadError::InitFailed {
+                    failure: Failure::new(
+                        "HandlerCrashed",
+                        format!("its runner process {description} right after init"),
+                    ),
+                }))
             }
             Some(Control::Failed(error)) => Err(Halt::Failed(error)),
             Some(Control::Ended(report)) => Err(Halt::Failed(LoadError::InitFailed {
@@ -529,6 +589,7 @@ impl Supervisor {
 
     /// The current runner ended on its own (or was killed): restart it with back-off, or give up.
     fn restart_after(&mut self, mut report: EndReport) {
+        self.shared.set_phase(Phase::Restarting);
         loop {
             let crashes = if report.killed_by_host {
                 self.shared.crashes.load(Ordering::Acquire)
@@ -658,6 +719,7 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         writer: Mutex::new(host_end.try_clone()?),
         calls: Mutex::new(HashMap::new()),
         kill_reason: Mutex::new(None),
+        ended: std::sync::atomic::AtomicBool::new(false),
         capture: Capture::new(),
         oom,
         oom_kills_before,
@@ -680,8 +742,9 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
 
 /// The reader thread of one runner: dispatches its frames until the channel ends, then reports
 /// the end.
-fn read_frames(shared: &Shared, runner: &Arc<Runner>, mut channel: UnixStream) {
+fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixStream) {
     let max_body = shared.spec.limits.max_output_bytes as u64 + FRAME_OVERHEAD;
+    let mut channel = std::io::BufReader::with_capacity(64 * 1024, channel);
     loop {
         match read_frame(&mut channel, max_body) {
             Ok(frame) => {
@@ -697,6 +760,8 @@ fn read_frames(shared: &Shared, runner: &Arc<Runner>, mut channel: UnixStream) {
             }
         }
     }
+    // No job goes to it from now on, while its exit status and last output are awaited.
+    shared.retire(runner);
     let status = reaper::wait(runner.pid, EXIT_WAIT).or_else(|| {
         // The channel closed but the process lives on: it cannot serve, so it goes.
         runner.kill(KillReason::Protocol("it closed its channel".into()));
