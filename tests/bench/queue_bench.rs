@@ -1,5 +1,6 @@
-//! `queue-bench`: how fast `worker-host` moves jobs through the RunPod queue protocol, and whether
-//! its memory stays flat; run by hand, not by CI.
+//! `queue-bench`: how fast `worker-host` moves jobs through the RunPod queue protocol, what running
+//! the handler in a separate runner process costs, and whether its memory stays flat; run by
+//! hand, not by CI.
 //!
 //! The bench starts a lean stand-in of the platform's worker-facing endpoints on loopback (job-take,
 //! job-take-batch, job-done, job-stream, job-stop, ping; the same URL layout as
@@ -8,34 +9,58 @@
 //!
 //! - **jobs/s**: N divided by the time from filling the queue to the arrival of the last job-done
 //!   POST;
-//! - **p50 / p99 latency**: per job, from the moment job-take handed it out to the moment its
-//!   job-done POST arrived;
+//! - **mean / p50 / p99 latency**: per job, from the moment job-take's answer was ready to the
+//!   moment its job-done POST arrived;
 //! - the take requests the worker needed, and the CPU time the worker and the stand-in spent per
-//!   job (on a 2-core machine they share the cores, so both matter).
+//!   job (on a 2-core machine they share the cores, so both matter). The worker's CPU is that of
+//!   its whole process tree, found through `/proc/<pid>/task/*/children` and read while the worker
+//!   still runs: `worker-host`'s runner child (the handler's process under `--isolation runner`)
+//!   and the Python SDK's heartbeat process are counted; a child that ended during the run is not.
 //!
-//! Runs: `worker-host` (release build, echo handler, `--rp_log_level WARN`) at concurrency 1 and 8;
-//! the official Python worker (`runpod` 1.12.0, `tests/bench/python_echo.py`) at concurrency 1
-//! and 8 when `python3 -c "import runpod"` works, with a small N because the SDK sleeps 1 s whenever
-//! its slots are full; and a memory run: `worker-host` at concurrency 8 over 100,000 jobs, with its
-//! VmRSS (from `/proc/<pid>/status`) sampled every 10,000 jobs, so the table shows whether it
-//! stays flat after warm-up. Every result is checked (each job answered once, output equal to
-//! input) and `worker-host` must exit 0 on SIGTERM; the bench exits 1 when a check fails.
+//! Runs:
+//!
+//! - **throughput**: `worker-host` (release build, echo handler, `--rp_log_level WARN`) with its
+//!   default isolation (`runner`: the handler in a supervised child process; the table's
+//!   `worker-host`) and with `--isolation none` (the handler in the host's own process;
+//!   `worker-host (none)`), each at concurrency 1 and 8, side by side, followed by the ratio
+//!   isolated jobs/s / in-process jobs/s per concurrency (target: at least 0.70);
+//! - **big payload**: `--big-jobs` echo jobs at concurrency 1 whose input is
+//!   `{"prompt": "<--big-bytes of ASCII text>", "n": n}` (10 MiB by default), for both isolations,
+//!   with `--max-input-bytes` and `--max-output-bytes` of 64 MiB, followed by the ratio of the
+//!   isolated mean (and p50) latency to the in-process one (target: at most 1.5). The text is
+//!   built once and shared; an output is checked by comparing the job-done body's bytes with the
+//!   expected `{"output":<input>}` piecewise (parsing it only when those differ), so the check
+//!   does not slow the stand-in down;
+//! - **one-shot**: `worker-host --handler libecho_handler.so --test_input '{"input": 1}'`, from
+//!   spawn to exit, `--oneshot-runs` times for each isolation after one unmeasured warm-up run,
+//!   with its median and p90 wall time (target: under 20 ms); its output must be `{"output":1}`;
+//! - the official Python worker (`runpod` 1.12.0, `tests/bench/python_echo.py`) at concurrency 1
+//!   and 8 when `python3 -c "import runpod"` works, with a small N because the SDK sleeps 1 s
+//!   whenever its slots are full;
+//! - **memory**: `worker-host` (default isolation) at concurrency 8 over 100,000 jobs, with its
+//!   VmRSS (from `/proc/<pid>/status`, the host process only) sampled every 10,000 jobs, so the
+//!   table shows whether it stays flat after warm-up.
+//!
+//! Every result is checked (each job answered once, output equal to input) and `worker-host` must
+//! exit 0 on SIGTERM; the bench exits 1 when a check fails.
 //!
 //! Usage (`cargo run --bin queue-bench` does not rebuild the worker or the handler, so build them
 //! first; the table's header names the binary it measured and when it was built):
 //!
 //! ```text
 //! cargo build --release -p worker-host -p echo-handler
-//! cargo run --release -p e2e --bin queue-bench -- [--jobs N] [--soak-jobs N] [--python-jobs N]
-//!     [--sample-every N] [--skip-python] [--skip-soak]
+//! cargo run --release -p e2e --bin queue-bench -- [--jobs N] [--big-jobs N] [--big-bytes N]
+//!     [--oneshot-runs N] [--soak-jobs N] [--python-jobs N] [--sample-every N]
+//!     [--skip-big] [--skip-oneshot] [--skip-python] [--skip-soak]
 //! ```
 //!
 //! It looks for `worker-host` and `libecho_handler.so` next to its own executable (the same
 //! `target/release` directory). For the Python runs: `pip install runpod==1.12.0`. The whole bench
-//! takes under a minute with the defaults on 2 cores (the Python runs take about 10 s of it).
+//! takes about a minute and a half with the defaults on 2 cores (the Python runs and the memory
+//! run take about 10 s each, the big-payload and one-shot runs a few seconds).
 
 use axum::body::Bytes;
-use axum::extract::{Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -43,7 +68,7 @@ use axum::serve::ListenerExt;
 use axum::Router;
 use serde::Deserialize;
 use serde_json::Value;
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::fmt::Write as _;
 use std::os::unix::process::CommandExt;
 use std::path::{Path as FsPath, PathBuf};
@@ -72,14 +97,30 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
 /// How often the driver looks at the run's progress and at the worker process.
 const POLL: Duration = Duration::from_millis(20);
 
-const USAGE: &str = "\
-usage: queue-bench [--jobs N] [--soak-jobs N] [--python-jobs N] [--sample-every N]
-                   [--skip-python] [--skip-soak]
+/// The prompt of an ordinary (small) job.
+const SMALL_PROMPT: &str = "echo me";
+/// `--max-input-bytes` and `--max-output-bytes` of the big-payload runs.
+const BIG_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+/// The one-shot run's job, as the issue gives it.
+const ONESHOT_INPUT: &str = r#"{"input": 1}"#;
+/// What the echo handler's one-shot run must print.
+const ONESHOT_OUTPUT: &str = r#"{"output":1}"#;
 
-  --jobs N          jobs per worker-host throughput run, at concurrency 1 and 8 (default 20000)
+const USAGE: &str = "\
+usage: queue-bench [--jobs N] [--big-jobs N] [--big-bytes N] [--oneshot-runs N]
+                   [--soak-jobs N] [--python-jobs N] [--sample-every N]
+                   [--skip-big] [--skip-oneshot] [--skip-python] [--skip-soak]
+
+  --jobs N          jobs per worker-host throughput run, for each isolation (runner, none) at
+                    concurrency 1 and 8 (default 20000)
+  --big-jobs N      jobs per big-payload run, for each isolation at concurrency 1 (default 20)
+  --big-bytes N     bytes of ASCII text in each big job's prompt (default 10485760, 10 MiB)
+  --oneshot-runs N  measured one-shot runs (--test_input) per isolation (default 50)
   --soak-jobs N     jobs in the worker-host memory run at concurrency 8 (default 100000)
   --sample-every N  sample worker-host's VmRSS every N jobs of the memory run (default 10000)
   --python-jobs N   jobs per Python SDK run (default 10: the SDK manages about 1 job/s)
+  --skip-big        do not run the big-payload runs
+  --skip-oneshot    do not time the one-shot runs
   --skip-python     do not run the official Python worker
   --skip-soak       do not run the memory run";
 
@@ -87,9 +128,14 @@ usage: queue-bench [--jobs N] [--soak-jobs N] [--python-jobs N] [--sample-every 
 #[derive(Debug, Clone)]
 struct Options {
     jobs: usize,
+    big_jobs: usize,
+    big_bytes: usize,
+    oneshot_runs: usize,
     soak_jobs: usize,
     sample_every: usize,
     python_jobs: usize,
+    skip_big: bool,
+    skip_oneshot: bool,
     skip_python: bool,
     skip_soak: bool,
 }
@@ -98,9 +144,14 @@ impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut options = Options {
             jobs: 20_000,
+            big_jobs: 20,
+            big_bytes: 10_485_760,
+            oneshot_runs: 50,
             soak_jobs: 100_000,
             sample_every: 10_000,
             python_jobs: 10,
+            skip_big: false,
+            skip_oneshot: false,
             skip_python: false,
             skip_soak: false,
         };
@@ -119,9 +170,14 @@ impl Options {
             };
             match arg.as_str() {
                 "--jobs" => options.jobs = number("--jobs")?,
+                "--big-jobs" => options.big_jobs = number("--big-jobs")?,
+                "--big-bytes" => options.big_bytes = number("--big-bytes")?,
+                "--oneshot-runs" => options.oneshot_runs = number("--oneshot-runs")?,
                 "--soak-jobs" => options.soak_jobs = number("--soak-jobs")?,
                 "--sample-every" => options.sample_every = number("--sample-every")?,
                 "--python-jobs" => options.python_jobs = number("--python-jobs")?,
+                "--skip-big" => options.skip_big = true,
+                "--skip-oneshot" => options.skip_oneshot = true,
                 "--skip-python" => options.skip_python = true,
                 "--skip-soak" => options.skip_soak = true,
                 "-h" | "--help" => return Err(String::new()),
@@ -156,6 +212,9 @@ impl Shared {
 struct RunState {
     /// The worker id of the current run; job ids are `{worker}-{n}`.
     worker: String,
+    /// The prompt of every job of the run (built once; shared with the handlers that need it),
+    /// or `None` for [`SMALL_PROMPT`].
+    prompt: Option<Arc<str>>,
     /// Job numbers not handed out yet.
     queue: VecDeque<usize>,
     /// When each job was handed out, by job number.
@@ -178,6 +237,9 @@ struct RunState {
     duplicate_results: u64,
     wrong_outputs: u64,
     stray_requests: u64,
+    /// Outputs whose bytes differed from the expected ones, so that they had to be parsed (all
+    /// of the Python SDK's, which spaces its JSON; none of `worker-host`'s, which echoes raw).
+    parsed_outputs: u64,
     /// The worker's pid and, when sampling, VmRSS every `sample_every` results: (jobs done, KiB).
     pid: u32,
     sample_every: Option<usize>,
@@ -190,9 +252,73 @@ struct TakeQuery {
     batch_size: Option<usize>,
 }
 
-/// The input of job number `n`; the echo handler must return it unchanged.
-fn job_input(n: usize) -> String {
-    format!(r#"{{"prompt":"echo me","n":{n}}}"#)
+/// Appends the input of job number `n`, `{"prompt":"<prompt>","n":<n>}`, to `body`; the echo
+/// handler must return it unchanged. `prompt` holds no character JSON would escape.
+fn write_input(body: &mut String, prompt: &str, n: usize) {
+    body.push_str(r#"{"prompt":""#);
+    body.push_str(prompt);
+    let _ = write!(body, r#"","n":{n}}}"#);
+}
+
+/// `bytes` of ASCII text (lower-case words and spaces), the same on every call.
+fn big_prompt(bytes: usize) -> Arc<str> {
+    const WORDS: [&str; 16] = [
+        "lorem",
+        "ipsum",
+        "dolor",
+        "sit",
+        "amet",
+        "consectetur",
+        "adipiscing",
+        "elit",
+        "sed",
+        "do",
+        "eiusmod",
+        "tempor",
+        "incididunt",
+        "ut",
+        "labore",
+        "magna",
+    ];
+    let mut text = String::with_capacity(bytes + 16);
+    let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+    while text.len() < bytes {
+        seed = seed
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        text.push_str(WORDS[(seed >> 60) as usize]);
+        text.push(' ');
+    }
+    text.truncate(bytes);
+    text.into()
+}
+
+/// Whether a job-done body carries job `n`'s input as its output. `worker-host` echoes the input
+/// raw, so its body is `{"output":<input>}` byte for byte: that is compared piecewise, without
+/// building the expected text (a memcmp even for 10 MB). Anything else is parsed and compared
+/// as JSON; `parsed` says whether that was needed.
+fn output_matches(body: &[u8], prompt: &str, n: usize) -> (bool, bool) {
+    let suffix = format!(r#"","n":{n}}}}}"#);
+    let exact = body
+        .strip_prefix(br#"{"output":{"prompt":""#)
+        .and_then(|rest| rest.strip_prefix(prompt.as_bytes()))
+        .is_some_and(|rest| rest == suffix.as_bytes());
+    if exact {
+        return (true, false);
+    }
+    let parsed = serde_json::from_slice::<Value>(body)
+        .ok()
+        .is_some_and(|result| {
+            result
+                .get("output")
+                .and_then(Value::as_object)
+                .is_some_and(|output| {
+                    output.len() == 2
+                        && output.get("prompt").and_then(Value::as_str) == Some(prompt)
+                        && output.get("n").and_then(Value::as_u64) == u64::try_from(n).ok()
+                })
+        });
+    (parsed, true)
 }
 
 /// Starts the stand-in on its own thread and single-threaded runtime (a lean server leaves the
@@ -209,6 +335,8 @@ fn start_stand_in(shared: Arc<Shared>) -> std::io::Result<String> {
         .route("/v2/{ep}/job-stop/{worker}", get(stop))
         .route("/v2/{ep}/ping/{worker}", get(ping))
         .fallback(other)
+        // Big-payload results are far over axum's default 2 MB body limit.
+        .layer(DefaultBodyLimit::disable())
         .with_state(shared);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -275,21 +403,34 @@ async fn hand_out(shared: &Shared, worker: &str, batch: Option<usize>) -> Respon
             }
             if !state.queue.is_empty() {
                 let count = batch.unwrap_or(1).min(state.queue.len());
-                let now = Instant::now();
-                let mut body = String::with_capacity(64 * count + 2);
+                let numbers: Vec<usize> = state.queue.drain(..count).collect();
+                let prompt = state.prompt.clone();
+                drop(state);
+                // Built unlocked (a big job's body is megabytes), and timed from when it is ready.
+                let prompt = prompt.as_deref().unwrap_or(SMALL_PROMPT);
+                let mut body = String::with_capacity((64 + prompt.len()) * count + 2);
                 if batch.is_some() {
                     body.push('[');
                 }
-                for i in 0..count {
-                    let n = state.queue.pop_front().expect("checked non-empty");
-                    state.taken_at[n] = Some(now);
+                for (i, &n) in numbers.iter().enumerate() {
                     if i > 0 {
                         body.push(',');
                     }
-                    let _ = write!(body, r#"{{"id":"{worker}-{n}","input":{}}}"#, job_input(n));
+                    let _ = write!(body, r#"{{"id":"{worker}-{n}","input":"#);
+                    write_input(&mut body, prompt, n);
+                    body.push('}');
                 }
                 if batch.is_some() {
                     body.push(']');
+                }
+                let now = Instant::now();
+                let mut state = shared.lock();
+                if state.worker == worker {
+                    for &n in &numbers {
+                        if let Some(taken_at) = state.taken_at.get_mut(n) {
+                            *taken_at = Some(now);
+                        }
+                    }
                 }
                 drop(state);
                 return ([(header::CONTENT_TYPE, "application/json")], body).into_response();
@@ -308,18 +449,14 @@ async fn done(
     body: Bytes,
 ) -> StatusCode {
     let arrived = Instant::now();
-    // The job number, and whether the output is the input, are worked out before locking.
+    // The job number, and whether the output is the input, are worked out unlocked.
     let number = id
         .strip_prefix(worker.as_str())
         .and_then(|rest| rest.strip_prefix('-'))
         .and_then(|n| n.parse::<usize>().ok());
-    let output_ok = number.is_some_and(|n| {
-        let expected: Value = serde_json::from_str(&job_input(n)).expect("job inputs are JSON");
-        serde_json::from_slice::<Value>(&body)
-            .ok()
-            .and_then(|mut result| result.get_mut("output").map(Value::take))
-            .is_some_and(|output| output == expected)
-    });
+    let prompt = shared.lock().prompt.clone();
+    let prompt = prompt.as_deref().unwrap_or(SMALL_PROMPT);
+    let (output_ok, parsed) = number.map_or((false, false), |n| output_matches(&body, prompt, n));
     let mut state = shared.lock();
     if state.worker != worker {
         state.stray_requests += 1;
@@ -335,7 +472,12 @@ async fn done(
         return StatusCode::OK;
     }
     state.answered[n] = true;
-    state.latencies.push(arrived - taken_at);
+    state
+        .latencies
+        .push(arrived.saturating_duration_since(taken_at));
+    if parsed {
+        state.parsed_outputs += 1;
+    }
     state.done += 1;
     state.last_done = Some(arrived);
     if !output_ok {
@@ -396,6 +538,53 @@ fn cpu_time(pid: Option<u32>, ticks_per_second: u64) -> Option<Duration> {
     ))
 }
 
+/// The CPU time so far of `pid` and of every process below it, by pid. Children are listed per
+/// thread in `/proc/<pid>/task/<tid>/children` (`worker-host`'s runner is spawned by its
+/// supervisor thread, not by the main one). Read it while the processes run: an ended child's
+/// `/proc` entry is gone.
+fn tree_cpu_times(pid: u32, ticks_per_second: u64) -> HashMap<u32, Duration> {
+    let mut times = HashMap::new();
+    let mut pending = vec![pid];
+    while let Some(pid) = pending.pop() {
+        if times.contains_key(&pid) {
+            continue;
+        }
+        let Some(cpu) = cpu_time(Some(pid), ticks_per_second) else {
+            continue;
+        };
+        times.insert(pid, cpu);
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pending.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    times
+}
+
+/// The CPU a process tree used between two [`tree_cpu_times`] readings: a process that was not
+/// there at the start counts from zero, one gone by the end not at all.
+fn tree_cpu_delta(
+    start: &HashMap<u32, Duration>,
+    end: &HashMap<u32, Duration>,
+) -> Option<Duration> {
+    if end.is_empty() {
+        return None;
+    }
+    Some(
+        end.iter()
+            .map(|(pid, cpu)| cpu.saturating_sub(start.get(pid).copied().unwrap_or_default()))
+            .sum(),
+    )
+}
+
 /// The kernel's clock ticks per second (for `/proc/<pid>/stat`), 100 when `getconf` fails.
 fn clock_ticks() -> u64 {
     Command::new("getconf")
@@ -407,11 +596,52 @@ fn clock_ticks() -> u64 {
         .unwrap_or(100)
 }
 
+/// Where `worker-host` runs the handler (`--isolation`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Isolation {
+    /// The default, `runner`: a supervised child process. No flag is passed.
+    Runner,
+    /// `--isolation none`: in the host's own process.
+    InProcess,
+}
+
+impl Isolation {
+    /// The flag that selects it; none for the default.
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Isolation::Runner => &[],
+            Isolation::InProcess => &["--isolation", "none"],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Isolation::Runner => "runner",
+            Isolation::InProcess => "none",
+        }
+    }
+}
+
+/// Removes the inherited variables that could change how a worker runs: the platform's are set
+/// by the bench, `worker-host`'s (`WORKER_HOST_ISOLATION`, ...) must not be there at all.
+fn clean_env(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("RUNPOD_") || name.starts_with("WORKER_HOST_") {
+            command.env_remove(&*name);
+        }
+    }
+}
+
 /// Which worker a run starts.
 #[derive(Debug, Clone)]
 enum Subject {
     /// The release `worker-host` with the echo handler.
-    WorkerHost { binary: PathBuf, handler: PathBuf },
+    WorkerHost {
+        binary: PathBuf,
+        handler: PathBuf,
+        isolation: Isolation,
+    },
     /// The official Python SDK running `python_echo.py`.
     Python { script: PathBuf },
 }
@@ -419,31 +649,79 @@ enum Subject {
 impl Subject {
     fn label(&self) -> &'static str {
         match self {
-            Subject::WorkerHost { .. } => "worker-host",
+            Subject::WorkerHost {
+                isolation: Isolation::Runner,
+                ..
+            } => "worker-host",
+            Subject::WorkerHost {
+                isolation: Isolation::InProcess,
+                ..
+            } => "worker-host (none)",
             Subject::Python { .. } => "python runpod 1.12.0",
         }
     }
 
-    /// The command that starts the worker at `concurrency`, in `dir`, pointed at `base`.
-    fn command(&self, base: &str, worker: &str, concurrency: usize, dir: &FsPath) -> Command {
+    /// A short name for worker ids.
+    fn tag(&self) -> &'static str {
+        match self {
+            Subject::WorkerHost {
+                isolation: Isolation::Runner,
+                ..
+            } => "wh",
+            Subject::WorkerHost {
+                isolation: Isolation::InProcess,
+                ..
+            } => "wh-none",
+            Subject::Python { .. } => "py",
+        }
+    }
+
+    /// The same `worker-host` with another isolation (a Python subject is returned unchanged).
+    fn with_isolation(&self, isolation: Isolation) -> Subject {
+        match self {
+            Subject::WorkerHost {
+                binary, handler, ..
+            } => Subject::WorkerHost {
+                binary: binary.clone(),
+                handler: handler.clone(),
+                isolation,
+            },
+            Subject::Python { .. } => self.clone(),
+        }
+    }
+
+    /// The command that starts the worker at `concurrency`, in `dir`, pointed at `base`; `big`
+    /// raises `worker-host`'s input and output limits to [`BIG_LIMIT_BYTES`].
+    fn command(
+        &self,
+        base: &str,
+        worker: &str,
+        concurrency: usize,
+        dir: &FsPath,
+        big: bool,
+    ) -> Command {
         let mut command = match self {
             Subject::WorkerHost { binary, .. } => Command::new(binary),
             Subject::Python { .. } => Command::new("python3"),
         };
         // The platform's variables only: nothing inherited may change how the worker runs.
-        for (name, _) in std::env::vars_os() {
-            let name = name.to_string_lossy();
-            if name.starts_with("RUNPOD_") || name.starts_with("WORKER_HOST_") {
-                command.env_remove(&*name);
-            }
-        }
+        clean_env(&mut command);
         match self {
-            Subject::WorkerHost { handler, .. } => {
+            Subject::WorkerHost {
+                handler, isolation, ..
+            } => {
                 command
                     .arg("--handler")
                     .arg(handler)
+                    .args(isolation.args())
                     .args(["--concurrency", &concurrency.to_string()])
                     .args(["--rp_log_level", "WARN"]);
+                if big {
+                    let limit = BIG_LIMIT_BYTES.to_string();
+                    command
+                        .args(["--max-input-bytes", &limit])
+                        .args(["--max-output-bytes", &limit]);
+                }
             }
             Subject::Python { script } => {
                 command
@@ -486,6 +764,7 @@ struct RunReport {
     jobs: usize,
     done: usize,
     elapsed: Duration,
+    mean: Duration,
     p50: Duration,
     p99: Duration,
     takes: u64,
@@ -495,6 +774,8 @@ struct RunReport {
     rss_samples: Vec<(usize, u64)>,
     rss_end: Option<u64>,
     hwm_end: Option<u64>,
+    /// Outputs that had to be parsed to be checked (see [`output_matches`]).
+    parsed_outputs: u64,
     /// How the worker ended: "exit 0", "killed", ...
     ending: String,
     /// How many lines the worker logged (at WARN for worker-host, ERROR for Python).
@@ -546,26 +827,26 @@ struct Bench {
 }
 
 impl Bench {
-    /// Starts `subject` at `concurrency`, waits for its first take, queues `jobs` jobs, waits for
-    /// every result (or `timeout`), then stops the worker: SIGTERM for `worker-host` (which must
-    /// exit 0), a kill for Python.
+    /// Starts `subject` at `concurrency`, waits for its first take, queues `jobs` jobs (whose
+    /// prompt is `prompt`, or [`SMALL_PROMPT`]), waits for every result (or `timeout`), then stops
+    /// the worker: SIGTERM for `worker-host` (which must exit 0), a kill for Python.
     fn run(
         &self,
         subject: &Subject,
         concurrency: usize,
         jobs: usize,
+        prompt: Option<&Arc<str>>,
         sample_every: Option<usize>,
         timeout: Duration,
     ) -> RunReport {
         let worker = format!(
-            "{}-c{concurrency}-n{jobs}",
-            match subject {
-                Subject::WorkerHost { .. } => "wh",
-                Subject::Python { .. } => "py",
-            }
+            "{}-c{concurrency}-n{jobs}{}",
+            subject.tag(),
+            if prompt.is_some() { "-big" } else { "" }
         );
         *self.shared.lock() = RunState {
             worker: worker.clone(),
+            prompt: prompt.cloned(),
             taken_at: vec![None; jobs],
             answered: vec![false; jobs],
             latencies: Vec::with_capacity(jobs),
@@ -578,6 +859,7 @@ impl Bench {
             jobs,
             done: 0,
             elapsed: Duration::ZERO,
+            mean: Duration::ZERO,
             p50: Duration::ZERO,
             p99: Duration::ZERO,
             takes: 0,
@@ -587,6 +869,7 @@ impl Bench {
             rss_samples: Vec::new(),
             rss_end: None,
             hwm_end: None,
+            parsed_outputs: 0,
             ending: String::new(),
             log_lines: 0,
             problems: Vec::new(),
@@ -601,7 +884,13 @@ impl Bench {
                 return report;
             }
         };
-        let mut command = subject.command(&self.base, &worker, concurrency, self.dir.path());
+        let mut command = subject.command(
+            &self.base,
+            &worker,
+            concurrency,
+            self.dir.path(),
+            prompt.is_some(),
+        );
         command.stdout(Stdio::null()).stderr(log).process_group(0);
         let mut child = match command.spawn() {
             Ok(child) => child,
@@ -630,10 +919,10 @@ impl Bench {
             std::thread::sleep(POLL);
         }
 
-        let mut cpu_start = (None, None);
+        let mut cpu_start = (HashMap::new(), None);
         let mut queued_at = Instant::now();
         if exited.is_none() && report.problems.is_empty() {
-            cpu_start = (cpu_time(Some(pid), self.ticks), cpu_time(None, self.ticks));
+            cpu_start = (tree_cpu_times(pid, self.ticks), cpu_time(None, self.ticks));
             {
                 let mut state = self.shared.lock();
                 state.queue.extend(0..jobs);
@@ -658,10 +947,13 @@ impl Bench {
             }
         }
 
-        // Measured while the worker still runs.
-        let delta = |end: Option<Duration>, start: Option<Duration>| Some(end? - start?);
-        report.worker_cpu = delta(cpu_time(Some(pid), self.ticks), cpu_start.0);
-        report.stand_in_cpu = delta(cpu_time(None, self.ticks), cpu_start.1);
+        // Measured while the worker (and its runner) still runs.
+        if !cpu_start.0.is_empty() {
+            report.worker_cpu = tree_cpu_delta(&cpu_start.0, &tree_cpu_times(pid, self.ticks));
+        }
+        report.stand_in_cpu = cpu_time(None, self.ticks)
+            .zip(cpu_start.1)
+            .and_then(|(end, start)| end.checked_sub(start));
         report.rss_end = vm_kib(pid, "VmRSS");
         report.hwm_end = vm_kib(pid, "VmHWM");
 
@@ -713,11 +1005,16 @@ impl Bench {
             last.saturating_duration_since(queued_at)
         });
         let mut latencies = std::mem::take(&mut state.latencies);
+        if !latencies.is_empty() {
+            report.mean = latencies.iter().sum::<Duration>()
+                / u32::try_from(latencies.len()).unwrap_or(u32::MAX);
+        }
         latencies.sort_unstable();
         report.p50 = percentile(&latencies, 50.0);
         report.p99 = percentile(&latencies, 99.0);
         report.takes = state.takes;
         report.batch_takes = state.batch_takes;
+        report.parsed_outputs = state.parsed_outputs;
         report.rss_samples = std::mem::take(&mut state.rss_samples);
         if state.done < jobs {
             report
@@ -749,6 +1046,57 @@ impl Bench {
         }
         report
     }
+}
+
+/// Wall times of `runs` one-shot runs (`--test_input`), from spawn to exit, after one unmeasured
+/// warm-up run. stdout goes to a file (a pipe could be held open by a runner that outlives the
+/// host, which would time the pipe rather than the process); it must be [`ONESHOT_OUTPUT`].
+fn time_oneshot(subject: &Subject, runs: usize, dir: &FsPath) -> Result<Vec<Duration>, String> {
+    let Subject::WorkerHost {
+        binary,
+        handler,
+        isolation,
+    } = subject
+    else {
+        return Err("only worker-host has a one-shot mode here".into());
+    };
+    let out_path = dir.join(format!("oneshot-{}.out", isolation.name()));
+    let err_path = dir.join(format!("oneshot-{}.err", isolation.name()));
+    let mut times = Vec::with_capacity(runs);
+    for run in 0..=runs {
+        let create = |path: &FsPath| {
+            std::fs::File::create(path).map_err(|e| format!("cannot create {path:?}: {e}"))
+        };
+        let mut command = Command::new(binary);
+        clean_env(&mut command);
+        command
+            .arg("--handler")
+            .arg(handler)
+            .args(["--test_input", ONESHOT_INPUT])
+            .args(isolation.args())
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(create(&out_path)?)
+            .stderr(create(&err_path)?);
+        let started = Instant::now();
+        let status = command
+            .spawn()
+            .and_then(|mut child| child.wait())
+            .map_err(|e| format!("cannot run it: {e}"))?;
+        let elapsed = started.elapsed();
+        let output = std::fs::read_to_string(&out_path).unwrap_or_default();
+        if !status.success() || output.trim() != ONESHOT_OUTPUT {
+            return Err(format!(
+                "run {run} ended with {status} and printed {:?}; its stderr:\n{}",
+                output.trim(),
+                log_tail(&err_path, 20)
+            ));
+        }
+        if run > 0 {
+            times.push(elapsed);
+        }
+    }
+    Ok(times)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -785,6 +1133,166 @@ fn per_job(cpu: Option<Duration>, jobs: usize) -> String {
     match cpu {
         Some(cpu) if jobs > 0 => format!("{:.0}", cpu.as_secs_f64() * 1e6 / jobs as f64),
         _ => "-".into(),
+    }
+}
+
+/// CPU time per job, in milliseconds (for big jobs).
+fn per_job_ms(cpu: Option<Duration>, jobs: usize) -> String {
+    match cpu {
+        Some(cpu) if jobs > 0 => format!("{:.2}", cpu.as_secs_f64() * 1e3 / jobs as f64),
+        _ => "-".into(),
+    }
+}
+
+/// `isolated / in_process`, with whether it meets `target` (`at_least`: the ratio must be at
+/// least the target, else at most).
+fn verdict(ratio: f64, target: f64, at_least: bool) -> &'static str {
+    if !ratio.is_finite() {
+        "NOT MEASURED"
+    } else if (at_least && ratio >= target) || (!at_least && ratio <= target) {
+        "met"
+    } else {
+        "MISSED"
+    }
+}
+
+/// The isolated (`worker-host`) and in-process (`worker-host (none)`) reports at `concurrency`.
+fn isolation_pair(reports: &[RunReport], concurrency: usize) -> Option<(&RunReport, &RunReport)> {
+    let find = |label: &str| {
+        reports
+            .iter()
+            .find(|r| r.label == label && r.concurrency == concurrency)
+    };
+    Some((find("worker-host")?, find("worker-host (none)")?))
+}
+
+/// The throughput ratio lines, one per concurrency.
+fn print_throughput_ratios(reports: &[RunReport]) {
+    println!();
+    println!("isolation cost, throughput (worker-host = --isolation runner, the default; (none) = in-process):");
+    for concurrency in [1, 8] {
+        let Some((isolated, in_process)) = isolation_pair(reports, concurrency) else {
+            continue;
+        };
+        let ratio = isolated.jobs_per_second() / in_process.jobs_per_second();
+        println!(
+            "  concurrency {concurrency}: {} / {} jobs/s = {ratio:.2} (target >= 0.70: {}); \
+             p50 {} vs {} ms; worker CPU {} vs {} µs/job",
+            rate(isolated.jobs_per_second()),
+            rate(in_process.jobs_per_second()),
+            verdict(ratio, 0.70, true),
+            millis(isolated.p50),
+            millis(in_process.p50),
+            per_job(isolated.worker_cpu, isolated.done),
+            per_job(in_process.worker_cpu, in_process.done),
+        );
+    }
+}
+
+/// The big-payload table and its ratio line.
+fn print_big(reports: &[RunReport], bytes: usize) {
+    println!();
+    println!(
+        "big payload: echo jobs of a {} byte prompt ({:.1} MiB), concurrency 1, \
+         --max-input-bytes/--max-output-bytes {}:",
+        thousands(bytes as u64),
+        bytes as f64 / (1024.0 * 1024.0),
+        thousands(BIG_LIMIT_BYTES as u64)
+    );
+    println!(
+        "{:<22} {:>4} {:>6} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>9}  stop",
+        "worker",
+        "conc",
+        "jobs",
+        "wall s",
+        "jobs/s",
+        "mean ms",
+        "p50 ms",
+        "p99 ms",
+        "wk ms/job",
+        "pf ms/job",
+    );
+    for r in reports {
+        let jobs = if r.done == r.jobs {
+            thousands(r.jobs as u64)
+        } else {
+            format!("{}/{}", r.done, r.jobs)
+        };
+        println!(
+            "{:<22} {:>4} {:>6} {:>8.2} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>9}  {}",
+            r.label,
+            r.concurrency,
+            jobs,
+            r.elapsed.as_secs_f64(),
+            rate(r.jobs_per_second()),
+            r.mean.as_secs_f64() * 1e3,
+            r.p50.as_secs_f64() * 1e3,
+            r.p99.as_secs_f64() * 1e3,
+            per_job_ms(r.worker_cpu, r.done),
+            per_job_ms(r.stand_in_cpu, r.done),
+            r.ending
+        );
+    }
+    let parsed: u64 = reports.iter().map(|r| r.parsed_outputs).sum();
+    if parsed > 0 {
+        println!(
+            "note: {parsed} outputs were not byte-identical to {{\"output\":<input>}} and had to be parsed \
+             (slow for big jobs)"
+        );
+    }
+    if let Some((isolated, in_process)) = isolation_pair(reports, 1) {
+        let mean = isolated.mean.as_secs_f64() / in_process.mean.as_secs_f64();
+        let p50 = isolated.p50.as_secs_f64() / in_process.p50.as_secs_f64();
+        println!(
+            "isolation cost, big payload: mean {:.2} / {:.2} ms = {mean:.2} (target <= 1.5: {}); \
+             p50 {:.2} / {:.2} ms = {p50:.2} ({})",
+            isolated.mean.as_secs_f64() * 1e3,
+            in_process.mean.as_secs_f64() * 1e3,
+            verdict(mean, 1.5, false),
+            isolated.p50.as_secs_f64() * 1e3,
+            in_process.p50.as_secs_f64() * 1e3,
+            verdict(p50, 1.5, false),
+        );
+    }
+}
+
+/// The one-shot timings: (isolation, wall times or why not).
+fn print_oneshot(results: &[(Isolation, Result<Vec<Duration>, String>)]) {
+    println!();
+    println!(
+        "one-shot: worker-host --handler libecho_handler.so --test_input '{ONESHOT_INPUT}', spawn to exit:"
+    );
+    println!(
+        "{:<22} {:>5} {:>8} {:>8} {:>8} {:>8}  target < 20 ms (median, p90)",
+        "worker", "runs", "min ms", "p50 ms", "p90 ms", "max ms"
+    );
+    for (isolation, result) in results {
+        let label = match isolation {
+            Isolation::Runner => "worker-host",
+            Isolation::InProcess => "worker-host (none)",
+        };
+        match result {
+            Ok(times) => {
+                let mut sorted = times.clone();
+                sorted.sort_unstable();
+                let ms = |d: Duration| d.as_secs_f64() * 1e3;
+                let target = Duration::from_millis(20);
+                let p50 = percentile(&sorted, 50.0);
+                let p90 = percentile(&sorted, 90.0);
+                println!(
+                    "{:<22} {:>5} {:>8.2} {:>8.2} {:>8.2} {:>8.2}  {}, {}",
+                    label,
+                    sorted.len(),
+                    ms(sorted.first().copied().unwrap_or_default()),
+                    ms(p50),
+                    ms(p90),
+                    ms(sorted.last().copied().unwrap_or_default()),
+                    if p50 < target { "met" } else { "MISSED" },
+                    if p90 < target { "met" } else { "MISSED" },
+                );
+            }
+            Err(error) => println!("{label:<22} failed: {error}"),
+        }
     }
 }
 
@@ -909,7 +1417,11 @@ fn main() -> ExitCode {
         }
     };
     let worker_host = match (artefact("worker-host"), artefact("libecho_handler.so")) {
-        (Ok(binary), Ok(handler)) => Subject::WorkerHost { binary, handler },
+        (Ok(binary), Ok(handler)) => Subject::WorkerHost {
+            binary,
+            handler,
+            isolation: Isolation::Runner,
+        },
         (Err(error), _) | (_, Err(error)) => {
             eprintln!("queue-bench: {error}");
             return ExitCode::FAILURE;
@@ -960,19 +1472,61 @@ fn main() -> ExitCode {
         Duration::from_secs(60) + per_job * u32::try_from(jobs).unwrap_or(u32::MAX)
     };
 
+    let in_process = worker_host.with_isolation(Isolation::InProcess);
+
     let mut reports = Vec::new();
     for concurrency in [1, 8] {
-        eprintln!(
-            "queue-bench: worker-host, concurrency {concurrency}, {} jobs...",
-            options.jobs
-        );
-        reports.push(bench.run(
-            &worker_host,
-            concurrency,
-            options.jobs,
-            None,
-            timeout_for(options.jobs, Duration::from_millis(2)),
-        ));
+        for subject in [&worker_host, &in_process] {
+            eprintln!(
+                "queue-bench: {}, concurrency {concurrency}, {} jobs...",
+                subject.label(),
+                options.jobs
+            );
+            reports.push(bench.run(
+                subject,
+                concurrency,
+                options.jobs,
+                None,
+                None,
+                timeout_for(options.jobs, Duration::from_millis(2)),
+            ));
+        }
+    }
+    let mut big_reports = Vec::new();
+    if !options.skip_big {
+        let prompt = big_prompt(options.big_bytes);
+        for subject in [&worker_host, &in_process] {
+            eprintln!(
+                "queue-bench: {}, big payload ({} bytes), concurrency 1, {} jobs...",
+                subject.label(),
+                options.big_bytes,
+                options.big_jobs
+            );
+            big_reports.push(bench.run(
+                subject,
+                1,
+                options.big_jobs,
+                Some(&prompt),
+                None,
+                timeout_for(options.big_jobs, Duration::from_secs(5)),
+            ));
+        }
+    }
+    let mut oneshots = Vec::new();
+    if !options.skip_oneshot {
+        for subject in [&worker_host, &in_process] {
+            eprintln!(
+                "queue-bench: {}, one-shot, {} runs...",
+                subject.label(),
+                options.oneshot_runs
+            );
+            if let Subject::WorkerHost { isolation, .. } = subject {
+                oneshots.push((
+                    *isolation,
+                    time_oneshot(subject, options.oneshot_runs, bench.dir.path()),
+                ));
+            }
+        }
     }
     let python_note = match &python {
         Ok(subject) => {
@@ -985,6 +1539,7 @@ fn main() -> ExitCode {
                     subject,
                     concurrency,
                     options.python_jobs,
+                    None,
                     None,
                     timeout_for(options.python_jobs, Duration::from_secs(3)),
                 ));
@@ -1007,6 +1562,7 @@ fn main() -> ExitCode {
             &worker_host,
             8,
             options.soak_jobs,
+            None,
             Some(options.sample_every),
             timeout_for(options.soak_jobs, Duration::from_millis(2)),
         )
@@ -1030,6 +1586,13 @@ fn main() -> ExitCode {
     let mut table: Vec<&RunReport> = reports.iter().collect();
     table.extend(soak.as_ref());
     print_table(&table, python_note.as_deref());
+    print_throughput_ratios(&reports);
+    if !big_reports.is_empty() {
+        print_big(&big_reports, options.big_bytes);
+    }
+    if !oneshots.is_empty() {
+        print_oneshot(&oneshots);
+    }
     if let Some(soak) = &soak {
         print_memory(soak);
     }
@@ -1050,7 +1613,16 @@ fn main() -> ExitCode {
     }
 
     let mut failed = false;
-    for r in table {
+    for (isolation, result) in &oneshots {
+        if let Err(error) = result {
+            failed = true;
+            eprintln!(
+                "queue-bench: worker-host one-shot, isolation {}: {error}",
+                isolation.name()
+            );
+        }
+    }
+    for r in table.into_iter().chain(&big_reports) {
         for problem in &r.problems {
             failed = true;
             eprintln!(
