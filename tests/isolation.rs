@@ -303,14 +303,7 @@ fn killing_the_host_leaves_no_runner() {
     let runner = wait_for_one_child(worker.pid(), WAIT);
     send_signal(worker.pid(), "KILL");
     worker.wait(WAIT);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while process_alive(runner) {
-        assert!(
-            Instant::now() < deadline,
-            "runner {runner} outlived its host"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until_gone(runner, "the runner outlived its host");
 }
 
 /// A process the handler started does not outlive its crashed runner: the runner's whole process
@@ -332,11 +325,16 @@ fn what_a_crashed_handler_started_goes_with_it() {
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|pid| pid.parse().ok())
         .unwrap_or_else(|| panic!("no orphan pid in {message}"));
+    wait_until_gone(orphan, "the handler's child outlived its runner");
+}
+
+/// Waits up to 5 s for `pid` to be gone (or a zombie); panics with `what` if it is not.
+fn wait_until_gone(pid: u32, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(5);
-    while process_alive(orphan) {
+    while process_alive(pid) {
         assert!(
             Instant::now() < deadline,
-            "the handler's child {orphan} outlived its runner"
+            "{what}: process {pid} still runs"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

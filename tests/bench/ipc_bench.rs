@@ -44,6 +44,10 @@
 //! cargo run --release -p e2e --bin ipc-bench
 //! ```
 
+#[path = "common.rs"]
+#[allow(dead_code)] // ipc-bench needs only the machine's description
+mod common;
+
 use nix::errno::Errno;
 use nix::libc::c_void;
 use nix::sys::memfd::{memfd_create, MFdFlags};
@@ -485,20 +489,11 @@ fn size_label(size: usize) -> String {
 
 /// The machine in one line: CPU model, cores, kernel.
 fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find_map(|line| line.strip_prefix("model name"))
-                .and_then(|rest| rest.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
     let cores = std::thread::available_parallelism().map_or(0, NonZeroUsize::get);
     let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|release| release.trim().to_owned())
         .unwrap_or_else(|_| "unknown".into());
-    format!("{cpu}, {cores} cores, Linux {kernel}")
+    format!("{}, {cores} cores, Linux {kernel}", common::cpu_model())
 }
 
 /// Measures every size and variant and prints the table.
