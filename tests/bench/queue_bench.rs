@@ -22,8 +22,10 @@
 //! - **throughput**: `worker-host` (release build, echo handler, `--rp_log_level WARN`) with its
 //!   default isolation (`runner`: the handler in a supervised child process; the table's
 //!   `worker-host`) and with `--isolation none` (the handler in the host's own process;
-//!   `worker-host (none)`), each at concurrency 1 and 8, side by side, followed by the ratio
-//!   isolated jobs/s / in-process jobs/s per concurrency (target: at least 0.70);
+//!   `worker-host (none)`), each at concurrency 1 and 8, in `--rounds` interleaved rounds (a
+//!   shared machine's noise swamps a single pair); the table shows each one's median round, and
+//!   the ratio line every round's isolated jobs/s / in-process jobs/s and their median (target:
+//!   at least 0.70);
 //! - **big payload**: `--big-jobs` echo jobs at concurrency 1 whose input is
 //!   `{"prompt": "<--big-bytes of ASCII text>", "n": n}` (10 MiB by default), for both isolations,
 //!   with `--max-input-bytes` and `--max-output-bytes` of 64 MiB, followed by the ratio of the
@@ -107,12 +109,15 @@ const ONESHOT_INPUT: &str = r#"{"input": 1}"#;
 const ONESHOT_OUTPUT: &str = r#"{"output":1}"#;
 
 const USAGE: &str = "\
-usage: queue-bench [--jobs N] [--big-jobs N] [--big-bytes N] [--oneshot-runs N]
+usage: queue-bench [--jobs N] [--rounds N] [--big-jobs N] [--big-bytes N] [--oneshot-runs N]
                    [--soak-jobs N] [--python-jobs N] [--sample-every N]
                    [--skip-big] [--skip-oneshot] [--skip-python] [--skip-soak]
 
   --jobs N          jobs per worker-host throughput run, for each isolation (runner, none) at
                     concurrency 1 and 8 (default 20000)
+  --rounds N        throughput rounds, each running both isolations one after the other; the
+                    table shows each run's median round and the ratio line every round's ratio
+                    (default 5: a shared machine's noise swamps a single pair)
   --big-jobs N      jobs per big-payload run, for each isolation at concurrency 1 (default 20)
   --big-bytes N     bytes of ASCII text in each big job's prompt (default 10485760, 10 MiB)
   --oneshot-runs N  measured one-shot runs (--test_input) per isolation (default 50)
@@ -128,6 +133,7 @@ usage: queue-bench [--jobs N] [--big-jobs N] [--big-bytes N] [--oneshot-runs N]
 #[derive(Debug, Clone)]
 struct Options {
     jobs: usize,
+    rounds: usize,
     big_jobs: usize,
     big_bytes: usize,
     oneshot_runs: usize,
@@ -144,6 +150,7 @@ impl Options {
     fn parse(args: &[String]) -> Result<Options, String> {
         let mut options = Options {
             jobs: 20_000,
+            rounds: 5,
             big_jobs: 20,
             big_bytes: 10_485_760,
             oneshot_runs: 50,
@@ -170,6 +177,7 @@ impl Options {
             };
             match arg.as_str() {
                 "--jobs" => options.jobs = number("--jobs")?,
+                "--rounds" => options.rounds = number("--rounds")?,
                 "--big-jobs" => options.big_jobs = number("--big-jobs")?,
                 "--big-bytes" => options.big_bytes = number("--big-bytes")?,
                 "--oneshot-runs" => options.oneshot_runs = number("--oneshot-runs")?,
@@ -1166,21 +1174,82 @@ fn isolation_pair(reports: &[RunReport], concurrency: usize) -> Option<(&RunRepo
     Some((find("worker-host")?, find("worker-host (none)")?))
 }
 
-/// The throughput ratio lines, one per concurrency.
-fn print_throughput_ratios(reports: &[RunReport]) {
+/// Each round's isolated / in-process throughput ratio, by concurrency (rounds run the two
+/// isolations of one concurrency one after the other).
+fn round_ratios(rounds: &[RunReport]) -> Vec<(usize, Vec<f64>)> {
+    [1, 8]
+        .into_iter()
+        .map(|concurrency| {
+            let of = |label: &str| -> Vec<f64> {
+                rounds
+                    .iter()
+                    .filter(|r| r.label == label && r.concurrency == concurrency)
+                    .map(RunReport::jobs_per_second)
+                    .collect()
+            };
+            let ratios = of("worker-host")
+                .iter()
+                .zip(of("worker-host (none)"))
+                .map(|(isolated, in_process)| isolated / in_process)
+                .collect();
+            (concurrency, ratios)
+        })
+        .collect()
+}
+
+/// The run of median throughput of each worker and concurrency, out of all rounds, carrying
+/// the problems of every round.
+fn median_rounds(rounds: Vec<RunReport>) -> Vec<RunReport> {
+    let mut groups: Vec<Vec<RunReport>> = Vec::new();
+    for report in rounds {
+        match groups
+            .iter_mut()
+            .find(|g| g[0].label == report.label && g[0].concurrency == report.concurrency)
+        {
+            Some(group) => group.push(report),
+            None => groups.push(vec![report]),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|mut group| {
+            group.sort_by(|a, b| a.jobs_per_second().total_cmp(&b.jobs_per_second()));
+            // A problem in any round fails the bench, not only one in the median run.
+            let problems: Vec<String> = group.iter().flat_map(|r| r.problems.clone()).collect();
+            let middle = group.len() / 2;
+            let mut median = group.swap_remove(middle);
+            median.problems = problems;
+            median
+        })
+        .collect()
+}
+
+/// The median of some ratios.
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// The throughput ratio lines, one per concurrency: the median rounds' figures, then every
+/// round's ratio and their median, which the target is checked against.
+fn print_throughput_ratios(reports: &[RunReport], ratios: &[(usize, Vec<f64>)]) {
     println!();
     println!("isolation cost, throughput (worker-host = --isolation runner, the default; (none) = in-process):");
-    for concurrency in [1, 8] {
-        let Some((isolated, in_process)) = isolation_pair(reports, concurrency) else {
+    for (concurrency, round_ratios) in ratios {
+        let Some((isolated, in_process)) = isolation_pair(reports, *concurrency) else {
             continue;
         };
-        let ratio = isolated.jobs_per_second() / in_process.jobs_per_second();
+        let ratio = median(round_ratios);
+        let each: Vec<String> = round_ratios.iter().map(|r| format!("{r:.2}")).collect();
         println!(
-            "  concurrency {concurrency}: {} / {} jobs/s = {ratio:.2} (target >= 0.70: {}); \
-             p50 {} vs {} ms; worker CPU {} vs {} µs/job",
+            "  concurrency {concurrency}: median ratio {ratio:.2} over {} rounds ({}) (target >= 0.70: {}); \
+             median runs {} / {} jobs/s, p50 {} vs {} ms, worker CPU {} vs {} µs/job",
+            round_ratios.len(),
+            each.join(", "),
+            verdict(ratio, 0.70, true),
             rate(isolated.jobs_per_second()),
             rate(in_process.jobs_per_second()),
-            verdict(ratio, 0.70, true),
             millis(isolated.p50),
             millis(in_process.p50),
             per_job(isolated.worker_cpu, isolated.done),
@@ -1474,24 +1543,30 @@ fn main() -> ExitCode {
 
     let in_process = worker_host.with_isolation(Isolation::InProcess);
 
-    let mut reports = Vec::new();
-    for concurrency in [1, 8] {
-        for subject in [&worker_host, &in_process] {
-            eprintln!(
-                "queue-bench: {}, concurrency {concurrency}, {} jobs...",
-                subject.label(),
-                options.jobs
-            );
-            reports.push(bench.run(
-                subject,
-                concurrency,
-                options.jobs,
-                None,
-                None,
-                timeout_for(options.jobs, Duration::from_millis(2)),
-            ));
+    // Rounds of (runner, none) pairs, interleaved, so that both isolations see the same noise.
+    let mut rounds: Vec<RunReport> = Vec::new();
+    for round in 1..=options.rounds {
+        for concurrency in [1, 8] {
+            for subject in [&worker_host, &in_process] {
+                eprintln!(
+                    "queue-bench: round {round}/{}: {}, concurrency {concurrency}, {} jobs...",
+                    options.rounds,
+                    subject.label(),
+                    options.jobs
+                );
+                rounds.push(bench.run(
+                    subject,
+                    concurrency,
+                    options.jobs,
+                    None,
+                    None,
+                    timeout_for(options.jobs, Duration::from_millis(2)),
+                ));
+            }
         }
     }
+    let ratios = round_ratios(&rounds);
+    let mut reports = median_rounds(rounds);
     let mut big_reports = Vec::new();
     if !options.skip_big {
         let prompt = big_prompt(options.big_bytes);
@@ -1586,7 +1661,7 @@ fn main() -> ExitCode {
     let mut table: Vec<&RunReport> = reports.iter().collect();
     table.extend(soak.as_ref());
     print_table(&table, python_note.as_deref());
-    print_throughput_ratios(&reports);
+    print_throughput_ratios(&reports, &ratios);
     if !big_reports.is_empty() {
         print_big(&big_reports, options.big_bytes);
     }

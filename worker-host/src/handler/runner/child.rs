@@ -226,7 +226,14 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
         finished: Condvar::new(),
         shutting_down: AtomicBool::new(false),
     });
-    follow(&serving)
+    // Jobs run on threads with 8 MiB of stack, not on this one (its stack is what the limit
+    // says); the runner ends from those threads.
+    if !start_follower(&serving) {
+        channel_broken(&"no job thread could be started");
+    }
+    loop {
+        std::thread::park();
+    }
 }
 
 /// What the runner's threads share once the handler is ready.
@@ -273,10 +280,11 @@ fn follow(serving: &Arc<Serving>) -> Result<(), protocol::ReadError> {
                 let cancel = CancelToken::new();
                 lock(&serving.cancels).insert(frame.call, cancel.clone());
                 *lock(&serving.running) += 1;
-                if serving.waiting.load(Ordering::Acquire) == 0 {
-                    start_follower(serving);
+                // Hand the reader on; if no thread can be started, this job runs with the reader
+                // held (a Cancel for it waits, but nothing is lost).
+                if serving.waiting.load(Ordering::Acquire) > 0 || start_follower(serving) {
+                    drop(reader);
                 }
-                drop(reader);
                 let call = frame.call;
                 run_job(serving.library, frame, &cancel, &serving.sender);
                 lock(&serving.cancels).remove(&call);
@@ -302,8 +310,9 @@ fn follow(serving: &Arc<Serving>) -> Result<(), protocol::ReadError> {
     }
 }
 
-/// Starts another thread (8 MiB of stack) to take its turns at the reader.
-fn start_follower(serving: &Arc<Serving>) {
+/// Starts another thread (8 MiB of stack) to take its turns at the reader; false (said on
+/// stderr) when none can be started.
+fn start_follower(serving: &Arc<Serving>) -> bool {
     let serving = serving.clone();
     let spawned = std::thread::Builder::new()
         .name("handler-job".into())
@@ -313,8 +322,12 @@ fn start_follower(serving: &Arc<Serving>) {
                 host_gone(&error);
             }
         });
-    if let Err(error) = spawned {
-        channel_broken(&error);
+    match spawned {
+        Ok(_) => true,
+        Err(error) => {
+            eprintln!("worker-host runner: cannot start a job thread: {error}");
+            false
+        }
     }
 }
 

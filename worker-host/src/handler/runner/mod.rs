@@ -137,8 +137,16 @@ impl Handler for Supervised {
                 Ok(acquired) => acquired,
                 Err(failure) => return failed(failure),
             };
-            if runner.send(Kind::Job, call, &body).is_ok() || !runner.withdraw(call) {
-                // Sent; or the runner died and its end has claimed the job (a Died follows).
+            if runner.send(Kind::Job, call, &body).is_ok() {
+                break (runner, call);
+            }
+            // A frame that could not be written (whole) leaves the channel out of step: the
+            // runner goes, if it is not gone already.
+            runner.kill(KillReason::Protocol(
+                "a job could not be written to it".into(),
+            ));
+            if !runner.withdraw(call) {
+                // Its end has claimed the job: a Died follows.
                 break (runner, call);
             }
             // The runner died before it could take the job: it goes to the next runner, once

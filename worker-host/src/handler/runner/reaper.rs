@@ -115,14 +115,6 @@ pub(crate) fn wait(pid: i32, timeout: Duration) -> Option<WaitStatus> {
     }
 }
 
-/// Sends SIGKILL to every process left in the process group of the runner `pid` (it led its own
-/// group), once the runner itself has been reaped: what a crashed handler started (a helper
-/// server holding VRAM, say) goes with it. The group's number cannot be reused while it has
-/// members.
-pub(crate) fn kill_group_of(pid: i32) {
-    let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
-}
-
 /// Sends SIGKILL to the registered child `pid`, if it has not been reaped.
 pub(crate) fn kill_child(pid: i32) {
     let children = children();
@@ -146,6 +138,12 @@ fn reap_forever() {
             Ok(seen) => {
                 let Some(pid) = seen.pid() else { continue };
                 let mut children = children();
+                if children.registered.contains_key(&pid.as_raw()) {
+                    // A runner leads its own process group: what is left of it (processes the
+                    // handler started, a helper server holding VRAM, say) goes with it. Done
+                    // while the runner is a zombie, so the group's number cannot be reused.
+                    let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+                }
                 let status = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
                     Ok(status) => status,
                     Err(_) => continue,

@@ -271,9 +271,12 @@ impl Shared {
             Phase::Failed(reason) => Readiness::Failed(reason.clone()),
             Phase::Stopped => Readiness::Failed("the handler was shut down".into()),
         };
-        *lock(&self.phase) = phase;
-        self.changed.notify_all();
+        let mut current = lock(&self.phase);
+        *current = phase;
+        // Published under the lock, so the watch never disagrees with the phase for long.
         self.readiness.send_replace(readiness);
+        drop(current);
+        self.changed.notify_all();
     }
 
     /// Waits for a ready runner and registers a job on it. The failure says why no runner will
@@ -337,9 +340,9 @@ impl Shared {
         runner.ended.store(true, Ordering::Release);
         if matches!(&*phase, Phase::Ready(current) if current.generation == runner.generation) {
             *phase = Phase::Restarting;
+            self.readiness.send_replace(Readiness::Restarting);
             drop(phase);
             self.changed.notify_all();
-            self.readiness.send_replace(Readiness::Restarting);
         }
     }
 
@@ -351,9 +354,9 @@ impl Shared {
                 return false;
             }
             *phase = Phase::Ready(runner);
+            self.readiness.send_replace(Readiness::Ready);
         }
         self.changed.notify_all();
-        self.readiness.send_replace(Readiness::Ready);
         true
     }
 
@@ -767,9 +770,6 @@ fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixStream) {
         runner.kill(KillReason::Protocol("it closed its channel".into()));
         reaper::wait(runner.pid, EXIT_WAIT)
     });
-    if status.is_some() {
-        reaper::kill_group_of(runner.pid);
-    }
     let killed_for = lock(&runner.kill_reason).clone();
     let description = match (&killed_for, status.and_then(RunnerEnd::of)) {
         (Some(reason), _) => describe_kill(reason),
