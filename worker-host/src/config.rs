@@ -261,6 +261,7 @@ impl Settings {
                 }
             },
         };
+        let respawn = matches!(mode, Mode::Worker(_) | Mode::DevApi(_));
         Ok(Self {
             mode,
             handler: HandlerSpec {
@@ -270,6 +271,7 @@ impl Settings {
                 },
                 isolation: cli.handler.isolation,
                 cancel_grace,
+                respawn,
             },
             handler_config,
             results: ResultOptions {

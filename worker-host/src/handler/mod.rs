@@ -172,6 +172,9 @@ pub struct HandlerSpec {
     /// How long a cancelled job's handler may take to return before its runner is killed
     /// (runner isolation only).
     pub cancel_grace: Duration,
+    /// Whether a runner that ended is replaced (a serving mode), or the handler is done with
+    /// (a one-shot run, `inspect`).
+    pub respawn: bool,
 }
 
 /// Whether a handler can take a job now.

@@ -592,6 +592,14 @@ impl Supervisor {
 
     /// The current runner ended on its own (or was killed): restart it with back-off, or give up.
     fn restart_after(&mut self, mut report: EndReport) {
+        if !self.shared.spec.respawn {
+            // A one-shot run is over with its job: no new runner (and no second init).
+            self.shared.set_phase(Phase::Failed(format!(
+                "the handler's runner process {}",
+                report.description
+            )));
+            return;
+        }
         self.shared.set_phase(Phase::Restarting);
         loop {
             let crashes = if report.killed_by_host {
