@@ -97,8 +97,8 @@ fn batch_takes_at_concurrency_4() {
     assert_eq!(first.query_value("batch_size"), Some("4"));
 }
 
-/// A streaming job's chunks are posted in order to the stream URL, its progress to job-done, and
-/// both before its final result (`{"output": []}`, isStream=true).
+/// A streaming job's chunks are posted in order to the stream URL, its (coalesced) progress to
+/// job-done, and both before its final result (`{"output": []}`, isStream=true).
 #[test]
 fn streams_chunks_and_progress_before_the_result() {
     let platform = Platform::start();
@@ -130,11 +130,18 @@ fn streams_chunks_and_progress_before_the_result() {
         .filter(|r| r.route == Route::Done && r.json().get("status").is_some())
         .map(|r| r.json())
         .collect();
-    assert_eq!(progress.len(), 3);
+    // Progress is coalesced (the values may all be queued at once): at least the latest is
+    // posted, and the values never go backwards.
+    assert!(!progress.is_empty() && progress.len() <= 3, "{progress:?}");
     assert_eq!(
-        progress[0],
-        json!({"status": "IN_PROGRESS", "output": {"done": 0, "total": 3}})
+        progress.last().unwrap(),
+        &json!({"status": "IN_PROGRESS", "output": {"done": 2, "total": 3}})
     );
+    let done: Vec<u64> = progress
+        .iter()
+        .map(|p| p["output"]["done"].as_u64().unwrap())
+        .collect();
+    assert!(done.windows(2).all(|pair| pair[0] < pair[1]), "{done:?}");
 }
 
 /// Job-done answering 5xx, then a dropped connection, still ends in exactly one delivery.
@@ -672,5 +679,38 @@ fn refresh_worker_lets_the_other_running_jobs_finish() {
     assert_eq!(
         by_id["quick"],
         json!({"output": {"mode": "echo"}, "stopPod": true})
+    );
+}
+
+/// A progress flood (200,000 values in a fraction of a second) is coalesced: a handful of
+/// progress posts, each newer than the last, the last value among them, none after the result,
+/// and the result is not held back behind 200,000 posts.
+#[test]
+fn a_progress_flood_is_coalesced() {
+    const COUNT: u64 = 200_000;
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "flood", "input": {"mode": "progress", "count": COUNT}}));
+    let _worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    let requests = platform.wait_for(WAIT, "the result", |r| !results(r).is_empty());
+    let by_id = results_by_id(&requests);
+    assert_eq!(by_id["flood"], json!({"output": {"reported": COUNT}}));
+    let progress: Vec<(u64, std::time::Instant)> = requests
+        .iter()
+        .filter(|r| r.route == Route::Done && r.json()["status"] == "IN_PROGRESS")
+        .map(|r| (r.json()["output"]["done"].as_u64().unwrap(), r.at))
+        .collect();
+    assert!(
+        !progress.is_empty() && progress.len() < 1_000,
+        "{} progress posts for {COUNT} values",
+        progress.len()
+    );
+    assert!(
+        progress.windows(2).all(|pair| pair[0].0 < pair[1].0),
+        "progress went backwards: {progress:?}"
+    );
+    let result_at = results(&requests)[0].at;
+    assert!(
+        progress.iter().all(|(_, at)| *at <= result_at),
+        "a progress post came after the result"
     );
 }

@@ -25,7 +25,7 @@ use crate::job::{
 };
 use crate::runpod::{PlatformClient, Post, StopOutcome, TakeOutcome, TakenJob};
 use rand::Rng;
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, OwnedSemaphorePermit, Semaphore};
@@ -506,6 +506,40 @@ impl JobEvents for ChannelEvents {
     }
 }
 
+/// A job's messages, with those already taken off the channel to look past a progress value.
+struct JobMessages {
+    receiver: mpsc::UnboundedReceiver<JobMessage>,
+    ahead: VecDeque<JobMessage>,
+}
+
+impl JobMessages {
+    /// The next message, in order; `None` once the handler's side is gone and all are read.
+    async fn recv(&mut self) -> Option<JobMessage> {
+        match self.ahead.pop_front() {
+            Some(message) => Some(message),
+            None => self.receiver.recv().await,
+        }
+    }
+
+    /// The next message if one is there now.
+    fn try_recv(&mut self) -> Result<JobMessage, mpsc::error::TryRecvError> {
+        match self.ahead.pop_front() {
+            Some(message) => Ok(message),
+            None => self.receiver.try_recv(),
+        }
+    }
+
+    /// Whether a newer progress value is already queued behind the one just taken.
+    fn progress_superseded(&mut self) -> bool {
+        while let Ok(message) = self.receiver.try_recv() {
+            self.ahead.push_back(message);
+        }
+        self.ahead
+            .iter()
+            .any(|message| matches!(message, JobMessage::Progress(_)))
+    }
+}
+
 /// One job's task: what it needs to run the job and deliver what the job produces.
 struct JobTask {
     shared: Arc<Shared>,
@@ -531,7 +565,11 @@ impl JobTask {
             },
         };
         tracing::info!("Started.");
-        let (sender, mut messages) = mpsc::unbounded_channel();
+        let (sender, receiver) = mpsc::unbounded_channel();
+        let mut messages = JobMessages {
+            receiver,
+            ahead: VecDeque::new(),
+        };
         let handler = shared.handler.clone();
         let stop_taking = shared.stop_taking.clone();
         let refresh_worker = shared.config.refresh_worker;
@@ -598,6 +636,10 @@ impl JobTask {
                     }
                     (Post::Stream, body)
                 }
+                // Progress is state, not a log: a value with a newer one behind it is never
+                // posted (the latest still is, before the result). So however fast a handler reports, at most one progress
+                // post is in flight and the next one carries the latest value.
+                JobMessage::Progress(_) if messages.progress_superseded() => continue,
                 JobMessage::Progress(progress) => (Post::Progress, progress_body(&progress)),
             };
             let delivered = tokio::select! {
@@ -618,12 +660,7 @@ impl JobTask {
     /// A stop or the end of the shutdown grace reached the job. Chunks still queued are not
     /// posted; a result the handler already returned is still posted (it is the job's real
     /// answer), otherwise the stop or shutdown ending applies.
-    async fn interrupted(
-        mut self,
-        ending: Ending,
-        messages: &mut mpsc::UnboundedReceiver<JobMessage>,
-        chunks: &[RawJson],
-    ) {
+    async fn interrupted(mut self, ending: Ending, messages: &mut JobMessages, chunks: &[RawJson]) {
         while let Ok(message) = messages.try_recv() {
             if let JobMessage::Completed(result) = message {
                 return self.finish(Ending::Completed(result), chunks).await;

@@ -23,7 +23,9 @@
 //! - `print`: write `message` to stdout and to stderr (as a handler's `printf` would), then
 //!   return the input;
 //! - `recycle`: ask for the worker to be recycled, then return the input;
-//! - `big`: return a string of `bytes` bytes.
+//! - `big`: return a string of `bytes` bytes;
+//! - `progress`: report `count` progress values (`{"done": i}`, i from 1) as fast as it can,
+//!   then return `{"reported": count}`.
 //!
 //! Before `crash`, `abort`, `exit` and `hang`, a non-empty `message` is written to stderr.
 //!
@@ -52,6 +54,8 @@ struct Fault {
     ignore_cancel: bool,
     #[serde(default)]
     code: i32,
+    #[serde(default)]
+    count: u64,
 }
 
 /// Keeps no state.
@@ -81,6 +85,7 @@ impl Handler for Faulty {
             bytes: 0,
             ignore_cancel: false,
             code: 0,
+            count: 0,
         });
         if matches!(
             fault.mode.as_str(),
@@ -164,6 +169,15 @@ impl Handler for Faulty {
             "recycle" => {
                 job.request_recycle();
                 Ok(input)
+            }
+            "progress" => {
+                for done in 1..=fault.count {
+                    job.progress(&serde_json::json!({ "done": done }))
+                        .map_err(|error| HandlerError::new("ProgressFailed", error.to_string()))?;
+                }
+                Ok(serde_json::value::to_raw_value(
+                    &serde_json::json!({ "reported": fault.count }),
+                )?)
             }
             "big" => Ok(serde_json::value::to_raw_value(&"x".repeat(fault.bytes))?),
             _ => Ok(input),
