@@ -571,6 +571,30 @@ fn an_oom_kill_is_reported_as_out_of_memory() {
     );
 }
 
+/// An `init` past `--init-timeout-secs` fails the start with a sentence that says so (exit 8), in
+/// both isolations, long before the handler would have finished.
+#[test]
+fn an_init_past_its_deadline_fails() {
+    for isolation in ["runner", "none"] {
+        let started = Instant::now();
+        let run = Run::of(
+            worker_host()
+                .arg("--handler")
+                .arg(artifacts().library(Sample::Faulty))
+                .args(["--isolation", isolation, "--init-timeout-secs", "0.5"])
+                .args(["--handler-config", r#"{"init_sleep_ms": 60000}"#])
+                .args(["--test_input", r#"{"input": 1}"#]),
+        );
+        assert_eq!(run.code, Some(8), "{isolation}: {}", run.stderr);
+        assert!(
+            run.stderr.contains("init did not finish within 0.5 s"),
+            "{isolation}: {}",
+            run.stderr
+        );
+        assert!(started.elapsed() < Duration::from_secs(30), "{isolation}");
+    }
+}
+
 /// With `--isolation none` the handler runs in the host: no runner process.
 #[test]
 fn isolation_none_runs_in_process() {

@@ -99,6 +99,21 @@ pub struct HandlerArgs {
         global = true
     )]
     pub cancel_grace_secs: f64,
+
+    /// How long the handler's `init` may take before it counts as failed (and, in a runner, is
+    /// killed); default: RUNPOD_INIT_TIMEOUT less 10 s when it is set, else 410 (10 s under the
+    /// platform's 7-minute cold-start limit)
+    #[arg(
+        long,
+        env = "WORKER_HOST_INIT_TIMEOUT_SECS",
+        value_name = "SECONDS",
+        global = true
+    )]
+    pub init_timeout_secs: Option<f64>,
+
+    /// The platform's cold-start limit, in seconds.
+    #[arg(long, env = "RUNPOD_INIT_TIMEOUT", hide = true, global = true)]
+    pub runpod_init_timeout: Option<f64>,
 }
 
 /// The one-shot test run.

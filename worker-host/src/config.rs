@@ -22,6 +22,12 @@ pub const LOCAL_TEST_JOB_ID: &str = "local_test";
 /// The file a one-shot run reads when no test input is given (the SDK's).
 pub const DEFAULT_TEST_INPUT_FILE: &str = "test_input.json";
 
+/// The platform marks a worker unhealthy when its cold start takes longer than this (unless
+/// RUNPOD_INIT_TIMEOUT says otherwise).
+const PLATFORM_COLD_START_LIMIT: Duration = Duration::from_secs(7 * 60);
+/// How much sooner than the platform the host gives up on `init`, so that it can say why.
+const INIT_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
+
 /// Why the settings could not be built. Each message says what to change.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -181,6 +187,17 @@ impl Settings {
         };
         let handler_path = cli.handler.handler.ok_or(ConfigError::NoHandler)?;
         let cancel_grace = seconds("--cancel-grace-secs", cli.handler.cancel_grace_secs)?;
+        let init_timeout = match (
+            cli.handler.init_timeout_secs,
+            cli.handler.runpod_init_timeout,
+        ) {
+            (Some(secs), _) => seconds("--init-timeout-secs", secs)?,
+            // Fail (and say why) before the platform gives up on the worker.
+            (None, Some(platform)) => seconds("RUNPOD_INIT_TIMEOUT", platform)?
+                .saturating_sub(INIT_TIMEOUT_MARGIN)
+                .max(Duration::from_secs(1)),
+            (None, None) => PLATFORM_COLD_START_LIMIT - INIT_TIMEOUT_MARGIN,
+        };
         let handler_config = match cli.handler.handler_config {
             Some(argument) => json_argument("the handler configuration", &argument)?,
             None => "{}".to_owned(),
@@ -271,6 +288,7 @@ impl Settings {
                 },
                 isolation: cli.handler.isolation,
                 cancel_grace,
+                init_timeout,
                 respawn,
             },
             handler_config,

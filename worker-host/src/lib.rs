@@ -144,11 +144,10 @@ fn worker_exit(exit: worker::WorkerExit) -> Result<u8, HostError> {
 }
 
 /// The stack of every thread of the runtime, including the blocking-pool threads that run
-/// handler jobs: 8 MiB, the main thread's stack on Linux by default (`ulimit -s`), where `init`
-/// and the `--test_input` job run. With tokio's default of 2 MiB, a handler that needs 4 MiB of
-/// stack would pass its local test and crash in production. Only the pages a thread touches
-/// cost memory. The header promises handlers at least this much.
-const HANDLER_STACK_SIZE: usize = 8 * 1024 * 1024;
+/// in-process handler jobs: 8 MiB, as the header promises handlers (tokio's default is 2 MiB,
+/// and a handler that needs 4 MiB would pass its local test and crash in production). Only the
+/// pages a thread touches cost memory.
+const HANDLER_STACK_SIZE: usize = handler::HANDLER_STACK_SIZE;
 
 /// The async runtime for the worker and the dev API.
 fn io_runtime() -> Result<tokio::runtime::Runtime, HostError> {

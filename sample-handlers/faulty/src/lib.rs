@@ -30,7 +30,8 @@
 //! Before `crash`, `abort`, `exit` and `hang`, a non-empty `message` is written to stderr.
 //!
 //! Config: `{"fail_init": "<message>"}` makes `init` fail with that message, and
-//! `{"crash_init": true}` makes it crash (SIGSEGV).
+//! `{"crash_init": true}` makes it crash (SIGSEGV), and `{"init_sleep_ms": N}` makes it take N
+//! milliseconds.
 
 use handler_abi::{export_handler, Handler, HandlerError, Job, LogLevel, RawJson};
 use serde::Deserialize;
@@ -67,6 +68,9 @@ impl Handler for Faulty {
     type Output = RawJson;
 
     fn init(config: Value) -> Result<Self, HandlerError> {
+        if let Some(ms) = config.get("init_sleep_ms").and_then(Value::as_u64) {
+            std::thread::sleep(Duration::from_millis(ms));
+        }
         if config.get("crash_init").and_then(Value::as_bool) == Some(true) {
             crash();
         }

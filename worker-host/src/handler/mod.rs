@@ -150,6 +150,10 @@ impl Default for Limits {
     }
 }
 
+/// The stack of every thread a handler function runs on: 8 MiB, the main thread's stack on
+/// Linux by default (`ulimit -s`). The header promises handlers at least this much.
+pub const HANDLER_STACK_SIZE: usize = 8 * 1024 * 1024;
+
 /// Where the handler runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum Isolation {
@@ -172,6 +176,8 @@ pub struct HandlerSpec {
     /// How long a cancelled job's handler may take to return before its runner is killed
     /// (runner isolation only).
     pub cancel_grace: Duration,
+    /// How long `init` may take before it counts as failed (a runner's is killed then).
+    pub init_timeout: Duration,
     /// Whether a runner that ended is replaced (a serving mode), or the handler is done with
     /// (a one-shot run, `inspect`).
     pub respawn: bool,
@@ -213,7 +219,7 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
 /// Loads the handler at `spec.path` the way `spec.isolation` says, without running `init`.
 pub fn load(spec: &HandlerSpec) -> Result<Arc<dyn Handler>, LoadError> {
     match spec.isolation {
-        Isolation::None => Ok(Arc::new(inproc::InProcess::load(&spec.path, spec.limits)?)),
+        Isolation::None => Ok(Arc::new(inproc::InProcess::load(spec)?)),
         Isolation::Runner => Ok(Arc::new(runner::Supervised::start(spec)?)),
     }
 }

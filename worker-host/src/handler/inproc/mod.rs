@@ -14,11 +14,10 @@ mod callbacks;
 mod calls;
 pub mod library;
 
-use super::{CancelToken, Handler, HandlerInfo, JobEvents, Limits, LoadError, Readiness};
+use super::{CancelToken, Handler, HandlerInfo, HandlerSpec, JobEvents, LoadError, Readiness};
 use crate::job::{Job, JobResult};
 use handler_abi::ffi;
 use library::OwnedJobText;
-use std::path::Path;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tracing::Span;
@@ -75,7 +74,9 @@ const CANCELLED_CALL_WAIT: Duration = Duration::from_secs(2);
 /// A handler loaded into the host's own process (`--isolation none`).
 #[derive(Debug)]
 pub struct InProcess {
-    library: HandlerLibrary,
+    /// Never unloaded (see `library`), so it can be lent to the `init` thread for good.
+    library: &'static HandlerLibrary,
+    init_timeout: std::time::Duration,
     /// Whether `init` succeeded: `teardown` runs only then (the header promises it).
     initialised: std::sync::atomic::AtomicBool,
     /// How many `run` calls have not returned.
@@ -86,9 +87,11 @@ pub struct InProcess {
 
 impl InProcess {
     /// Loads the library at `path` into this process.
-    pub fn load(path: &Path, limits: Limits) -> Result<Self, LoadError> {
+    pub fn load(spec: &HandlerSpec) -> Result<Self, LoadError> {
+        let library = HandlerLibrary::load(&spec.path, spec.limits)?;
         Ok(Self {
-            library: HandlerLibrary::load(path, limits)?,
+            library: Box::leak(Box::new(library)),
+            init_timeout: spec.init_timeout,
             initialised: std::sync::atomic::AtomicBool::new(false),
             running: Mutex::new(0),
             returned: Condvar::new(),
@@ -117,8 +120,28 @@ impl Handler for InProcess {
     }
 
     fn init(&self, config_json: &str) -> Result<(), LoadError> {
+        // On a thread of its own, so that an `init` past its deadline fails the start; it cannot
+        // be stopped in this process, and goes when the host exits.
         let span = tracing::info_span!("init", handler = %self.info().name);
-        self.library.init(config_json, &TracingLog(span))?;
+        let library = self.library;
+        let config = config_json.to_owned();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("handler-init".into())
+            .stack_size(crate::handler::HANDLER_STACK_SIZE)
+            .spawn(move || {
+                let _ = done.send(library.init(&config, &TracingLog(span)));
+            })
+            .map_err(|error| LoadError::InitFailed {
+                failure: crate::job::Failure::new(
+                    "InitFailed",
+                    format!("no thread for init: {error}"),
+                ),
+            })?;
+        match result.recv_timeout(self.init_timeout) {
+            Ok(outcome) => outcome?,
+            Err(_) => return Err(super::runner::init_timed_out(self.init_timeout)),
+        }
         self.initialised
             .store(true, std::sync::atomic::Ordering::Release);
         Ok(())

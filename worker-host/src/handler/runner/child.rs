@@ -22,8 +22,8 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 
-/// The stack of every job thread: the main thread's default on Linux, as the header promises.
-const JOB_STACK_SIZE: usize = 8 * 1024 * 1024;
+/// The stack of every job thread, as the header promises.
+const JOB_STACK_SIZE: usize = crate::handler::HANDLER_STACK_SIZE;
 
 /// What the runner's command line says.
 struct Arguments {

@@ -40,6 +40,8 @@ pub(crate) enum KillReason {
     Protocol(String),
     /// The host is shutting down and the runner did not exit in time.
     Shutdown,
+    /// `init` ran past `--init-timeout-secs`.
+    InitTimeout,
 }
 
 /// Describes a runner's end, e.g. "was killed by SIGSEGV (signal 11: segmentation fault, an
@@ -95,6 +97,9 @@ pub(crate) fn describe_kill(reason: &KillReason) -> String {
         }
         KillReason::Shutdown => {
             "was killed by the host because it did not exit in time at shutdown".to_owned()
+        }
+        KillReason::InitTimeout => {
+            "was killed by the host because its init ran past --init-timeout-secs".to_owned()
         }
     }
 }

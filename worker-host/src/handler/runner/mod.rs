@@ -55,6 +55,7 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Instant;
 use supervisor::{Event, Shared, ToJob};
 
+pub(crate) use supervisor::init_timed_out;
 pub use supervisor::RUNNER_ARGUMENT;
 
 /// A handler loaded into a supervised runner process.

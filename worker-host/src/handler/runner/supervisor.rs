@@ -558,7 +558,14 @@ impl Supervisor {
         };
         // A write error means the runner died; its end is the answer.
         let _ = runner.send(Kind::Init, 0, &[config.as_bytes()]);
-        match self.next_control(None)? {
+        let timeout = self.shared.spec.init_timeout;
+        match self.next_control(Some(Instant::now() + timeout))? {
+            None => {
+                runner.kill(KillReason::InitTimeout);
+                // Its end (now on the way) is not a crash of a job; the failure is the timeout.
+                while !matches!(self.next_control(None)?, Some(Control::Ended(_))) {}
+                Err(Halt::Failed(init_timed_out(timeout)))
+            }
             Some(Control::Ready) if self.shared.set_ready(runner) => Ok(()),
             Some(Control::Ready) => {
                 // It ended right after init: its end, which is on its way, says how.
@@ -586,7 +593,6 @@ impl Supervisor {
                 ),
             })),
             Some(other) => Err(Halt::Failed(protocol_error(&other, "Ready"))),
-            None => unreachable!("no deadline"),
         }
     }
 
@@ -692,6 +698,19 @@ impl Supervisor {
         if let Some(reply) = self.shutdown.take() {
             let _ = reply.send(());
         }
+    }
+}
+
+/// The failure of an `init` that ran past its deadline.
+pub(crate) fn init_timed_out(timeout: Duration) -> LoadError {
+    LoadError::InitFailed {
+        failure: Failure::new(
+            "InitTimeout",
+            format!(
+                "init did not finish within {} s (--init-timeout-secs, or RUNPOD_INIT_TIMEOUT less 10 s)",
+                timeout.as_secs_f64()
+            ),
+        ),
     }
 }
 
