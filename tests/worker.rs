@@ -420,18 +420,24 @@ fn url_templates_without_a_query() {
     assert_eq!(done.raw_query, "isStream=false");
 }
 
-/// A failing init in production reports `unhealthy` once to the ping URL, takes no job, and exits 1.
+/// A failing init in production reports `unhealthy` once to the ping URL, then takes one job and
+/// fails it with the handler's own message and its last output (so the request that started the
+/// worker learns why), leaves the rest in the queue, and exits 1.
 #[test]
-fn init_failure_reports_unhealthy() {
+fn init_failure_reports_unhealthy_and_fails_one_job() {
     let platform = Platform::start();
-    platform.push_job(json!({"id": "never", "input": 1}));
+    platform.push_job(json!({"id": "waiting", "input": 1}));
+    platform.push_job(json!({"id": "next", "input": 2}));
     let mut worker = WorkerProcess::start(
         &platform,
         Sample::Faulty,
-        &["--handler-config", r#"{"fail_init": "no GPU found"}"#],
+        &[
+            "--handler-config",
+            r#"{"fail_init": "no GPU found", "init_says": "probing /dev/nvidia0"}"#,
+        ],
         &[],
     );
-    assert_eq!(worker.wait(WAIT), Some(1));
+    assert_eq!(worker.wait(WAIT), Some(1), "{}", worker.stderr());
     let requests = platform.requests();
     let report = requests
         .iter()
@@ -443,11 +449,45 @@ fn init_failure_reports_unhealthy() {
         .query_value("reason")
         .unwrap()
         .contains("no GPU found"));
+    let by_id = results_by_id(&requests);
+    assert_eq!(by_id.len(), 1, "one job is claimed: {by_id:?}");
+    let text = by_id["waiting"]["error"].as_str().expect("an error result");
+    let error: Value = serde_json::from_str(text).unwrap();
+    assert_eq!(error["error_type"], "HandlerInitFailed");
+    let message = error["error_message"].as_str().unwrap();
+    assert!(message.starts_with("no GPU found"), "{message}");
+    assert!(message.contains("probing /dev/nvidia0"), "{message}");
+    assert_eq!(
+        platform.pending_jobs(),
+        1,
+        "the other job stays in the queue"
+    );
+    assert!(worker.stderr().contains("no GPU found"));
+}
+
+/// With `--claim-on-init-failure false`, a failing init takes no job at all.
+#[test]
+fn init_failure_can_leave_every_job_to_others() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "never", "input": 1}));
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[
+            "--handler-config",
+            r#"{"fail_init": "no GPU found"}"#,
+            "--claim-on-init-failure",
+            "false",
+        ],
+        &[],
+    );
+    assert_eq!(worker.wait(WAIT), Some(1));
+    let requests = platform.requests();
+    assert!(requests.iter().any(|r| r.route == Route::Ping));
     assert!(
         requests.iter().all(|r| r.route != Route::Take),
         "no job taken"
     );
-    assert!(worker.stderr().contains("no GPU found"));
 }
 
 /// A second copy of a job id that is already running is ignored: one result for the id.

@@ -189,6 +189,17 @@ pub struct WorkerArgs {
         default_value_t = 120.0
     )]
     pub result_retry_secs: f64,
+
+    /// After a failed init, take one job and fail it with the reason (so the request that started
+    /// this worker learns why), then exit 1; false leaves every job to other workers
+    #[arg(
+        long,
+        env = "WORKER_HOST_CLAIM_ON_INIT_FAILURE",
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set
+    )]
+    pub claim_on_init_failure: bool,
 }
 
 /// The local dev API: RunPod's public endpoint API on this machine.

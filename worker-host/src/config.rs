@@ -134,6 +134,8 @@ pub struct Worker {
     pub config: WorkerConfig,
     /// The largest job input, in bytes.
     pub max_input_bytes: usize,
+    /// After a failed `init`, take one job and fail it with the reason (see `worker::claim_one`).
+    pub claim_on_init_failure: bool,
 }
 
 /// The local dev API: where it listens, and how its worker runs.
@@ -267,6 +269,7 @@ impl Settings {
                         &origin,
                     )?,
                     max_input_bytes: cli.results.max_input_bytes,
+                    claim_on_init_failure: cli.worker.claim_on_init_failure,
                 })),
                 (None, _) => {
                     let path = working_dir.join(DEFAULT_TEST_INPUT_FILE);

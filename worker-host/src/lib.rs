@@ -194,6 +194,23 @@ fn run_worker(
     if let Err(error) = handler.init(handler_config) {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
+        if worker.claim_on_init_failure {
+            let message = match &error {
+                LoadError::InitFailed { failure } => failure.message.clone(),
+                other => other.to_string(),
+            };
+            let output = handler.recent_output();
+            let message = if output.trim().is_empty() {
+                message
+            } else {
+                format!(
+                    "{message}\n--- the handler's last output ---\n{}",
+                    output.trim_end()
+                )
+            };
+            let failure = job::Failure::new("HandlerInitFailed", message);
+            runtime.block_on(worker::claim_one(&client, failure, &worker.config.origin));
+        }
         handler.shutdown();
         return Err(HostError::WorkerInitFailed(error));
     }

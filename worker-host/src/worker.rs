@@ -194,6 +194,55 @@ pub async fn run(
     }
 }
 
+/// How long the one take after a failed `init` may take (see [`claim_one`]).
+const CLAIM_WAIT: Duration = Duration::from_secs(10);
+
+/// After a failed `init` (reported unhealthy already): takes at most one job, with one bounded
+/// take, and fails it with `failure`, so that the request that made the platform start this
+/// worker learns why instead of waiting out its TTL in the queue. The SDK's open prestart-hook
+/// PR does the same.
+pub async fn claim_one(client: &PlatformClient, failure: Failure, origin: &Origin) {
+    let take = async {
+        match client.start_take(1, false).await {
+            Ok(answer) => client.read_take(answer).await,
+            Err(outcome) => outcome,
+        }
+    };
+    let Ok(TakeOutcome::Jobs(jobs)) = tokio::time::timeout(CLAIM_WAIT, take).await else {
+        return;
+    };
+    let result = JobResult {
+        outcome: Outcome::Failed {
+            failure,
+            streaming: false,
+        },
+        recycle: false,
+    };
+    let body = bytes::Bytes::from(job_done_body(&result, origin, None, false).text);
+    for taken in jobs {
+        let id = match taken {
+            TakenJob::Valid(job) => job.id().to_owned(),
+            TakenJob::Invalid { id: Some(id), .. } => id,
+            TakenJob::Invalid { id: None, .. } => continue,
+        };
+        for attempt in 1..=3 {
+            match client
+                .post(Post::Done { is_stream: false }, &id, body.clone())
+                .await
+            {
+                Ok(()) => {
+                    tracing::info!(job_id = %id, "Failed the job this worker was started for: its handler's init failed.");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(job_id = %id, "Posting the init failure failed (attempt {attempt}): {error}");
+                    tokio::time::sleep(FIRST_BACKOFF * 2_u32.pow(attempt)).await;
+                }
+            }
+        }
+    }
+}
+
 /// Why the worker stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum WorkerExit {

@@ -31,7 +31,7 @@
 //!
 //! Config: `{"fail_init": "<message>"}` makes `init` fail with that message, and
 //! `{"crash_init": true}` makes it crash (SIGSEGV), and `{"init_sleep_ms": N}` makes it take N
-//! milliseconds.
+//! milliseconds; `{"init_says": "<line>"}` writes that line to stderr in `init` first.
 
 use handler_abi::{export_handler, Handler, HandlerError, Job, LogLevel, RawJson};
 use serde::Deserialize;
@@ -68,6 +68,9 @@ impl Handler for Faulty {
     type Output = RawJson;
 
     fn init(config: Value) -> Result<Self, HandlerError> {
+        if let Some(line) = config.get("init_says").and_then(Value::as_str) {
+            eprintln!("{line}");
+        }
         if let Some(ms) = config.get("init_sleep_ms").and_then(Value::as_u64) {
             std::thread::sleep(Duration::from_millis(ms));
         }

@@ -208,6 +208,12 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// the handler crashed (a failure that says so).
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult;
 
+    /// The handler's last output lines (its log lines and, in a runner, its stdout and stderr),
+    /// bounded, for a failure report; empty where nothing is kept.
+    fn recent_output(&self) -> String {
+        String::new()
+    }
+
     /// Whether jobs may be given to the handler now, and its changes.
     fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness>;
 

@@ -113,6 +113,17 @@ impl Capture {
         }
     }
 
+    /// Keeps a line that did not come through the pipes (a log line of the handler's) in the
+    /// tail too.
+    pub(crate) fn keep(&self, line: String) {
+        self.tail().push(line);
+    }
+
+    /// The last output kept so far.
+    pub(crate) fn recent(&self) -> String {
+        self.tail().text()
+    }
+
     fn tail(&self) -> std::sync::MutexGuard<'_, Tail> {
         self.tail.lock().unwrap_or_else(PoisonError::into_inner)
     }

@@ -215,6 +215,10 @@ impl Handler for Supervised {
         self.shared.readiness()
     }
 
+    fn recent_output(&self) -> String {
+        self.shared.recent_output()
+    }
+
     fn shutdown(&self) {
         let (reply, done) = mpsc::channel();
         if self.events.send(Event::Shutdown { reply }).is_ok() {

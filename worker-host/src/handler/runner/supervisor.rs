@@ -239,6 +239,8 @@ pub(super) struct Shared {
     readiness: tokio::sync::watch::Sender<Readiness>,
     events: mpsc::Sender<Event>,
     next_call: AtomicU64,
+    /// The runner started last (for its output).
+    newest: Mutex<Option<Arc<Runner>>>,
     /// Crashes since the last job that finished on a runner.
     crashes: AtomicU32,
 }
@@ -252,12 +254,21 @@ impl Shared {
             readiness: tokio::sync::watch::Sender::new(Readiness::Restarting),
             events,
             next_call: AtomicU64::new(1),
+            newest: Mutex::new(None),
             crashes: AtomicU32::new(0),
         }
     }
 
     pub(super) fn spec(&self) -> &HandlerSpec {
         &self.spec
+    }
+
+    /// The last output of the newest runner.
+    pub(super) fn recent_output(&self) -> String {
+        lock(&self.newest)
+            .as_ref()
+            .map(|runner| runner.capture.recent())
+            .unwrap_or_default()
     }
 
     pub(super) fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {
@@ -762,6 +773,7 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         runner.capture.follow("stderr", stderr, runner.clone());
     }
     tracing::debug!(pid = runner.pid, generation, "Runner process started.");
+    *lock(&shared.newest) = Some(runner.clone());
     let reader_shared = shared.clone();
     let reader_runner = runner.clone();
     std::thread::Builder::new()
@@ -842,6 +854,10 @@ fn dispatch(shared: &Shared, runner: &Runner, frame: Frame) -> Result<(), String
         Kind::TornDown => Control::TornDown,
         Kind::Log => {
             let text = String::from_utf8_lossy(&body);
+            if call == 0 {
+                // The lines of init and teardown are what a failure report needs.
+                runner.capture.keep(text.clone().into_owned());
+            }
             let span = lock(&runner.calls)
                 .get(&call)
                 .map_or_else(Span::none, |call| call.span.clone());
