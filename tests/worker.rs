@@ -756,3 +756,57 @@ fn a_progress_flood_is_coalesced() {
         "a progress post came after the result"
     );
 }
+
+/// Job ids with `&`, `#`, `/`, `?`, `%` or a space reach the platform percent-encoded, each
+/// result under its own id; an empty id is a malformed job (skipped and logged), and the worker
+/// goes on.
+#[test]
+fn odd_job_ids_are_escaped_in_urls() {
+    let platform = Platform::start();
+    let ids = ["a&b c", "x/y#z?w", "100%", "ünï"];
+    for id in ids {
+        platform.push_job(json!({"id": id, "input": id}));
+    }
+    platform.push_job(json!({"id": "", "input": "nobody"}));
+    platform.push_job(json!({"id": "last", "input": 0}));
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    let requests = platform.wait_for(WAIT, "the results", |r| results(r).len() > ids.len());
+    let by_id = results_by_id(&requests);
+    for id in ids {
+        assert_eq!(by_id.get(id), Some(&json!({"output": id})), "{by_id:?}");
+    }
+    assert_eq!(by_id["last"], json!({"output": 0}));
+    assert_eq!(by_id.len(), ids.len() + 1, "{by_id:?}");
+    assert!(
+        worker.stderr().contains("the job id is empty"),
+        "{}",
+        worker.stderr()
+    );
+}
+
+/// RUNPOD_MAX_CONCURRENCY (the platform's newer variable) sets the concurrency when neither
+/// `--concurrency` nor WORKER_HOST_CONCURRENCY does.
+#[test]
+fn runpod_max_concurrency_sets_the_concurrency() {
+    for (env, expected) in [
+        (vec![("RUNPOD_MAX_CONCURRENCY", "3")], "3"),
+        (
+            vec![
+                ("RUNPOD_MAX_CONCURRENCY", "3"),
+                ("WORKER_HOST_CONCURRENCY", "2"),
+            ],
+            "2",
+        ),
+    ] {
+        let platform = Platform::start();
+        let _worker = WorkerProcess::start(&platform, Sample::Echo, &[], &env);
+        let requests = platform.wait_for(WAIT, "a batch take", |r| {
+            r.iter().any(|r| r.route == Route::TakeBatch)
+        });
+        let take = requests
+            .iter()
+            .find(|r| r.route == Route::TakeBatch)
+            .unwrap();
+        assert_eq!(take.query_value("batch_size"), Some(expected), "{env:?}");
+    }
+}

@@ -630,7 +630,7 @@ fn is_worker_id(segment: &str) -> bool {
 }
 
 /// Decodes `%XX` escapes (and only those: `+` stays `+` in a path); invalid UTF-8 is replaced.
-fn percent_decode(text: &str) -> String {
+pub fn percent_decode(text: &str) -> String {
     let bytes = text.as_bytes();
     let mut decoded = Vec::with_capacity(bytes.len());
     let mut i = 0;

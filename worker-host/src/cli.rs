@@ -161,15 +161,19 @@ pub struct ResultArgs {
 /// The queue worker.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// How many jobs run at once; capped by what the handler declares.
+    /// How many jobs run at once (default 1, or RUNPOD_MAX_CONCURRENCY when the platform sets
+    /// it); capped by what the handler declares.
     #[arg(
         long,
         visible_alias = "rp_api_concurrency",
         env = "WORKER_HOST_CONCURRENCY",
-        value_name = "N",
-        default_value_t = 1
+        value_name = "N"
     )]
-    pub concurrency: usize,
+    pub concurrency: Option<usize>,
+
+    /// The platform's newer runtime variable for the concurrency.
+    #[arg(long, env = "RUNPOD_MAX_CONCURRENCY", hide = true)]
+    pub runpod_max_concurrency: Option<usize>,
 
     /// After SIGTERM or Ctrl-C, how long running jobs may go on before they are cancelled and
     /// reported as failed.

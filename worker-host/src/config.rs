@@ -314,7 +314,11 @@ fn worker_config(
     origin: &Origin,
 ) -> Result<WorkerConfig, ConfigError> {
     Ok(WorkerConfig {
-        concurrency: worker.concurrency.max(1),
+        concurrency: worker
+            .concurrency
+            .or(worker.runpod_max_concurrency)
+            .unwrap_or(1)
+            .max(1),
         shutdown_grace: seconds("--shutdown-grace-secs", worker.shutdown_grace_secs)?,
         result_retry: seconds("--result-retry-secs", worker.result_retry_secs)?,
         ping_interval: Duration::from_millis(ping_interval_ms),

@@ -30,6 +30,9 @@ pub enum JobError {
     /// No `id` key.
     #[error("the job has no id")]
     MissingId,
+    /// `id` is an empty string: no URL can name the job.
+    #[error("the job id is empty")]
+    EmptyId,
     /// `id` is not a string or a number.
     #[error("the job id must be a string, not {0}")]
     InvalidId(String),
@@ -110,8 +113,11 @@ impl Job {
 fn parse_id(raw: &RawValue) -> Result<String, JobError> {
     let text = raw.get();
     if text.starts_with('"') {
-        serde_json::from_str::<String>(text)
-            .map_err(|error| JobError::InvalidJson(error.to_string()))
+        match serde_json::from_str::<String>(text) {
+            Ok(id) if id.is_empty() => Err(JobError::EmptyId),
+            Ok(id) => Ok(id),
+            Err(error) => Err(JobError::InvalidJson(error.to_string())),
+        }
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         Ok(text.to_owned())
     } else {

@@ -137,7 +137,17 @@ impl Ping {
     }
 }
 
-/// Builds a per-job URL from a template: `$RUNPOD_POD_ID` → worker id, then `$ID` → job id.
+/// What a job id keeps as it is in a URL path: RFC 3986's unreserved characters. Everything else
+/// (`&`, `#`, `/`, `?`, a space, `%`, any non-ASCII) is percent-encoded, so an id can never post
+/// a result to another job's URL. Real RunPod ids (letters, digits, `-`) are unchanged.
+const ID_ENCODED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Builds a per-job URL from a template: `$RUNPOD_POD_ID` → worker id, then `$ID` → the job id,
+/// percent-encoded.
 fn job_url(
     name: &'static str,
     template: &str,
@@ -145,9 +155,10 @@ fn job_url(
     job_id: &str,
     is_stream: bool,
 ) -> Result<Url, UrlError> {
-    let text = template
-        .replace("$RUNPOD_POD_ID", worker_id)
-        .replace("$ID", job_id);
+    let text = template.replace("$RUNPOD_POD_ID", worker_id).replace(
+        "$ID",
+        &percent_encoding::utf8_percent_encode(job_id, ID_ENCODED).to_string(),
+    );
     let mut url = parse_url(name, &text)?;
     url.query_pairs_mut()
         .append_pair("isStream", if is_stream { "true" } else { "false" });
@@ -644,7 +655,8 @@ mod tests {
         );
     }
 
-    /// Per-job URLs put the worker and job ids in place and add `isStream`.
+    /// Per-job URLs put the worker and job ids in place (the job id percent-encoded, its `/`
+    /// included) and add `isStream`.
     #[test]
     fn job_urls() {
         let url = job_url(
@@ -657,7 +669,7 @@ mod tests {
         .unwrap();
         assert_eq!(
             url.as_str(),
-            "http://p/v2/ep/job-done/wk1/c%201/%C3%A9?gpu=x&isStream=true"
+            "http://p/v2/ep/job-done/wk1/c%201%2F%C3%A9?gpu=x&isStream=true"
         );
     }
 
