@@ -810,3 +810,25 @@ fn runpod_max_concurrency_sets_the_concurrency() {
         assert_eq!(take.query_value("batch_size"), Some(expected), "{env:?}");
     }
 }
+
+/// A take answer larger than its jobs could be at `--max-input-bytes` is refused as it arrives
+/// (a failed take, logged with the sizes), not read into memory whole; the worker goes on.
+#[test]
+fn an_oversize_take_answer_is_refused() {
+    let platform = Platform::start();
+    let huge = format!(
+        r#"{{"id": "huge", "input": "{}"}}"#,
+        "x".repeat(3 * 1024 * 1024)
+    );
+    platform.push_raw_take(&huge);
+    platform.push_job(json!({"id": "after", "input": 1}));
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &["--max-input-bytes", "1000"], &[]);
+    let requests = platform.wait_for(WAIT, "the next job's result", |r| !results(r).is_empty());
+    let by_id = results_by_id(&requests);
+    assert_eq!(by_id.get("after"), Some(&json!({"output": 1})), "{by_id:?}");
+    assert!(
+        worker.stderr().contains("the take answer is"),
+        "{}",
+        worker.stderr()
+    );
+}

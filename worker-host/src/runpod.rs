@@ -190,9 +190,18 @@ impl Post {
     }
 }
 
-/// A take the platform answered with a success status: its body (the jobs) is still to be read.
+/// A take the platform answered with a success status: its body (the jobs) is still to be read,
+/// and may be at most `max_body` bytes.
 #[derive(Debug)]
-pub struct TakeAnswer(reqwest::Response);
+pub struct TakeAnswer {
+    response: reqwest::Response,
+    max_body: usize,
+}
+
+/// Room in a take answer beyond its jobs' inputs: each job's other members (id, webhook,
+/// policy...), and the array around them.
+const TAKE_ROOM_PER_JOB: usize = 64 * 1024;
+const TAKE_ROOM: usize = 1024 * 1024;
 
 /// One job from a take answer: runnable, or not, with the reason.
 #[derive(Debug)]
@@ -364,15 +373,51 @@ impl PlatformClient {
             StatusCode::NO_CONTENT | StatusCode::BAD_REQUEST => Err(TakeOutcome::NoJob),
             StatusCode::TOO_MANY_REQUESTS => Err(TakeOutcome::RateLimited(retry_after(&response))),
             _ if !status.is_success() => Err(TakeOutcome::Failed(format!("HTTP {status}"))),
-            _ => Ok(TakeAnswer(response)),
+            _ => Ok(TakeAnswer {
+                response,
+                max_body: count
+                    .max(1)
+                    .saturating_mul(self.max_input_bytes.saturating_add(TAKE_ROOM_PER_JOB))
+                    .saturating_add(TAKE_ROOM),
+            }),
         }
     }
 
-    /// Reads the jobs of a take the platform answered with a success status.
+    /// Reads the jobs of a take the platform answered with a success status. A body over what
+    /// the jobs asked for can hold (their inputs at the input limit, plus room) is refused as it
+    /// arrives, before it can take the worker's memory: a failed take, logged with the sizes.
     pub async fn read_take(&self, answer: TakeAnswer) -> TakeOutcome {
-        match answer.0.bytes().await {
-            Ok(body) => self.parse_take(&body),
-            Err(error) => TakeOutcome::Failed(describe(&error)),
+        let TakeAnswer {
+            mut response,
+            max_body,
+        } = answer;
+        let too_large = |size: u64| {
+            TakeOutcome::Failed(format!(
+                "the take answer is {size} bytes or more, over the {max_body} bytes its jobs can hold at --max-input-bytes; its jobs are dropped"
+            ))
+        };
+        if let Some(length) = response.content_length() {
+            if length > max_body as u64 {
+                return too_large(length);
+            }
+        }
+        let mut body = Vec::with_capacity(
+            response
+                .content_length()
+                .map_or(0, |length| length as usize)
+                .min(max_body),
+        );
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    if body.len() + chunk.len() > max_body {
+                        return too_large((body.len() + chunk.len()) as u64);
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(None) => return self.parse_take(&body),
+                Err(error) => return TakeOutcome::Failed(describe(&error)),
+            }
         }
     }
 
