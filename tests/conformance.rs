@@ -14,8 +14,8 @@
 //!   and listing the running job while busy.
 //!
 //! Every normalisation (what may legitimately differ) is documented where it is applied. The test
-//! needs `python3` with `runpod==1.12.0`: without it the tests are skipped with a note, except
-//! under CI (`CI` set), where they fail.
+//! needs `python3` with `runpod==1.12.0`: without it the tests fail saying what to install
+//! (`WORKER_HOST_TESTS_ALLOW_SKIPS=1` skips them instead, outside CI).
 
 use e2e::platform::{Platform, Recorded, Route};
 use e2e::{Sample, WorkerProcess};

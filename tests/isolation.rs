@@ -500,7 +500,11 @@ impl MemoryCgroup {
             }
             let _ = std::fs::remove_dir(&dir);
         }
-        eprintln!("skipping: no memory cgroup can be made here (root and cgroup v1 or v2 with the memory controller are needed)");
+        e2e::missing_prerequisite(
+            "the OOM-kill test",
+            "no memory cgroup can be made here",
+            "run the tests as root on a host with cgroup v1, or v2 with the memory controller",
+        );
         None
     }
 

@@ -179,9 +179,9 @@ pub fn fixture(name: &str) -> PathBuf {
 /// The runpod-python release the conformance and client tests are written against.
 pub const PYTHON_SDK_VERSION: &str = "1.12.0";
 
-/// Whether `python3` with runpod [`PYTHON_SDK_VERSION`] can run here. When it cannot, fails under
-/// CI (`CI` set, where `.ci/run` installs it), and otherwise prints why `what` is skipped and
-/// returns false: the caller skips.
+/// Whether `python3` with runpod [`PYTHON_SDK_VERSION`] can run here. When it cannot, the test
+/// fails with what to install (see [`missing_prerequisite`]), unless skipping was asked for:
+/// then it prints why `what` is skipped and returns false, and the caller skips.
 pub fn python_sdk_available(what: &str) -> bool {
     static PROBLEM: OnceLock<Option<String>> = OnceLock::new();
     let problem = PROBLEM.get_or_init(|| {
@@ -206,13 +206,27 @@ pub fn python_sdk_available(what: &str) -> bool {
     let Some(problem) = problem else {
         return true;
     };
-    let install = format!("python3 -m pip install runpod=={PYTHON_SDK_VERSION}");
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "CI must provide the Python SDK: {problem}; install it with `{install}`"
+    missing_prerequisite(
+        what,
+        problem,
+        &format!("the README's test command, or `.venv/bin/pip install runpod=={PYTHON_SDK_VERSION}` with .venv/bin on PATH"),
     );
-    eprintln!("skipping {what}: {problem}; install it with `{install}`");
     false
+}
+
+/// The variable that lets tests whose prerequisite is missing skip instead of failing.
+pub const ALLOW_SKIPS: &str = "WORKER_HOST_TESTS_ALLOW_SKIPS";
+
+/// A test's prerequisite (`problem`) is missing. No silent pass: this fails the test with what to
+/// do, unless [`ALLOW_SKIPS`] is set (never under CI), when it prints that `what` is skipped and
+/// returns, and the caller skips.
+pub fn missing_prerequisite(what: &str, problem: &str, fix: &str) {
+    let allowed = std::env::var_os(ALLOW_SKIPS).is_some() && std::env::var_os("CI").is_none();
+    assert!(
+        allowed,
+        "{what} needs what is missing here: {problem}; fix: {fix} (or set {ALLOW_SKIPS}=1 to skip it)"
+    );
+    eprintln!("skipping {what}: {problem}; fix: {fix}");
 }
 
 /// A `worker-host` command with a clean environment: no RUNPOD_* or WORKER_HOST_* variable from
