@@ -43,6 +43,17 @@ fn error_of(body: &Value) -> (String, String) {
     )
 }
 
+/// A one-shot run of the faulty handler on `{"input": ...}` text `test_input`, with `args`.
+fn one_shot_faulty(args: &[&str], test_input: &str) -> Run {
+    Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(artifacts().library(Sample::Faulty))
+            .args(args)
+            .args(["--test_input", test_input]),
+    )
+}
+
 /// Waits until the stand-in has final results for all of `ids`.
 fn wait_for_results(platform: &Platform, ids: &[&str]) -> HashMap<String, Value> {
     let requests = platform.wait_for(WAIT, "the results", |requests| {
@@ -310,13 +321,7 @@ fn killing_the_host_leaves_no_runner() {
 /// group goes with it, so nothing is left holding memory or a GPU.
 #[test]
 fn what_a_crashed_handler_started_goes_with_it() {
-    let library = artifacts().library(Sample::Faulty);
-    let run = Run::of(
-        worker_host()
-            .arg("--handler")
-            .arg(library)
-            .args(["--test_input", r#"{"input": {"mode": "orphan"}}"#]),
-    );
+    let run = one_shot_faulty(&[], r#"{"input": {"mode": "orphan"}}"#);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     let (_, message) = error_of(&run.result());
     let orphan: u32 = message
@@ -450,23 +455,14 @@ fn the_dev_api_survives_a_crash() {
 /// signal), so a CI log says what happened; a crash in init exits 8 with a sentence.
 #[test]
 fn a_one_shot_crash_exits_1_with_the_cause() {
-    let library = artifacts().library(Sample::Faulty);
-    let run = Run::of(
-        worker_host()
-            .arg("--handler")
-            .arg(library)
-            .args(["--test_input", r#"{"input": {"mode": "crash"}}"#]),
-    );
+    let run = one_shot_faulty(&[], r#"{"input": {"mode": "crash"}}"#);
     assert_eq!(run.code, Some(1), "{}", run.stderr);
     let (error_type, message) = error_of(&run.result());
     assert_eq!(error_type, "HandlerCrashed");
     assert!(message.contains("SIGSEGV"), "{message}");
-    let run = Run::of(
-        worker_host()
-            .arg("--handler")
-            .arg(library)
-            .args(["--handler-config", r#"{"crash_init": true}"#])
-            .args(["--test_input", r#"{"input": 1}"#]),
+    let run = one_shot_faulty(
+        &["--handler-config", r#"{"crash_init": true}"#],
+        r#"{"input": 1}"#,
     );
     assert_eq!(run.code, Some(8), "{}", run.stderr);
     assert!(run.stderr.contains("init failed"), "{}", run.stderr);
@@ -581,13 +577,16 @@ fn an_oom_kill_is_reported_as_out_of_memory() {
 fn an_init_past_its_deadline_fails() {
     for isolation in ["runner", "none"] {
         let started = Instant::now();
-        let run = Run::of(
-            worker_host()
-                .arg("--handler")
-                .arg(artifacts().library(Sample::Faulty))
-                .args(["--isolation", isolation, "--init-timeout-secs", "0.5"])
-                .args(["--handler-config", r#"{"init_sleep_ms": 60000}"#])
-                .args(["--test_input", r#"{"input": 1}"#]),
+        let run = one_shot_faulty(
+            &[
+                "--isolation",
+                isolation,
+                "--init-timeout-secs",
+                "0.5",
+                "--handler-config",
+                r#"{"init_sleep_ms": 60000}"#,
+            ],
+            r#"{"input": 1}"#,
         );
         assert_eq!(run.code, Some(8), "{isolation}: {}", run.stderr);
         assert!(
