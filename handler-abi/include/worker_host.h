@@ -262,10 +262,11 @@ typedef wh_status (*wh_init_fn)(wh_call *call, const wh_host_api *host, const ch
  * Up to `max_concurrency` calls run at the same time, on different threads. Successive calls may
  * run on different threads, so thread-local state does not carry from one job to the next.
  *
- * Stack: at least 8 MiB. Jobs of the worker and of the dev API run on host threads of 8 MiB;
- * `init`, `teardown` and a `--test_input` job run on the main thread, whose stack is the
- * process's limit (`ulimit -s`: 8 MiB on Linux unless the operator lowered it). A handler that
- * needs more must run its work on a thread of its own.
+ * Stack: at least 8 MiB. Jobs run on host threads of 8 MiB (in the host's runner process by
+ * default); `init` and `teardown` run on threads of 8 MiB or on the main thread, whose stack is
+ * the process's limit (`ulimit -s`: 8 MiB on Linux unless the operator lowered it), as does a
+ * `--test_input` job with `--isolation none`. A handler that needs more must run its work on a
+ * thread of its own.
  *
  * The job is borrowed until return. The handler reports its result with the callbacks:
  * `set_output` (or `emit` for a streaming handler) on success, `set_error` on failure.
