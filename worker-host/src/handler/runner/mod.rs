@@ -58,6 +58,10 @@ use supervisor::{Event, Shared, ToJob};
 pub(crate) use supervisor::init_timed_out;
 pub use supervisor::RUNNER_ARGUMENT;
 
+/// How many times a job whose frame could not be written is offered to a runner (a new one each
+/// time, once the dead one is retired) before it fails.
+const MAX_SEND_TRIES: u32 = 1000;
+
 /// A handler loaded into a supervised runner process.
 #[derive(Debug)]
 pub struct Supervised {
@@ -133,19 +137,29 @@ impl Handler for Supervised {
             job.input().get(),
             job.job_json().get(),
         );
+        let mut tries = 0;
         let (runner, call) = loop {
             let (runner, call) = match self.shared.acquire(job.id(), to_job.clone(), cancel) {
                 Ok(acquired) => acquired,
                 Err(failure) => return failed(failure),
             };
-            if runner.send(Kind::Job, call, &body).is_ok() {
+            // A failed write means the runner is gone.
+            let sent = runner.send(Kind::Job, call, &body);
+            if sent.is_ok() {
                 break (runner, call);
             }
-            // A frame that could not be written (whole) leaves the channel out of step: the
-            // runner goes, if it is not gone already.
-            runner.kill(KillReason::Protocol(
-                "a job could not be written to it".into(),
-            ));
+            tries += 1;
+            if tries >= MAX_SEND_TRIES && runner.withdraw(call) {
+                return failed(crate::job::Failure::new(
+                    "WorkerError",
+                    format!(
+                        "the job could not be sent to the handler's runner process: {}",
+                        sent.err()
+                            .map(|error| error.to_string())
+                            .unwrap_or_default()
+                    ),
+                ));
+            }
             if !runner.withdraw(call) {
                 // Its end has claimed the job: a Died follows.
                 break (runner, call);
