@@ -89,7 +89,6 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Runner {
-    /// Writes one frame to the runner.
     /// Writes one frame to the runner. An error means it is gone (its end reports why).
     pub(super) fn send(&self, kind: Kind, call: u64, parts: &[&[u8]]) -> std::io::Result<()> {
         write_frame(&mut *lock(&self.writer), kind, 0, call, parts)
