@@ -227,7 +227,8 @@ fn run_worker(
     worker_exit(exit)
 }
 
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger.
+/// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger. A SIGHUP
+/// meanwhile is logged and ignored.
 async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -240,9 +241,23 @@ async fn shutdown_signal() {
             }
         }
     };
+    // SIGHUP will swap the handler (not built yet); until then it must not end the worker and
+    // lose the jobs it holds, as its default action would.
+    let hangups = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(mut signal) => {
+                while signal.recv().await.is_some() {
+                    tracing::warn!("SIGHUP received: swapping the handler is not supported yet, so it is ignored (SIGTERM stops the worker).");
+                }
+            }
+            Err(error) => tracing::warn!("cannot listen for SIGHUP: {error}"),
+        }
+        std::future::pending::<()>().await;
+    };
     tokio::select! {
         () = terminate => {}
         _ = tokio::signal::ctrl_c() => {}
+        () = hangups => {}
     }
 }
 
