@@ -54,6 +54,33 @@ fn one_shot_faulty(args: &[&str], test_input: &str) -> Run {
     )
 }
 
+/// Starts the faulty handler's worker with `args` and a fast heartbeat, and waits until a
+/// heartbeat lists the job `id` as running.
+fn start_with_job_running(platform: &Platform, args: &[&str], id: &str) -> WorkerProcess {
+    let worker = WorkerProcess::start(
+        platform,
+        Sample::Faulty,
+        args,
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    platform.wait_for(WAIT, "the job running", |requests| {
+        requests
+            .iter()
+            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some(id))
+    });
+    worker
+}
+
+/// The dev API's `/runsync` of `{"input": input}`: the job's status object.
+fn runsync(api: &DevApi, input: Value) -> Value {
+    reqwest::blocking::Client::new()
+        .post(api.url("/v2/local/runsync"))
+        .json(&json!({"input": input}))
+        .send()
+        .and_then(|answer| answer.json())
+        .expect("a JSON answer")
+}
+
 /// Waits until the stand-in has final results for all of `ids`.
 fn wait_for_results(platform: &Platform, ids: &[&str]) -> HashMap<String, Value> {
     let requests = platform.wait_for(WAIT, "the results", |requests| {
@@ -129,15 +156,7 @@ fn input_word(name: &str) -> &'static str {
 #[test]
 fn an_escaping_cpp_exception_fails_only_its_job() {
     let mut api = DevApi::start_library(&fixture("cpp_throws"), &[], &[]);
-    let client = reqwest::blocking::Client::new();
-    let runsync = |input: Value| -> Value {
-        client
-            .post(api.url("/v2/local/runsync"))
-            .json(&json!({"input": input}))
-            .send()
-            .and_then(|answer| answer.json())
-            .expect("a JSON answer")
-    };
+    let runsync = |input: Value| runsync(&api, input);
     let crashed = runsync(json!("throw"));
     assert_eq!(crashed["status"], "FAILED", "{crashed}");
     let error: Value = serde_json::from_str(crashed["error"].as_str().unwrap()).unwrap();
@@ -158,17 +177,7 @@ fn an_escaping_cpp_exception_fails_only_its_job() {
 fn siblings_of_a_crash_fail_with_the_cause() {
     let platform = Platform::start();
     platform.push_job(json!({"id": "slow", "input": {"mode": "sleep", "ms": 10_000}}));
-    let worker = WorkerProcess::start(
-        &platform,
-        Sample::Faulty,
-        &["--concurrency", "2"],
-        &[("RUNPOD_PING_INTERVAL", "100")],
-    );
-    platform.wait_for(WAIT, "the slow job running", |requests| {
-        requests
-            .iter()
-            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("slow"))
-    });
+    let worker = start_with_job_running(&platform, &["--concurrency", "2"], "slow");
     platform.push_job(json!({"id": "boom", "input": {"mode": "crash"}}));
     let by_id = wait_for_results(&platform, &["slow", "boom"]);
     let (error_type, message) = error_of(&by_id["slow"]);
@@ -188,17 +197,7 @@ fn siblings_of_a_crash_fail_with_the_cause() {
 fn a_runner_killed_from_outside_is_reported_as_a_kill() {
     let platform = Platform::start();
     platform.push_job(json!({"id": "victim", "input": {"mode": "sleep", "ms": 20_000}}));
-    let worker = WorkerProcess::start(
-        &platform,
-        Sample::Faulty,
-        &[],
-        &[("RUNPOD_PING_INTERVAL", "100")],
-    );
-    platform.wait_for(WAIT, "the job running", |requests| {
-        requests
-            .iter()
-            .any(|r| r.route == Route::Ping && r.query_value("job_id") == Some("victim"))
-    });
+    let worker = start_with_job_running(&platform, &[], "victim");
     let runner = wait_for_one_child(worker.pid(), WAIT);
     send_signal(runner, "KILL");
     let by_id = wait_for_results(&platform, &["victim"]);
@@ -431,15 +430,7 @@ fn a_handler_that_closes_the_channel_fails_its_job() {
 #[test]
 fn the_dev_api_survives_a_crash() {
     let mut api = DevApi::start(Sample::Faulty, &[]);
-    let client = reqwest::blocking::Client::new();
-    let runsync = |input: Value| -> Value {
-        client
-            .post(api.url("/v2/local/runsync"))
-            .json(&json!({"input": input}))
-            .send()
-            .and_then(|answer| answer.json())
-            .expect("a JSON answer")
-    };
+    let runsync = |input: Value| runsync(&api, input);
     let crashed = runsync(json!({"mode": "abort"}));
     assert_eq!(crashed["status"], "FAILED", "{crashed}");
     assert!(
@@ -611,4 +602,25 @@ fn isolation_none_runs_in_process() {
         .unwrap();
     assert_eq!(answer["output"], 3);
     assert!(api.exit_status().is_none());
+}
+
+/// A SIGHUP while a job runs does not end the worker (its default action would, losing the job):
+/// it is logged and ignored, and the job delivers its result.
+#[test]
+fn sighup_loses_nothing() {
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "during", "input": {"mode": "sleep", "ms": 1000}}));
+    let worker = start_with_job_running(&platform, &[], "during");
+    send_signal(worker.pid(), "HUP");
+    let by_id = wait_for_results(&platform, &["during"]);
+    assert_eq!(
+        by_id["during"],
+        json!({"output": {"mode": "sleep", "ms": 1000}})
+    );
+    assert!(process_alive(worker.pid()));
+    assert!(
+        worker.stderr().contains("SIGHUP received"),
+        "{}",
+        worker.stderr()
+    );
 }
