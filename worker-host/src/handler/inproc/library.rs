@@ -130,14 +130,7 @@ impl HandlerLibrary {
     pub fn init(&self, config_json: &str, log: &dyn HandlerLog) -> Result<(), LoadError> {
         let init = self.descriptor.init.expect("checked at load");
         let config = nul_terminated(config_json);
-        let state = CallState::new(
-            Phase::Init,
-            log,
-            self.info.streaming,
-            self.limits,
-            None,
-            None,
-        );
+        let state = self.lifecycle_call(Phase::Init, log);
         let call = LiveCall::open(&state);
         // SAFETY: `init` has the header's signature; the config buffer outlives the call;
         // HOST_API is static. `call.id()` is an id, not an address (see `LiveCall`).
@@ -223,19 +216,19 @@ impl HandlerLibrary {
         let Some(teardown) = self.descriptor.teardown else {
             return;
         };
-        let state = CallState::new(
-            Phase::Teardown,
-            log,
-            self.info.streaming,
-            self.limits,
-            None,
-            None,
-        );
+        let state = self.lifecycle_call(Phase::Teardown, log);
         let call = LiveCall::open(&state);
         // SAFETY: `teardown` has the header's signature; HOST_API is static. `call.id()` is an
         // id, not an address (see `LiveCall`).
         unsafe { teardown(call.id(), &HOST_API) };
         drop(call);
+    }
+}
+
+impl HandlerLibrary {
+    /// The state of an `init` or `teardown` call: no job, so no events and no cancel.
+    fn lifecycle_call<'a>(&self, phase: Phase, log: &'a dyn HandlerLog) -> CallState<'a> {
+        CallState::new(phase, log, self.info.streaming, self.limits, None, None)
     }
 }
 

@@ -128,8 +128,14 @@ impl Handler for Supervised {
             recycle: false,
         };
         let (to_job, messages) = mpsc::channel();
+        // One waker for the job's whole life: it wakes a wait for a restart, and tells the job's
+        // thread (which forwards the cancel to the runner once the job is there).
         let shared = self.shared.clone();
-        cancel.on_cancel(move || shared.wake_waiting());
+        let cancelled = to_job.clone();
+        cancel.on_cancel(move || {
+            shared.wake_waiting();
+            let _ = cancelled.send(ToJob::Cancel);
+        });
         let mut lengths = [0; 16];
         let body = protocol::job_body(
             &mut lengths,
@@ -168,9 +174,6 @@ impl Handler for Supervised {
             // the dead one's reader has retired it.
             std::thread::sleep(std::time::Duration::from_millis(1));
         };
-        cancel.on_cancel(move || {
-            let _ = to_job.send(ToJob::Cancel);
-        });
         let grace = self.shared.spec().cancel_grace;
         let mut hard_stop_at: Option<Instant> = None;
         loop {
