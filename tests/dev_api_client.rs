@@ -265,7 +265,7 @@ fn cancel_a_queued_job() {
 }
 
 /// `health()` after two `run_sync` calls: both counted completed, nothing running or queued,
-/// the worker idle; and exactly the documented keys.
+/// the worker idle; and exactly the documented keys (the platform's, and which handler serves).
 #[test]
 fn health_counts_jobs() {
     scenario("health", Sample::Echo, &[], NO_KEY, |observed| {
@@ -275,7 +275,8 @@ fn health_counts_jobs() {
             "{observed}"
         );
         let health = &observed["health"];
-        assert_eq!(keys(health), ["jobs", "workers"], "{observed}");
+        assert_eq!(keys(health), ["handler", "jobs", "workers"], "{observed}");
+        assert_eq!(health["handler"]["name"], "echo-handler", "{observed}");
         assert_eq!(
             keys(&health["jobs"]),
             ["completed", "failed", "inProgress", "inQueue", "retried"],

@@ -605,7 +605,7 @@ fn isolation_none_runs_in_process() {
 }
 
 /// A SIGHUP while a job runs does not end the worker (its default action would, losing the job):
-/// it is logged and ignored, and the job delivers its result.
+/// it asks for a swap (here of an unchanged file), and the job delivers its result.
 #[test]
 fn sighup_loses_nothing() {
     let platform = Platform::start();
@@ -619,7 +619,7 @@ fn sighup_loses_nothing() {
     );
     assert!(process_alive(worker.pid()));
     assert!(
-        worker.stderr().contains("SIGHUP received"),
+        worker.stderr().contains("Handler swap requested (SIGHUP)"),
         "{}",
         worker.stderr()
     );

@@ -4,7 +4,7 @@
 //! a dashed alias in this host's own style. Everything is read here, at the edge; the library
 //! below gets a [`crate::config::Settings`] and never reads the environment itself.
 
-use crate::handler::Isolation;
+use crate::handler::{Isolation, SwapPolicy};
 use crate::logging::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -114,6 +114,23 @@ pub struct HandlerArgs {
     /// The platform's cold-start limit, in seconds.
     #[arg(long, env = "RUNPOD_INIT_TIMEOUT", hide = true, global = true)]
     pub runpod_init_timeout: Option<f64>,
+
+    /// Swap the handler by itself when its file changes (and has then stayed unchanged for a
+    /// second), as SIGHUP does: the next job runs the new build
+    #[arg(long, env = "WORKER_HOST_WATCH", global = true)]
+    pub watch: bool,
+
+    /// How a swap (SIGHUP, --watch) treats the handler serving: `overlap` inits the new one while
+    /// the old one serves (no gap), `drain-first` lets the old one finish its jobs and exit first
+    /// (for a GPU that cannot hold two models)
+    #[arg(
+        long,
+        env = "WORKER_HOST_SWAP_POLICY",
+        value_enum,
+        default_value_t = SwapPolicy::Overlap,
+        global = true
+    )]
+    pub swap_policy: SwapPolicy,
 }
 
 /// The one-shot test run.

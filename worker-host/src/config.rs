@@ -6,7 +6,7 @@
 use crate::cli::{Cli, Command, ResultArgs, WorkerArgs};
 use crate::dev_api::store::StoreLimits;
 use crate::dev_api::DevApiConfig;
-use crate::handler::{HandlerSpec, Limits};
+use crate::handler::{HandlerSpec, Limits, SwapPolicy};
 use crate::job::{InputRule, Job, JobError, Origin};
 use crate::logging::{parse_level, LogFormat, UnknownLevel};
 use crate::runpod::PlatformUrls;
@@ -92,12 +92,23 @@ pub struct Settings {
     pub handler: HandlerSpec,
     /// The handler configuration as JSON text (`{}` when none was given).
     pub handler_config: String,
+    /// How the serving modes swap in a new build of the handler.
+    pub swaps: Swaps,
     /// How results are shaped.
     pub results: ResultOptions,
     /// The log level.
     pub log_level: LevelFilter,
     /// The log format, with `Auto` resolved.
     pub log_format: LogFormat,
+}
+
+/// How the serving modes swap in a new build of the handler (SIGHUP always asks for one).
+#[derive(Debug, Clone, Copy)]
+pub struct Swaps {
+    /// Whether the handler file is watched (`--watch`).
+    pub watch: bool,
+    /// What happens to the handler serving meanwhile.
+    pub policy: SwapPolicy,
 }
 
 /// What the host does once the handler is loaded.
@@ -286,6 +297,7 @@ impl Settings {
             mode,
             handler: HandlerSpec {
                 path: handler_path,
+                beside: None,
                 limits: Limits {
                     max_output_bytes: cli.results.max_output_bytes,
                 },
@@ -295,6 +307,10 @@ impl Settings {
                 respawn,
             },
             handler_config,
+            swaps: Swaps {
+                watch: cli.handler.watch,
+                policy: cli.handler.swap_policy,
+            },
             results: ResultOptions {
                 return_aggregate_stream: cli.results.return_aggregate_stream,
                 refresh_worker: cli.results.refresh_worker,

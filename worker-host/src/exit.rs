@@ -27,13 +27,13 @@ pub const INIT_FAILED: u8 = 8;
 pub fn for_load_error(error: &LoadError) -> u8 {
     match error {
         LoadError::NotFound { .. } | LoadError::IsADirectory { .. } => HANDLER_NOT_FOUND,
-        LoadError::NotALibrary { .. } => NOT_A_LIBRARY,
+        LoadError::NotALibrary { .. } | LoadError::Unreadable { .. } => NOT_A_LIBRARY,
         LoadError::MissingEntry { .. } => MISSING_ENTRY,
         LoadError::AbiMismatch { .. } => ABI_MISMATCH,
         LoadError::NullDescriptor { .. }
         | LoadError::DescriptorTooSmall { .. }
         | LoadError::InvalidDescriptor { .. } => INVALID_DESCRIPTOR,
         LoadError::InitFailed { .. } => INIT_FAILED,
-        LoadError::RunnerStart { .. } => JOB_FAILED,
+        LoadError::RunnerStart { .. } | LoadError::PrivateCopy { .. } => JOB_FAILED,
     }
 }

@@ -17,7 +17,7 @@ pub mod runpod;
 pub mod worker;
 
 use config::{ConfigError, Mode, Settings};
-use handler::{Handler, HandlerInfo, LoadError};
+use handler::{Generation, HandlerInfo, LiveHandler, LoadError, PrivateCopies};
 use std::sync::Arc;
 
 /// Why the host stopped before doing its work.
@@ -64,26 +64,48 @@ impl HostError {
 
 /// Runs the host with resolved settings; returns the exit code.
 pub fn run(settings: Settings) -> Result<u8, HostError> {
-    let handler = handler::load(&settings.handler)?;
-    let info = handler.info().clone();
+    // The handler is loaded from a private copy (see `handler`); the copies go when this returns.
+    let copies = Arc::new(
+        PrivateCopies::create().map_err(|error| LoadError::PrivateCopy {
+            reason: error.to_string(),
+        })?,
+    );
+    let first = Generation::load(&settings.handler, &copies, 1)?;
+    let handler = first.handler().clone();
+    let info = first.info().clone();
+    let Settings {
+        mode,
+        handler: spec,
+        handler_config,
+        swaps,
+        results,
+        ..
+    } = settings;
+    let serving = |first| Serving {
+        first,
+        spec,
+        config: handler_config.clone(),
+        swaps,
+        copies,
+    };
     tracing::debug!(
         handler = %info.name,
         version = %info.version,
         abi = %format_args!("{}.{}", info.abi_major, info.abi_minor),
         "handler loaded"
     );
-    match settings.mode {
+    match mode {
         Mode::Inspect { json } => {
             handler.shutdown();
             print_descriptor(&info, json);
             Ok(exit::SUCCESS)
         }
         Mode::OneShot(test) => {
-            if let Err(error) = handler.init(&settings.handler_config) {
+            if let Err(error) = handler.init(&handler_config) {
                 handler.shutdown();
                 return Err(error.into());
             }
-            let verdict = oneshot::run(&*handler, &test, &settings.results);
+            let verdict = oneshot::run(&*handler, &test, &results);
             handler.shutdown();
             Ok(match verdict {
                 oneshot::Verdict::Passed => exit::SUCCESS,
@@ -97,40 +119,99 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
                 }
             })
         }
-        Mode::Worker(worker) => run_worker(handler, &settings.handler_config, *worker),
-        Mode::DevApi(dev) => run_dev_api(handler, &settings.handler_config, *dev),
+        Mode::Worker(worker) => run_worker(serving(first), *worker),
+        Mode::DevApi(dev) => run_dev_api(serving(first), *dev),
+    }
+}
+
+/// What a serving mode needs to start its handler and swap it later.
+struct Serving {
+    first: Arc<Generation>,
+    spec: handler::HandlerSpec,
+    config: String,
+    swaps: config::Swaps,
+    copies: Arc<PrivateCopies>,
+}
+
+impl Serving {
+    /// Runs the first handler's `init`; on failure it is shut down.
+    fn init(&self) -> Result<(), LoadError> {
+        let handler = self.first.handler();
+        handler
+            .init(&self.config)
+            .inspect_err(|_| handler.shutdown())
+    }
+
+    /// Listens for SIGHUP from now on (before `init`, so one that comes during a slow `init`
+    /// is not fatal, as its default action would be, but asks for a swap once the worker serves).
+    fn listen_for_hangups(
+        runtime: &tokio::runtime::Runtime,
+    ) -> Option<tokio::signal::unix::Signal> {
+        let _entered = runtime.enter();
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .inspect_err(|error| {
+                tracing::warn!("cannot listen for SIGHUP, so it cannot swap the handler: {error}");
+            })
+            .ok()
+    }
+
+    /// The handler once its `init` has run, with swaps on SIGHUP (`hangups`, on a task of
+    /// `runtime`) and, with `--watch`, when its file changes.
+    fn go_live(
+        self,
+        runtime: &tokio::runtime::Runtime,
+        hangups: Option<tokio::signal::unix::Signal>,
+    ) -> Arc<LiveHandler> {
+        let path = self.spec.path.clone();
+        let in_process = self.spec.isolation == handler::Isolation::None;
+        let live = LiveHandler::new(
+            self.first,
+            self.spec,
+            self.config,
+            self.swaps.policy,
+            self.copies,
+        );
+        if self.swaps.watch && in_process {
+            tracing::warn!("--watch is ignored with --isolation none: a handler in the host's own process cannot be swapped.");
+        } else if self.swaps.watch {
+            handler::watch_for_changes(&live, path);
+        }
+        if let Some(mut hangups) = hangups {
+            let swapper = live.clone();
+            runtime.spawn(async move {
+                while hangups.recv().await.is_some() {
+                    swapper.request_swap("SIGHUP");
+                }
+            });
+        }
+        live
     }
 }
 
 /// Serves the local dev API, with the queue worker behind it, until a shutdown signal.
-fn run_dev_api(
-    handler: Arc<dyn Handler>,
-    handler_config: &str,
-    dev: config::DevApi,
-) -> Result<u8, HostError> {
+fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     // Bound before init, so a port in use is reported before a slow model load; connections
     // that arrive during init wait in the backlog.
     let listener = dev_api::bind(&dev.host, dev.port)?;
     let runtime = io_runtime()?;
-    if let Err(error) = handler.init(handler_config) {
-        handler.shutdown();
-        return Err(error.into());
-    }
-    let mut worker = worker_settings(&*handler, dev.worker);
+    let hangups = Serving::listen_for_hangups(&runtime);
+    serving.init()?;
+    let mut worker = worker_settings(serving.first.info(), dev.worker);
     if worker.refresh_worker {
         tracing::warn!(
             "--refresh-worker has no effect with the dev API: the worker keeps serving."
         );
         worker.refresh_worker = false;
     }
+    let live = serving.go_live(&runtime, hangups);
     let served = runtime.block_on(dev_api::serve(
-        handler.clone(),
+        live.clone(),
         listener,
         dev.api,
         worker,
         shutdown_signal(),
     ));
-    handler.shutdown();
+    live.shutdown();
     runtime.shutdown_background();
     worker_exit(served?)
 }
@@ -159,24 +240,20 @@ fn io_runtime() -> Result<tokio::runtime::Runtime, HostError> {
         .map_err(HostError::Runtime)
 }
 
-/// The worker settings once the handler is up: concurrency capped by what the handler allows.
-fn worker_settings(
-    handler: &dyn Handler,
-    mut config: worker::WorkerConfig,
-) -> worker::WorkerConfig {
-    let info = handler.info();
-    if info.max_concurrency > 0 && config.concurrency > info.max_concurrency as usize {
+/// The worker settings once the first handler is up (the operator's concurrency stays as it is:
+/// each handler's own limit applies while it serves, see `WorkerConfig::slots_for`).
+fn worker_settings(info: &HandlerInfo, config: worker::WorkerConfig) -> worker::WorkerConfig {
+    let slots = config.slots_for(info);
+    if slots < config.concurrency {
         tracing::warn!(
-            "Concurrency {} lowered to {}, the most the handler allows.",
+            "Concurrency {} lowered to {slots}, the most the handler allows.",
             config.concurrency,
-            info.max_concurrency
         );
-        config.concurrency = info.max_concurrency as usize;
     }
     tracing::info!(
         handler = %info.name,
         version = %info.version,
-        concurrency = config.concurrency,
+        concurrency = slots,
         "--- Starting Serverless Worker |  Version {} ---",
         env!("CARGO_PKG_VERSION")
     );
@@ -184,14 +261,12 @@ fn worker_settings(
 }
 
 /// Runs the queue worker until a shutdown signal (or, with refresh_worker, one job).
-fn run_worker(
-    handler: Arc<dyn Handler>,
-    handler_config: &str,
-    worker: config::Worker,
-) -> Result<u8, HostError> {
+fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError> {
     let client = runpod::PlatformClient::new(&worker.urls, worker.max_input_bytes)?;
     let runtime = io_runtime()?;
-    if let Err(error) = handler.init(handler_config) {
+    let hangups = Serving::listen_for_hangups(&runtime);
+    let handler = serving.first.handler().clone();
+    if let Err(error) = handler.init(&serving.config) {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
         if worker.claim_on_init_failure {
@@ -214,21 +289,17 @@ fn run_worker(
         handler.shutdown();
         return Err(HostError::WorkerInitFailed(error));
     }
-    let config = worker_settings(&*handler, worker.config);
-    let exit = runtime.block_on(worker::run(
-        handler.clone(),
-        client,
-        config,
-        shutdown_signal(),
-    ));
-    handler.shutdown();
+    let config = worker_settings(serving.first.info(), worker.config);
+    let live = serving.go_live(&runtime, hangups);
+    let exit = runtime.block_on(worker::run(live.clone(), client, config, shutdown_signal()));
+    live.shutdown();
     // Handler threads of jobs cancelled at shutdown may still be running; do not wait for them.
     runtime.shutdown_background();
     worker_exit(exit)
 }
 
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger. A SIGHUP
-/// meanwhile is logged and ignored.
+/// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger. (SIGHUP swaps
+/// the handler, see `Serving::go_live`.)
 async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -241,23 +312,9 @@ async fn shutdown_signal() {
             }
         }
     };
-    // SIGHUP will swap the handler (not built yet); until then it must not end the worker and
-    // lose the jobs it holds, as its default action would.
-    let hangups = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
-            Ok(mut signal) => {
-                while signal.recv().await.is_some() {
-                    tracing::warn!("SIGHUP received: swapping the handler is not supported yet, so it is ignored (SIGTERM stops the worker).");
-                }
-            }
-            Err(error) => tracing::warn!("cannot listen for SIGHUP: {error}"),
-        }
-        std::future::pending::<()>().await;
-    };
     tokio::select! {
         () = terminate => {}
         _ = tokio::signal::ctrl_c() => {}
-        () = hangups => {}
     }
 }
 
@@ -276,6 +333,7 @@ fn print_descriptor(info: &HandlerInfo, json: bool) {
     println!("path:            {}", info.path.display());
     println!("name:            {}", info.name);
     println!("version:         {}", info.version);
+    println!("sha256:          {}", info.sha256);
     println!("abi:             {}.{}", info.abi_major, info.abi_minor);
     println!("max concurrency: {concurrency}");
     println!(

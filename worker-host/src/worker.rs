@@ -18,7 +18,7 @@
 //! them and post a failure result for each; then exit. A stop or the end of the grace period
 //! reaches a job ahead of any stream chunks still queued for delivery.
 
-use crate::handler::{CancelToken, Handler, JobEvents, Readiness};
+use crate::handler::{CancelToken, Current, HandlerInfo, JobEvents, Lease, LiveHandler, Readiness};
 use crate::job::{
     job_done_body, progress_body, stream_chunk_body, Failure, Job, JobResult, Origin, Outcome,
     RawJson,
@@ -36,7 +36,8 @@ use tracing::Instrument;
 /// How the worker runs.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
-    /// How many jobs run at once (already capped by the handler's own limit).
+    /// How many jobs may run at once, as the operator asked; each handler generation's own
+    /// limit may lower it ([`WorkerConfig::slots_for`]).
     pub concurrency: usize,
     /// How long running jobs may go on after a shutdown signal before they are cancelled.
     pub shutdown_grace: Duration,
@@ -52,6 +53,18 @@ pub struct WorkerConfig {
     pub refresh_worker: bool,
     /// Where error payloads say they come from.
     pub origin: Origin,
+}
+
+impl WorkerConfig {
+    /// How many jobs run at once on `handler`: the operator's concurrency, lowered to the most
+    /// the handler allows.
+    pub fn slots_for(&self, handler: &HandlerInfo) -> usize {
+        let asked = self.concurrency.max(1);
+        match handler.max_concurrency {
+            0 => asked,
+            limit => asked.min(limit as usize),
+        }
+    }
 }
 
 /// The smallest time between two empty takes: a platform that answers "no job" at once (instead
@@ -102,7 +115,7 @@ struct InFlightJob {
 /// The state the loops share.
 #[derive(Debug)]
 struct Shared {
-    handler: Arc<dyn Handler>,
+    live: Arc<LiveHandler>,
     client: PlatformClient,
     config: WorkerConfig,
     /// One permit per running handler call (`--concurrency`).
@@ -135,17 +148,23 @@ impl Shared {
 /// Handler calls of jobs cancelled at the end of the grace period may still be running: the
 /// caller's `Handler::shutdown` waits for them.
 pub async fn run(
-    handler: Arc<dyn Handler>,
+    live: Arc<LiveHandler>,
     client: PlatformClient,
     config: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> WorkerExit {
+    let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
+    // The slots beyond what the handler serving allows, held back (see `follow_the_handler`).
+    let held_back = live.serving().and_then(|generation| {
+        let beyond = config.concurrency.max(1) - config.slots_for(generation.info());
+        slots.clone().try_acquire_many_owned(beyond as u32).ok()
+    });
     let shared = Arc::new(Shared {
-        slots: Arc::new(Semaphore::new(config.concurrency.max(1))),
+        slots,
         holds: Arc::new(Semaphore::new(
             config.concurrency.max(1) * HELD_JOBS_PER_SLOT,
         )),
-        handler,
+        live,
         client,
         config,
         in_flight: Mutex::new(HashMap::new()),
@@ -154,6 +173,11 @@ pub async fn run(
         jobs: TaskTracker::new(),
     });
     let finished = CancellationToken::new();
+    let follower = tokio::spawn(follow_the_handler(
+        shared.clone(),
+        held_back,
+        finished.clone(),
+    ));
     let heartbeat = tokio::spawn(heartbeat_loop(shared.clone(), finished.clone()));
     let stops = tokio::spawn(stop_loop(shared.clone(), finished.clone()));
     let takes = tokio::spawn(take_loop(shared.clone()));
@@ -183,6 +207,7 @@ pub async fn run(
     finished.cancel();
     let _ = stops.await;
     let _ = heartbeat.await;
+    let _ = follower.await;
     let failed = shared
         .handler_failed
         .lock()
@@ -252,35 +277,114 @@ pub enum WorkerExit {
     HandlerFailed(String),
 }
 
-/// Waits until the handler can take a job. `false` when the worker stops taking first, or the
-/// handler failed for good: then it is reported unhealthy (once) and taking stops.
+/// Waits until the handler serving can take a job. `false` when the worker stops taking first,
+/// or the handler failed for good: then it is reported unhealthy (once) and taking stops.
 async fn handler_ready(shared: &Shared) -> bool {
-    let mut readiness = shared.handler.readiness();
-    let waited = tokio::select! {
-        biased;
-        () = shared.stop_taking.cancelled() => return false,
-        state = readiness.wait_for(|state| *state != Readiness::Restarting) => state.map(|state| state.clone()),
-    };
-    match waited {
-        Ok(Readiness::Ready) => true,
-        Ok(Readiness::Failed(reason)) => {
-            tracing::error!(
-                "The handler cannot serve any more: {reason}. Reporting the worker unhealthy."
-            );
-            shared
-                .client
-                .report_unhealthy("handler_crashed", &reason)
-                .await;
-            *shared
-                .handler_failed
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner) = Some(reason);
-            shared.stop_taking.cancel();
-            false
+    let mut current = shared.live.subscribe();
+    loop {
+        let serving = current.borrow_and_update().clone();
+        let failed = match serving {
+            // A drain-first swap: jobs wait in the platform's queue until the new handler is in.
+            Current::Swapping => {
+                tokio::select! {
+                    biased;
+                    () = shared.stop_taking.cancelled() => return false,
+                    changed = current.changed() => if changed.is_err() { return false },
+                }
+                continue;
+            }
+            Current::Failed(reason) => reason,
+            Current::Serving(generation) => {
+                let mut readiness = generation.handler().readiness();
+                let waited = tokio::select! {
+                    biased;
+                    () = shared.stop_taking.cancelled() => return false,
+                    // A swap: look at the new handler.
+                    changed = current.changed() => {
+                        if changed.is_err() {
+                            return false;
+                        }
+                        continue;
+                    }
+                    state = readiness.wait_for(|state| *state != Readiness::Restarting) => state.map(|state| state.clone()),
+                };
+                match waited {
+                    Ok(Readiness::Ready) => return true,
+                    Ok(Readiness::Failed(reason)) => reason,
+                    Ok(Readiness::Restarting) | Err(_) => {
+                        shared.stop_taking.cancel();
+                        return false;
+                    }
+                }
+            }
+        };
+        tracing::error!(
+            "The handler cannot serve any more: {failed}. Reporting the worker unhealthy."
+        );
+        shared
+            .client
+            .report_unhealthy("handler_crashed", &failed)
+            .await;
+        *shared
+            .handler_failed
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(failed);
+        shared.stop_taking.cancel();
+        return false;
+    }
+}
+
+/// Whether the handler serving can take a job right now.
+fn handler_ready_now(shared: &Shared) -> bool {
+    shared
+        .live
+        .serving()
+        .is_some_and(|generation| *generation.handler().readiness().borrow() == Readiness::Ready)
+}
+
+/// Keeps the number of slots at what the handler serving allows: a swap to a handler with
+/// another `max_concurrency` holds back slots (as running jobs free them) or gives them back.
+/// `held_back` is what is held back for the first handler.
+async fn follow_the_handler(
+    shared: Arc<Shared>,
+    mut held_back: Option<OwnedSemaphorePermit>,
+    finished: CancellationToken,
+) {
+    let asked = shared.config.concurrency.max(1);
+    let mut current = shared.live.subscribe();
+    current.borrow_and_update();
+    loop {
+        tokio::select! {
+            () = finished.cancelled() => return,
+            changed = current.changed() => if changed.is_err() { return },
         }
-        Ok(Readiness::Restarting) | Err(_) => {
-            shared.stop_taking.cancel();
-            false
+        let Current::Serving(generation) = current.borrow_and_update().clone() else {
+            continue;
+        };
+        let slots = shared.config.slots_for(generation.info());
+        if slots < asked {
+            tracing::warn!(
+                "Concurrency {asked} lowered to {slots}, the most {} allows.",
+                generation.label()
+            );
+        }
+        let beyond = asked - slots;
+        let held = held_back
+            .as_ref()
+            .map_or(0, OwnedSemaphorePermit::num_permits);
+        if beyond < held {
+            if let Some(permits) = held_back.as_mut() {
+                drop(permits.split(held - beyond));
+            }
+        } else if beyond > held {
+            let more = tokio::select! {
+                () = finished.cancelled() => return,
+                more = shared.slots.clone().acquire_many_owned((beyond - held) as u32) => more.expect("the semaphore is never closed"),
+            };
+            match held_back.as_mut() {
+                Some(permits) => permits.merge(more),
+                None => held_back = Some(more),
+            }
         }
     }
 }
@@ -397,7 +501,7 @@ async fn take_loop(shared: Arc<Shared>) {
         };
         // A runner that crashed under the job whose slot this is was marked as restarting before
         // that job ended: look again, so no job is taken for a handler that cannot run it.
-        if *shared.handler.readiness().borrow() != Readiness::Ready {
+        if !handler_ready_now(&shared) {
             drop(first);
             continue;
         }
@@ -535,6 +639,10 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
         id: job.id().to_owned(),
         interrupts,
         _hold: hold,
+        streaming: shared
+            .live
+            .serving()
+            .is_some_and(|generation| generation.info().streaming),
     };
     shared
         .jobs
@@ -597,6 +705,31 @@ struct JobTask {
     interrupts: mpsc::UnboundedReceiver<Ending>,
     /// Released when the task ends, after the result is delivered (or given up).
     _hold: Option<OwnedSemaphorePermit>,
+    /// Whether the handler that runs it streams (as the one serving when it arrived says,
+    /// until it starts on one).
+    streaming: bool,
+}
+
+/// Binds a job to the handler serving, waiting while none does (a drain-first swap); the error
+/// says why none ever will.
+async fn next_lease(shared: &Shared) -> Result<Lease, String> {
+    let mut current = shared.live.subscribe();
+    loop {
+        let state = current.borrow_and_update().clone();
+        match state {
+            // Leased through the handler, atomically with a swap (what was just seen may be
+            // gone already: then the watch has changed again).
+            Current::Serving(_) => match shared.live.lease() {
+                Some(lease) => return Ok(lease),
+                None => continue,
+            },
+            Current::Failed(reason) => return Err(reason),
+            Current::Swapping => {}
+        }
+        if current.changed().await.is_err() {
+            return Err("the worker is shutting down".into());
+        }
+    }
 }
 
 impl JobTask {
@@ -613,13 +746,33 @@ impl JobTask {
                 slot = shared.slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
             },
         };
+        // Bound to the handler serving when it starts: it runs there and is reported as that
+        // handler's, even if a swap moves later jobs to another.
+        let lease = tokio::select! {
+            biased;
+            Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
+            lease = next_lease(&shared) => lease,
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(reason) => {
+                let result = JobResult {
+                    outcome: Outcome::Failed {
+                        failure: Failure::new("HandlerFailed", reason),
+                        streaming: false,
+                    },
+                    recycle: false,
+                };
+                return self.finish(Ending::Completed(result), &[]).await;
+            }
+        };
+        self.streaming = lease.info().streaming;
         tracing::info!("Started.");
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut messages = JobMessages {
             receiver,
             ahead: VecDeque::new(),
         };
-        let handler = shared.handler.clone();
         let stop_taking = shared.stop_taking.clone();
         let refresh_worker = shared.config.refresh_worker;
         let span = tracing::Span::current();
@@ -632,14 +785,16 @@ impl JobTask {
         let _handler_thread = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let events = ChannelEvents(sender);
-            let run = std::panic::AssertUnwindSafe(|| handler.run(&job, &events, &cancel));
+            let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
             let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
                 outcome: Outcome::Failed {
                     failure: Failure::new("WorkerError", "the worker failed while running the job"),
-                    streaming: handler.info().streaming,
+                    streaming: lease.info().streaming,
                 },
                 recycle: false,
             });
+            // The handler has returned: its generation may stop once its other jobs have.
+            drop(lease);
             // With --refresh-worker the worker takes no job after this one: stop taking before
             // the slot frees (and after the result is on its way, so the shutdown that follows
             // finds it). A handler's own recycle request only sets stopPod, as in the SDK: the
@@ -738,7 +893,7 @@ impl JobTask {
         let shared = &self.shared;
         let id = self.id.as_str();
         let config = &shared.config;
-        let streaming = shared.handler.info().streaming;
+        let streaming = self.streaming;
         let result = match ending {
             Ending::Stopped => {
                 shared.in_flight().remove(id);

@@ -22,7 +22,7 @@ pub mod store;
 pub mod webhook;
 pub mod worker_facing;
 
-use crate::handler::Handler;
+use crate::handler::{Current, LiveHandler};
 use crate::runpod::{PlatformClient, UrlError};
 use crate::worker::WorkerConfig;
 use axum::serve::ListenerExt;
@@ -85,7 +85,7 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, DevApiError>
 /// Serves the dev API on `listener` and runs the worker against it until `shutdown` resolves.
 /// Handler calls cancelled at shutdown may still run when it returns (see [`crate::worker::run`]).
 pub async fn serve(
-    handler: Arc<dyn Handler>,
+    live: Arc<LiveHandler>,
     listener: std::net::TcpListener,
     config: DevApiConfig,
     mut worker: WorkerConfig,
@@ -107,7 +107,9 @@ pub async fn serve(
 
     let (webhook_sender, webhooks) = webhook::channel(config.webhook_retry);
     let limits = StoreLimits {
-        worker_slots: worker.concurrency.max(1),
+        worker_slots: live
+            .serving()
+            .map_or(1, |generation| worker.slots_for(generation.info())),
         ..config.limits.clone()
     };
     let store = Arc::new(Store::new(limits, config.worker_id.clone(), webhook_sender));
@@ -122,6 +124,16 @@ pub async fn serve(
     )?;
     worker.ping_interval = worker_facing::HEARTBEAT_PERIOD;
 
+    let slots_store = store.clone();
+    let slots_worker = worker.clone();
+    let mut current = live.subscribe();
+    let slots_follower = tokio::spawn(async move {
+        while current.changed().await.is_ok() {
+            if let Current::Serving(generation) = &*current.borrow_and_update() {
+                slots_store.set_worker_slots(slots_worker.slots_for(generation.info()));
+            }
+        }
+    });
     let sweeper_store = store.clone();
     let sweeper = tokio::spawn(async move { sweeper_store.sweep_forever().await });
     let webhooks_stop = CancellationToken::new();
@@ -150,6 +162,7 @@ pub async fn serve(
         store: store.clone(),
         api_key: config.api_key.clone(),
         draining: draining.clone(),
+        live: live.clone(),
     }));
     let stop_accepting = CancellationToken::new();
     let public_stop = stop_accepting.clone();
@@ -164,7 +177,7 @@ pub async fn serve(
 
     // At the signal new jobs are refused, while running ones finish (or are failed at the end of
     // the grace period) and their results stay readable.
-    let exit = crate::worker::run(handler, client, worker, async move {
+    let exit = crate::worker::run(live, client, worker, async move {
         shutdown.await;
         draining.cancel();
     })
@@ -183,6 +196,7 @@ pub async fn serve(
     // Jobs no longer end (a straggling request's webhook would be dropped, and logged): the
     // calls queued are delivered, or abandoned and logged, within the grace.
     sweeper.abort();
+    slots_follower.abort();
     webhooks_stop.cancel();
     if tokio::time::timeout(WEBHOOK_SHUTDOWN_GRACE + SHUTDOWN_GRACE, webhooks)
         .await

@@ -52,6 +52,8 @@ pub struct PublicApi {
     /// Cancelled at shutdown: new jobs are refused (503) while the running ones finish and their
     /// results stay readable.
     pub draining: tokio_util::sync::CancellationToken,
+    /// The handler serving (for `/health`).
+    pub live: Arc<crate::handler::LiveHandler>,
 }
 
 /// The public router: every route with and without the `/v2/{endpoint_id}` prefix.
@@ -307,20 +309,28 @@ async fn health(State(api): State<Arc<PublicApi>>) -> Response {
     let counts = api.store.counts();
     // Not `inProgress > 0`: a handler told to stop may still hold the worker's slot.
     let running = u64::from(api.store.worker_running());
-    json(
-        StatusCode::OK,
-        serde_json::json!({
-            "jobs": {
-                "completed": counts.completed,
-                "failed": counts.failed,
-                "inProgress": counts.in_progress,
-                "inQueue": counts.in_queue,
-                "retried": counts.retried,
-            },
-            "workers": { "idle": 1 - running, "running": running },
-        })
-        .to_string(),
-    )
+    let mut health = serde_json::json!({
+        "jobs": {
+            "completed": counts.completed,
+            "failed": counts.failed,
+            "inProgress": counts.in_progress,
+            "inQueue": counts.in_queue,
+            "retried": counts.retried,
+        },
+        "workers": { "idle": 1 - running, "running": running },
+    });
+    // Not the platform's: which build serves now (a swap changes it; none during a drain-first
+    // swap).
+    if let Some(generation) = api.live.serving() {
+        let info = generation.info();
+        health["handler"] = serde_json::json!({
+            "name": info.name,
+            "version": info.version,
+            "sha256": info.sha256,
+            "generation": generation.number(),
+        });
+    }
+    json(StatusCode::OK, health.to_string())
 }
 
 async fn purge_queue(State(api): State<Arc<PublicApi>>) -> Response {

@@ -178,6 +178,8 @@ pub struct Counts {
 pub struct Store {
     state: Mutex<State>,
     limits: StoreLimits,
+    /// How many jobs the worker runs at once now (the handler serving may lower it).
+    worker_slots: std::sync::atomic::AtomicUsize,
     worker_id: String,
     queued: Notify,
     stops: Notify,
@@ -462,6 +464,7 @@ impl Store {
     pub fn new(limits: StoreLimits, worker_id: String, webhooks: WebhookSender) -> Self {
         Self {
             state: Mutex::new(State::default()),
+            worker_slots: std::sync::atomic::AtomicUsize::new(limits.worker_slots),
             limits,
             worker_id,
             queued: Notify::new(),
@@ -699,7 +702,7 @@ impl Store {
     /// [`Store::worker_running`]). While one may, a take for fewer is answered within
     /// a second, so the worker soon asks again with its free slots then.
     pub async fn take_wait(&self, max: usize, hold: Duration) -> Vec<Arc<str>> {
-        let every_slot = max >= self.limits.worker_slots;
+        let every_slot = max >= self.worker_slots.load(std::sync::atomic::Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + hold;
         loop {
             let notified = self.queued.notified();
@@ -727,6 +730,12 @@ impl Store {
                 () = tokio::time::sleep_until(until) => return Vec::new(),
             }
         }
+    }
+
+    /// The worker now runs up to `slots` jobs at once (a swapped-in handler has another limit).
+    pub fn set_worker_slots(&self, slots: usize) {
+        self.worker_slots
+            .store(slots.max(1), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Whether the worker is busy (`/health`'s running worker): a job is in progress, or a

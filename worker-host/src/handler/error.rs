@@ -20,6 +20,20 @@ pub enum LoadError {
         /// The path given.
         path: PathBuf,
     },
+    /// The file could not be read (to copy it before loading).
+    #[error("handler library {path} cannot be read ({reason}): check its permissions")]
+    Unreadable {
+        /// The path given.
+        path: PathBuf,
+        /// What the system said.
+        reason: String,
+    },
+    /// The private copy the host loads could not be written.
+    #[error("{reason}")]
+    PrivateCopy {
+        /// Why, in a sentence that names the directory.
+        reason: String,
+    },
     /// `dlopen` refused the file.
     #[error("{path} could not be loaded as a shared library ({reason}): is it a .so built for this platform, with its dependencies installed?")]
     NotALibrary {
@@ -80,4 +94,24 @@ pub enum LoadError {
         /// What the handler reported.
         failure: Failure,
     },
+}
+
+impl LoadError {
+    /// The same error about `original`: the library is loaded from a private copy, but a user
+    /// knows it by the path they gave.
+    pub(crate) fn about(mut self, original: &std::path::Path) -> Self {
+        match &mut self {
+            Self::NotFound { path }
+            | Self::IsADirectory { path }
+            | Self::Unreadable { path, .. }
+            | Self::NotALibrary { path, .. }
+            | Self::MissingEntry { path }
+            | Self::NullDescriptor { path }
+            | Self::AbiMismatch { path, .. }
+            | Self::DescriptorTooSmall { path, .. }
+            | Self::InvalidDescriptor { path, .. } => *path = original.to_path_buf(),
+            Self::PrivateCopy { .. } | Self::RunnerStart { .. } | Self::InitFailed { .. } => {}
+        }
+        self
+    }
 }

@@ -1,8 +1,10 @@
 //! The one interface through which the rest of the host drives a handler, whichever way it runs:
-//! [`load`] makes a [`Handler`] from a `.so` and the isolation chosen, and every mode (the
-//! one-shot run, the queue worker, the dev API) sees only that trait.
+//! [`Generation::load`] copies a `.so` to a private place ([`PrivateCopies`]) and makes a
+//! [`Handler`] from the copy with the isolation chosen, and every mode (the one-shot run, the
+//! queue worker, the dev API) sees only that trait. The serving modes hold it through a
+//! [`LiveHandler`], which swaps in a new build without a restart (`swap`, `watch`).
 //!
-//! A handler's life: [`load`] (the library is loaded and its descriptor checked), then
+//! A handler's life: loaded (the library is loaded and its descriptor checked), then
 //! [`Handler::init`] once, then any number of [`Handler::run`] calls (at once, up to the
 //! concurrency), then [`Handler::shutdown`] once. [`Handler::readiness`] says, at any moment,
 //! whether a job may be given to it: a supervised runner that crashed is restarting and takes no
@@ -19,8 +21,12 @@
 //! never on an async runtime.
 
 mod error;
+mod generation;
 pub mod inproc;
+mod private_copy;
 pub mod runner;
+mod swap;
+mod watch;
 
 use crate::job::{Job, JobResult, RawJson};
 use std::path::PathBuf;
@@ -28,6 +34,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 pub use error::LoadError;
+pub use generation::{Generation, Lease};
+pub use private_copy::{CopyError, PrivateCopies};
+pub use swap::{Current, LiveHandler, SwapPolicy};
+pub use watch::watch_for_changes;
 
 /// What a handler says about itself in its descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -46,6 +56,10 @@ pub struct HandlerInfo {
     pub max_concurrency: u32,
     /// Whether it streams its output.
     pub streaming: bool,
+    /// The SHA-256 of the library's content, in lowercase hex (what the host loaded: its
+    /// private copy of the file at `path`).
+    #[serde(default)]
+    pub sha256: String,
 }
 
 /// Receives what a job produces while it runs. Called from the job's thread (or threads the
@@ -167,8 +181,11 @@ pub enum Isolation {
 /// Everything needed to load a handler.
 #[derive(Debug, Clone)]
 pub struct HandlerSpec {
-    /// The `.so` file.
+    /// The `.so` file (the one the user named; [`Generation::load`] loads a private copy of it).
     pub path: PathBuf,
+    /// Where the user's file lies, when `path` is the host's private copy of it: a runner
+    /// finds the libraries shipped beside the handler there.
+    pub beside: Option<PathBuf>,
     /// The limits on what it hands back.
     pub limits: Limits,
     /// Where it runs.
@@ -214,18 +231,14 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
         String::new()
     }
 
+    /// No new job will be given to the handler (a swap replaced it; its running jobs finish):
+    /// a runner that ends now is not replaced.
+    fn retire(&self) {}
+
     /// Whether jobs may be given to the handler now, and its changes.
     fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness>;
 
     /// Ends the handler after the last job: waits (bounded) for calls still running, runs its
     /// `teardown` if every call has returned, and frees what it holds. Call once.
     fn shutdown(&self);
-}
-
-/// Loads the handler at `spec.path` the way `spec.isolation` says, without running `init`.
-pub fn load(spec: &HandlerSpec) -> Result<Arc<dyn Handler>, LoadError> {
-    match spec.isolation {
-        Isolation::None => Ok(Arc::new(inproc::InProcess::load(spec)?)),
-        Isolation::Runner => Ok(Arc::new(runner::Supervised::start(spec)?)),
-    }
 }

@@ -112,6 +112,7 @@ impl HandlerLibrary {
             abi_minor: descriptor.abi_minor,
             max_concurrency: descriptor.max_concurrency,
             streaming: descriptor.features & ffi::WH_FEATURE_STREAMING != 0,
+            sha256: String::new(),
         };
         Ok(Self {
             descriptor,

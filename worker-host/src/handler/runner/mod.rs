@@ -236,6 +236,10 @@ impl Handler for Supervised {
         self.shared.recent_output()
     }
 
+    fn retire(&self) {
+        self.shared.stop_respawning();
+    }
+
     fn shutdown(&self) {
         let (reply, done) = mpsc::channel();
         if self.events.send(Event::Shutdown { reply }).is_ok() {

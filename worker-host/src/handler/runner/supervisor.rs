@@ -243,12 +243,14 @@ pub(super) struct Shared {
     newest: Mutex<Option<Arc<Runner>>>,
     /// Crashes since the last job that finished on a runner.
     crashes: AtomicU32,
+    /// Whether a runner that ended is replaced: the spec's `respawn`, until the handler is
+    /// retired (a swap replaced it, and no new job comes).
+    respawn: std::sync::atomic::AtomicBool,
 }
 
 impl Shared {
     pub(super) fn new(spec: HandlerSpec, events: mpsc::Sender<Event>) -> Self {
         Self {
-            spec,
             phase: Mutex::new(Phase::Starting),
             changed: Condvar::new(),
             readiness: tokio::sync::watch::Sender::new(Readiness::Restarting),
@@ -256,7 +258,14 @@ impl Shared {
             next_call: AtomicU64::new(1),
             newest: Mutex::new(None),
             crashes: AtomicU32::new(0),
+            respawn: std::sync::atomic::AtomicBool::new(spec.respawn),
+            spec,
         }
+    }
+
+    /// From now on a runner that ends is not replaced.
+    pub(super) fn stop_respawning(&self) {
+        self.respawn.store(false, Ordering::Release);
     }
 
     pub(super) fn spec(&self) -> &HandlerSpec {
@@ -609,7 +618,7 @@ impl Supervisor {
 
     /// The current runner ended on its own (or was killed): restart it with back-off, or give up.
     fn restart_after(&mut self, mut report: EndReport) {
-        if !self.shared.spec.respawn {
+        if !self.shared.respawn.load(Ordering::Acquire) {
             // A one-shot run is over with its job: no new runner (and no second init).
             self.shared.set_phase(Phase::Failed(format!(
                 "the handler's runner process {}",
@@ -748,6 +757,17 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(runner_end)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    if let Some(dir) = &spec.beside {
+        // The runner loads the private copy, so `$ORIGIN` in the handler's run path names the
+        // private directory; libraries shipped beside the original are still found, after
+        // whatever the operator's own LD_LIBRARY_PATH names.
+        let mut search = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+        if !search.is_empty() {
+            search.push(":");
+        }
+        search.push(dir);
+        command.env("LD_LIBRARY_PATH", search);
+    }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
     let oom = OomCounter::of_this_process();
     let oom_kills_before = oom.read();
