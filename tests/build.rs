@@ -1,8 +1,9 @@
 //! Compiles the handler libraries of `fixtures/*.c` with the system C compiler, one shared library
-//! per fixture, into OUT_DIR: the deliberately broken ones of `bad_handlers.c` (loading must fail)
-//! and the careless ones of `careless_handlers.c` (the host must survive them), and the C++
-//! handler of `cpp_throws.cpp`, whose exception escapes. The tests find them through the
-//! `FIXTURE_DIR` variable set here.
+//! per fixture, into OUT_DIR: the deliberately broken ones of `bad_handlers.c` (loading must fail),
+//! the careless ones of `careless_handlers.c` (the host must survive them), the versions of
+//! `versioned.c` (which the live-swap tests swap for one another), and the C++ handler of
+//! `cpp_throws.cpp`, whose exception escapes. The tests find them through the `FIXTURE_DIR`
+//! variable set here.
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +30,15 @@ const FIXTURES: &[(&str, &[&str])] = &[
             "ODD_ARGUMENTS",
             "STREAMING_SET_OUTPUT",
             "TEARDOWN_TRACE",
+        ],
+    ),
+    (
+        "fixtures/versioned.c",
+        &[
+            "VERSIONED_V1",
+            "VERSIONED_V2",
+            "VERSIONED_V3",
+            "VERSIONED_INIT_FAILS",
         ],
     ),
 ];
@@ -65,6 +75,29 @@ fn main() {
         ],
     );
     std::fs::remove_file(&gone).expect("the dependency was built");
+    // The same handler with its dependency beside it, found through `$ORIGIN`: loading from the
+    // host's private copy must still find it.
+    let beside = out_dir.join("beside");
+    std::fs::create_dir_all(&beside).expect("OUT_DIR is writable");
+    compile(
+        &compiler,
+        &manifest_dir.join("fixtures/bad_handlers.c"),
+        &include_dir,
+        "GONE_DEPENDENCY",
+        &beside.join("libgone_dependency.so"),
+    );
+    compile_with(
+        &compiler,
+        &manifest_dir.join("fixtures/bad_handlers.c"),
+        &include_dir,
+        "MISSING_DEPENDENCY",
+        &beside.join("libdependency_beside.so"),
+        &[
+            format!("-L{}", beside.display()),
+            "-lgone_dependency".to_owned(),
+            "-Wl,-rpath,$ORIGIN".to_owned(),
+        ],
+    );
     let cpp = manifest_dir.join("fixtures/cpp_throws.cpp");
     println!("cargo:rerun-if-changed={}", cpp.display());
     let status = cc::Build::new()

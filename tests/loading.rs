@@ -107,6 +107,32 @@ fn a_missing_dependency_or_symbol_is_named() {
     );
 }
 
+/// A handler whose dependency lies beside it, found through `-rpath '$ORIGIN'`, still loads
+/// although the host loads a private copy of it from elsewhere: in a runner (whose library path
+/// ends with the original's directory), and in process when LD_LIBRARY_PATH names it (the
+/// README says so); in process without it the missing library is named.
+#[test]
+fn a_dependency_beside_the_handler_is_found_from_the_private_copy() {
+    let handler = Path::new(env!("FIXTURE_DIR")).join("beside/libdependency_beside.so");
+    let run = run_on(&handler);
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.result(), json!({"output": {"k": 1}}));
+
+    let in_process = || {
+        let mut command = worker_host();
+        command
+            .arg("--handler")
+            .arg(&handler)
+            .args(["--isolation", "none"])
+            .args(["--test_input", r#"{"input": {"k": 1}}"#]);
+        command
+    };
+    let run = Run::of(&mut in_process());
+    assert_refused(&run, 4, &["libgone_dependency.so"]);
+    let run = Run::of(in_process().env("LD_LIBRARY_PATH", handler.parent().unwrap()));
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+}
+
 /// A library without `wh_handler_entry`: exit 5, saying how to export it.
 #[test]
 fn missing_entry_symbol() {

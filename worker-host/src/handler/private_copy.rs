@@ -130,7 +130,6 @@ impl PrivateCopies {
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_else(|| "handler.so".to_owned());
         let path = self.dir.path().join(format!("{}-{name}", &sha256[..16]));
-        staging.as_file().sync_data().map_err(write_error)?;
         staging
             .persist(&path)
             .map_err(|error| write_error(error.error))?;
