@@ -39,6 +39,7 @@ const FIXTURES: &[(&str, &[&str])] = &[
             "VERSIONED_V2",
             "VERSIONED_V3",
             "VERSIONED_INIT_FAILS",
+            "VERSIONED_SERIAL_STREAM",
         ],
     ),
 ];

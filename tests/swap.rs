@@ -654,6 +654,54 @@ fn a_job_running_during_a_swap_finishes_on_the_old_version() {
     host.assert_serving(&versioned("v2"), "2", 2);
 }
 
+/// Each build brings its own facts: after a swap to a build that streams and allows one job at
+/// a time, a job still running on version 1 is reported as version 1's (an output, not a stream),
+/// the new build's jobs stream their answer, and no two of them ever run at once although the
+/// worker has `--concurrency 4`.
+#[test]
+fn a_new_build_brings_its_own_concurrency_and_streaming() {
+    let file = HandlerFile::holding(&versioned("v1"));
+    // The final result lists the chunks (by default it is [], as in the SDK).
+    let host = Served::start(
+        file.path(),
+        &["--concurrency", "4", "--return-aggregate-stream"],
+    );
+    let long_input = json!({"sleep_ms": 2000});
+    let long = host.run(long_input.clone());
+    host.wait_for_status(&long, "IN_PROGRESS");
+    file.replace_with(&versioned("serial_stream"));
+    host.hang_up();
+    host.wait_for_generation(2);
+
+    let ids: Vec<String> = (0..3)
+        .map(|n| host.run(json!({"n": n, "sleep_ms": 300})))
+        .collect();
+    let finished = host.wait_for_end(&long);
+    assert_eq!(
+        completed_version(&finished, &long_input),
+        Ok("1".to_owned()),
+        "{finished}\n--- host stderr ---\n{}",
+        host.stderr()
+    );
+    for (n, id) in ids.iter().enumerate() {
+        let status = host.wait_for_end(id);
+        assert_eq!(status["status"], "COMPLETED", "{status}");
+        let chunks = status["output"]
+            .as_array()
+            .unwrap_or_else(|| panic!("a streaming job's output is its chunks: {status}"));
+        assert_eq!(chunks.len(), 1, "{status}");
+        let answer = &chunks[0];
+        assert_eq!(answer["version"], "serial-stream", "{status}");
+        assert_eq!(answer["input"]["n"], n, "{status}");
+        assert_eq!(
+            answer["most_at_once"],
+            1,
+            "the new build allows one job at a time: {status}\n--- host stderr ---\n{}",
+            host.stderr()
+        );
+    }
+}
+
 /// A symlink as `--handler`, re-pointed at another version: SIGHUP swaps to what it points at now.
 #[test]
 fn sighup_follows_a_repointed_symlink() {
