@@ -115,9 +115,9 @@ typedef struct wh_call wh_call;
  *
  * Lengths: a pointer must point to as many readable bytes as its length says. The host checks
  * each length against what the callback accepts before it reads the string, so an absurd length
- * (SIZE_MAX, say) is refused, never read: over the output limit for `set_output`, `emit` and
- * `progress` (WH_STATUS_TOO_LARGE), over PTRDIFF_MAX for `set_error` (WH_STATUS_INVALID_ARGUMENT)
- * and `log` (the line is dropped).
+ * (SIZE_MAX, say) is refused, never read: over the output limit for `set_output` and `progress`
+ * and over the stream chunk limit for `emit` (WH_STATUS_TOO_LARGE), over PTRDIFF_MAX for
+ * `set_error` (WH_STATUS_INVALID_ARGUMENT) and `log` (the line is dropped).
  */
 typedef struct wh_host_api {
     /** sizeof(wh_host_api) as the host was compiled. Check it before using a callback appended
@@ -181,9 +181,10 @@ typedef struct wh_host_api {
      * Thread: any. `json` is copied before return.
      *
      * Returns WH_STATUS_OK when queued for delivery; WH_STATUS_INVALID_ARGUMENT for NULL with a
-     * non-zero length or unparsable JSON; WH_STATUS_TOO_LARGE over the limit (checked before
-     * `json` is read); WH_STATUS_INVALID_STATE for a non-streaming handler, outside `handle` or
-     * with an expired `wh_call`; WH_STATUS_CANCELLED once the job is cancelled (the chunk is
+     * non-zero length or unparsable JSON; WH_STATUS_TOO_LARGE over the stream chunk limit
+     * (checked before `json` is read; the job then fails, with the chunk's size and the limit);
+     * WH_STATUS_INVALID_STATE for a non-streaming handler, outside `handle` or with an expired
+     * `wh_call`; WH_STATUS_CANCELLED once the job is cancelled (the chunk is
      * dropped and the handler should return). Nothing is delivered unless it returns
      * WH_STATUS_OK.
      */

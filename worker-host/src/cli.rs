@@ -4,7 +4,7 @@
 //! a dashed alias in this host's own style. Everything is read here, at the edge; the library
 //! below gets a [`crate::config::Settings`] and never reads the environment itself.
 
-use crate::handler::{Isolation, SwapPolicy};
+use crate::handler::{Isolation, SwapPolicy, DEFAULT_MAX_CHUNK_BYTES};
 use crate::logging::LogFormat;
 use clap::{Args, Parser, Subcommand};
 use std::path::PathBuf;
@@ -170,9 +170,14 @@ pub struct ResultArgs {
     #[arg(long, env = "WORKER_HOST_MAX_INPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_input_bytes: usize,
 
-    /// The largest output (or stream chunk, or progress value) a handler may return, in bytes.
+    /// The largest output (or progress value, or result body) a handler may return, in bytes.
     #[arg(long, env = "WORKER_HOST_MAX_OUTPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
     pub max_output_bytes: usize,
+
+    /// The largest stream chunk a handler may emit, in bytes; a larger one fails the job with the
+    /// reason. The default is the 1 MB RunPod documents as the most a streamed chunk may be.
+    #[arg(long, env = "WORKER_HOST_MAX_CHUNK_BYTES", value_name = "BYTES", default_value_t = DEFAULT_MAX_CHUNK_BYTES)]
+    pub max_chunk_bytes: usize,
 }
 
 /// The queue worker.

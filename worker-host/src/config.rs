@@ -300,6 +300,7 @@ impl Settings {
                 beside: None,
                 limits: Limits {
                     max_output_bytes: cli.results.max_output_bytes,
+                    max_chunk_bytes: cli.results.max_chunk_bytes,
                 },
                 isolation: cli.handler.isolation,
                 cancel_grace,

@@ -48,6 +48,7 @@ pub enum JobError {
 #[derive(Debug, Clone)]
 pub struct Job {
     id: String,
+    batch_id: Option<String>,
     input: RawJson,
     job_json: RawJson,
 }
@@ -89,6 +90,7 @@ impl Job {
         };
         Ok(Self {
             id,
+            batch_id: fields.get("batchId").and_then(parse_batch_id),
             input,
             job_json,
         })
@@ -97,6 +99,12 @@ impl Job {
     /// The job id.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The batch the job belongs to (the platform's `batchId`), which prefixes the job's log
+    /// lines as `[batchId=<id>] `, as in the SDK; `None` when the job has none.
+    pub fn batch_id(&self) -> Option<&str> {
+        self.batch_id.as_deref()
     }
 
     /// The job's `input`, as the text it arrived as.
@@ -122,6 +130,22 @@ fn parse_id(raw: &RawValue) -> Result<String, JobError> {
         Ok(text.to_owned())
     } else {
         Err(JobError::InvalidId(text.to_owned()))
+    }
+}
+
+/// A `batchId` as the SDK shows it: a non-empty string, or an integer other than 0 (the values
+/// Python's `if batch_id` keeps that print the same from Rust). Anything else is no batch id.
+fn parse_batch_id(raw: &RawValue) -> Option<String> {
+    let text = raw.get();
+    if text.starts_with('"') {
+        serde_json::from_str::<String>(text)
+            .ok()
+            .filter(|id| !id.is_empty())
+    } else {
+        text.parse::<i64>()
+            .ok()
+            .filter(|&n| n != 0)
+            .map(|n| n.to_string())
     }
 }
 
@@ -736,6 +760,28 @@ mod tests {
             done(Outcome::Output(output), false),
             r#"{"output":{"x":1},"error":"second"}"#
         );
+    }
+
+    /// `batchId` is kept where the SDK would prefix log lines with it: a non-empty string, or a
+    /// non-zero integer; an empty string, 0, null or another type is no batch id.
+    #[test]
+    fn job_parse_keeps_the_batch_id_the_sdk_shows() {
+        let batch_id = |value: &str| {
+            let text = raw(&format!(r#"{{"id":"j","input":1,"batchId":{value}}}"#));
+            Job::parse(&text, None, InputRule::NotNull)
+                .unwrap()
+                .batch_id()
+                .map(str::to_owned)
+        };
+        assert_eq!(batch_id(r#""b-1""#).as_deref(), Some("b-1"));
+        assert_eq!(batch_id(r#""café""#).as_deref(), Some("café"));
+        assert_eq!(batch_id("42").as_deref(), Some("42"));
+        for none in [r#""""#, "0", "null", "true", "[1]", r#"{"a":1}"#] {
+            assert_eq!(batch_id(none), None, "batchId {none}");
+        }
+        let text = raw(r#"{"id":"j","input":1}"#);
+        let job = Job::parse(&text, None, InputRule::NotNull).unwrap();
+        assert_eq!(job.batch_id(), None);
     }
 
     /// An object whose keys hold escapes, lone surrogates included, parses; members are found by

@@ -1,6 +1,9 @@
 //! Log set-up: the level names operators use (the Python SDK's and the usual ones), and the two
 //! line formats: human-readable text, and the SDK's JSON line
 //! `{"requestId": <job id or null>, "message": ..., "level": ...}` that RunPod's log tooling reads.
+//! A job that carries a `batchId` has it on its span (`batchId` next to `job_id`): text lines show
+//! it in the span's fields, and JSON lines start its messages with `[batchId=<id>] `, as the SDK's
+//! do.
 //!
 //! Logs always go to stderr: in a one-shot run stdout carries the result.
 
@@ -69,11 +72,14 @@ pub fn init(level: LevelFilter, format: LogFormat) {
     }
 }
 
-/// The job id a span carries, stored in its extensions by [`JsonLines`].
-struct JobIdOfSpan(String);
+/// The job id (and batch id) a span carries, stored in its extensions by [`JsonLines`].
+struct JobOfSpan {
+    job_id: String,
+    batch_id: Option<String>,
+}
 
 /// Writes each event as the SDK's JSON log line, with the job id of the innermost span that has a
-/// `job_id` field.
+/// `job_id` field, and the message prefixed with that span's `batchId` if it has one.
 struct JsonLines;
 
 impl<S> Layer<S> for JsonLines
@@ -86,10 +92,15 @@ where
         id: &tracing::span::Id,
         ctx: Context<'_, S>,
     ) {
-        let mut visitor = FieldText::new("job_id");
-        attrs.record(&mut visitor);
-        if let (Some(job_id), Some(span)) = (visitor.found, ctx.span(id)) {
-            span.extensions_mut().insert(JobIdOfSpan(job_id));
+        let mut job_id = FieldText::new("job_id");
+        attrs.record(&mut job_id);
+        let mut batch_id = FieldText::new("batchId");
+        attrs.record(&mut batch_id);
+        if let (Some(job_id), Some(span)) = (job_id.found, ctx.span(id)) {
+            span.extensions_mut().insert(JobOfSpan {
+                job_id,
+                batch_id: batch_id.found,
+            });
         }
     }
 
@@ -100,16 +111,21 @@ where
         if !visitor.others.is_empty() {
             message.push_str(&visitor.others);
         }
-        let request_id = ctx.event_scope(event).and_then(|scope| {
+        let job = ctx.event_scope(event).and_then(|scope| {
             scope
                 .from_root()
                 .filter_map(|span| {
                     span.extensions()
-                        .get::<JobIdOfSpan>()
-                        .map(|id| id.0.clone())
+                        .get::<JobOfSpan>()
+                        .map(|job| (job.job_id.clone(), job.batch_id.clone()))
                 })
                 .last()
         });
+        let (request_id, batch_id) = job.unzip();
+        if let Some(batch_id) = batch_id.flatten() {
+            // The SDK's rp_logger prefixes the message itself, so the prefix is in the JSON text.
+            message.insert_str(0, &format!("[batchId={batch_id}] "));
+        }
         let level = match *event.metadata().level() {
             Level::TRACE => "TRACE",
             Level::DEBUG => "DEBUG",

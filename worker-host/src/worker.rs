@@ -633,7 +633,7 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
             },
         );
     }
-    let span = tracing::info_span!("job", job_id = %job.id());
+    let span = tracing::info_span!("job", job_id = %job.id(), batchId = job.batch_id().map(tracing::field::display));
     let task = JobTask {
         shared: shared.clone(),
         id: job.id().to_owned(),

@@ -149,17 +149,32 @@ impl CancelToken {
     }
 }
 
+/// The largest stream chunk RunPod documents it takes: "Maximum size for a single streamed
+/// payload chunk is 1 MB" (the `/stream` operation reference). 1 MB read as 10^6 bytes, the
+/// smaller of its two readings, so no chunk the host lets through is over it either way.
+pub const DEFAULT_MAX_CHUNK_BYTES: usize = 1_000_000;
+
 /// Size limits the host enforces on what a handler hands back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// The largest output, stream chunk or progress value, in bytes of JSON.
+    /// The largest output or progress value, in bytes of JSON.
     pub max_output_bytes: usize,
+    /// The largest stream chunk, in bytes of JSON; a larger one fails its job.
+    pub max_chunk_bytes: usize,
+}
+
+impl Limits {
+    /// The largest value a handler may hand back, of any kind.
+    pub fn largest(&self) -> usize {
+        self.max_output_bytes.max(self.max_chunk_bytes)
+    }
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             max_output_bytes: 20 * 1024 * 1024,
+            max_chunk_bytes: DEFAULT_MAX_CHUNK_BYTES,
         }
     }
 }

@@ -1,7 +1,8 @@
 //! The host's callback table (`wh_host_api`): what a handler calls while the host runs one of its
 //! functions. Every callback finds its call through the registry of [`super::calls`] and checks
 //! every length a handler passes before a slice is made of it: no length over the output limit
-//! (or, for log lines and errors, over `isize::MAX`) reaches `slice::from_raw_parts`. Everything
+//! (the chunk limit for stream chunks; for log lines and errors, `isize::MAX`) reaches
+//! `slice::from_raw_parts`. A stream chunk over the chunk limit fails its job. Everything
 //! a handler passes is copied before the callback returns.
 
 use super::calls::{with_call, CallState, Phase};
@@ -184,7 +185,7 @@ enum Event {
 ///
 /// # Safety
 /// As for the callbacks: a non-NULL `json` points to `json_len` readable bytes (none are read
-/// over the output limit).
+/// over the chunk limit for a chunk, the output limit for progress).
 unsafe fn deliver(
     call: *mut ffi::wh_call,
     json: *const c_char,
@@ -201,12 +202,23 @@ unsafe fn deliver(
         if state.is_cancelled() {
             return ffi::WH_STATUS_CANCELLED;
         }
-        // SAFETY: per the caller; `handler_bytes` reads nothing over the limit.
-        let bytes = unsafe { handler_bytes(json, json_len, state.limits.max_output_bytes) };
-        let what = match event {
-            Event::Chunk => "stream chunk",
-            Event::Progress => "progress",
+        let (what, limit) = match event {
+            Event::Chunk => ("stream chunk", state.limits.max_chunk_bytes),
+            Event::Progress => ("progress", state.limits.max_output_bytes),
         };
+        // SAFETY: per the caller; `handler_bytes` reads nothing over the limit.
+        let bytes = unsafe { handler_bytes(json, json_len, limit) };
+        if event == Event::Chunk && matches!(bytes, Err(Unreadable::TooLong)) {
+            let failure = Failure::new(
+                "OutputTooLarge",
+                format!(
+                    "stream chunk of {json_len} bytes is over the limit of {limit} bytes \
+                     (--max-chunk-bytes)"
+                ),
+            );
+            state.record().chunk_rejection.get_or_insert(failure);
+            return ffi::WH_STATUS_TOO_LARGE;
+        }
         match accept_json(state, what, bytes, json_len) {
             Ok(value) => {
                 // Holding the record lock while handing over keeps chunks from concurrent threads
@@ -326,6 +338,10 @@ mod tests {
     /// The output limit of the calls these tests open.
     const LIMIT: usize = 64;
 
+    /// The chunk limit of the calls these tests open: below the output limit, so a test can tell
+    /// which one applies.
+    const CHUNK_LIMIT: usize = 16;
+
     /// Opens a job call (of a streaming handler or not) with `events`, runs `body` with its
     /// `wh_call`, ends the call and returns what it recorded.
     fn job_call(
@@ -337,6 +353,7 @@ mod tests {
         let cancel = CancelToken::new();
         let limits = Limits {
             max_output_bytes: LIMIT,
+            max_chunk_bytes: CHUNK_LIMIT,
         };
         let state = CallState::new(
             Phase::Job,
@@ -525,7 +542,43 @@ mod tests {
             assert_eq!(status, ffi::WH_STATUS_TOO_LARGE);
         });
         assert!(record.output_rejection.is_none());
+        assert!(record.chunk_rejection.is_some());
         assert!(events.0.lock().unwrap().is_empty());
+    }
+
+    /// A chunk over the chunk limit (though within the output limit) is refused and fails the
+    /// job with its size and the limit, even when later chunks are accepted; progress of that size
+    /// is still accepted (the output limit applies to it).
+    #[test]
+    fn an_oversize_chunk_fails_the_job() {
+        let events = Collect::default();
+        let big = format!("\"{}\"", "x".repeat(CHUNK_LIMIT));
+        let record = job_call(true, &events, |call| {
+            let (json, len) = arg(&big);
+            let (small, small_len) = arg("1");
+            // SAFETY: each string is as long as its length.
+            unsafe {
+                assert_eq!(host_emit(call, json, len), ffi::WH_STATUS_TOO_LARGE);
+                assert_eq!(host_emit(call, small, small_len), ffi::WH_STATUS_OK);
+                assert_eq!(host_progress(call, json, len), ffi::WH_STATUS_OK);
+            }
+        });
+        let rejection = record
+            .chunk_rejection
+            .expect("the refused chunk fails the job");
+        assert_eq!(rejection.error_type, "OutputTooLarge");
+        assert_eq!(
+            rejection.message,
+            format!(
+                "stream chunk of {} bytes is over the limit of {CHUNK_LIMIT} bytes \
+                 (--max-chunk-bytes)",
+                CHUNK_LIMIT + 2
+            )
+        );
+        assert_eq!(
+            *events.0.lock().unwrap(),
+            ["chunk 1".to_owned(), format!("progress {big}")]
+        );
     }
 
     /// `set_error` refuses NULL with a length (in either string) and records nothing; `(NULL, 0)`

@@ -28,6 +28,9 @@ pub(super) enum Phase {
 pub(super) struct CallRecord {
     pub(super) output: Option<RawJson>,
     pub(super) output_rejection: Option<Failure>,
+    /// The first stream chunk refused for its size: it fails the job, whatever the handler does
+    /// after (a chunk the platform would not take must not go missing without a word).
+    pub(super) chunk_rejection: Option<Failure>,
     pub(super) error: Option<Failure>,
 }
 

@@ -195,8 +195,10 @@ impl HandlerLibrary {
         let record = state.into_record();
         let streaming = self.info.streaming;
         let failed = |failure| Outcome::Failed { failure, streaming };
-        let outcome = match (record.output_rejection, record.error, status) {
-            // A refused output is the root cause; the handler's own error usually just echoes it.
+        let rejection = record.chunk_rejection.or(record.output_rejection);
+        let outcome = match (rejection, record.error, status) {
+            // A refused output or chunk is the root cause; the handler's own error usually just
+            // echoes it.
             (Some(rejection), _, _) => failed(rejection),
             (None, Some(failure), _) => failed(failure),
             (None, None, ffi::WH_STATUS_OK) if streaming => Outcome::Streamed,

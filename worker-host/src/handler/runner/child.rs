@@ -1,7 +1,7 @@
-//! The runner's own main: `worker-host __worker-host-runner HOST_PID MAX_OUTPUT_BYTES PATH`, started
-//! by the host's supervisor, never by a user. It loads the library, then serves the channel on
-//! its stdin (see the [parent module](super) for the frames) until the host says Shutdown or the
-//! channel closes.
+//! The runner's own main: `worker-host __worker-host-runner HOST_PID MAX_OUTPUT_BYTES
+//! MAX_CHUNK_BYTES PATH`, started by the host's supervisor, never by a user. It loads the library,
+//! then serves the channel on its stdin (see the [parent module](super) for the frames) until the
+//! host says Shutdown or the channel closes.
 //!
 //! `init` runs on the main thread, as it does in the host with `--isolation none`; each job runs
 //! on a thread with 8 MiB of stack, as the header promises: the thread that read it off the
@@ -33,13 +33,14 @@ struct Arguments {
 }
 
 fn parse(arguments: &[OsString]) -> Option<Arguments> {
-    let [host_pid, max_output_bytes, path] = arguments else {
+    let [host_pid, max_output_bytes, max_chunk_bytes, path] = arguments else {
         return None;
     };
     Some(Arguments {
         host_pid: host_pid.to_str()?.parse().ok()?,
         limits: Limits {
             max_output_bytes: max_output_bytes.to_str()?.parse().ok()?,
+            max_chunk_bytes: max_chunk_bytes.to_str()?.parse().ok()?,
         },
         path: PathBuf::from(path),
     })

@@ -42,7 +42,8 @@ const EXIT_WAIT: Duration = Duration::from_secs(2);
 const LAST_OUTPUT_WAIT: Duration = Duration::from_millis(300);
 /// How long a runner may take to run `teardown` and exit at shutdown, beyond the cancel grace.
 const TEARDOWN_WAIT: Duration = Duration::from_secs(10);
-/// Room for the non-output bytes of a frame (a failure's JSON, a log line) over the output limit.
+/// Room for the non-output bytes of a frame (a failure's JSON, a log line) over the output and
+/// chunk limits.
 const FRAME_OVERHEAD: u64 = 1024 * 1024;
 
 /// What a job's thread receives while its job runs on a runner.
@@ -752,6 +753,7 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         .arg(RUNNER_ARGUMENT)
         .arg(std::process::id().to_string())
         .arg(spec.limits.max_output_bytes.to_string())
+        .arg(spec.limits.max_chunk_bytes.to_string())
         .arg(&spec.path)
         .env_remove("RUNPOD_AI_API_KEY")
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(runner_end)))
@@ -805,7 +807,7 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
 /// The reader thread of one runner: dispatches its frames until the channel ends, then reports
 /// the end.
 fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixStream) {
-    let max_body = shared.spec.limits.max_output_bytes as u64 + FRAME_OVERHEAD;
+    let max_body = shared.spec.limits.largest() as u64 + FRAME_OVERHEAD;
     let mut channel = std::io::BufReader::with_capacity(64 * 1024, channel);
     loop {
         match read_frame(&mut channel, max_body) {
