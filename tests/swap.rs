@@ -702,6 +702,33 @@ fn a_new_build_brings_its_own_concurrency_and_streaming() {
     }
 }
 
+/// A swap on an idle worker whose take is already waiting with every slot: the jobs that take
+/// brings still keep to the new build's limit of one at a time.
+#[test]
+fn jobs_taken_across_a_swap_keep_to_the_new_builds_limit() {
+    let file = HandlerFile::holding(&versioned("v1"));
+    let host = Served::start(
+        file.path(),
+        &["--concurrency", "4", "--return-aggregate-stream"],
+    );
+    host.assert_serving(&versioned("v1"), "1", 1);
+    file.replace_with(&versioned("serial_stream"));
+    host.hang_up();
+    host.wait_for_generation(2);
+    let ids: Vec<String> = (0..3)
+        .map(|n| host.run(json!({"n": n, "sleep_ms": 300})))
+        .collect();
+    for id in &ids {
+        let status = host.wait_for_end(id);
+        assert_eq!(
+            status["output"][0]["most_at_once"],
+            1,
+            "the new build allows one job at a time: {status}\n--- host stderr ---\n{}",
+            host.stderr()
+        );
+    }
+}
+
 /// A symlink as `--handler`, re-pointed at another version: SIGHUP swaps to what it points at now.
 #[test]
 fn sighup_follows_a_repointed_symlink() {
@@ -1141,4 +1168,52 @@ fn inspect_shows_the_sha256_of_the_file() {
         digests.push(sha256.to_owned());
     }
     assert_ne!(digests[0], digests[1], "two versions, one digest");
+}
+
+/// A take that was open with every slot when a swap made a build with a limit of one serve: the
+/// batch it brings still runs one job at a time on the new build.
+#[test]
+fn a_batch_taken_across_a_swap_keeps_to_the_new_builds_limit() {
+    let platform = Platform::start();
+    // Takes are held open long enough that the one open at the swap answers the batch.
+    platform.set_hold(Duration::from_secs(30));
+    let file = HandlerFile::holding(&versioned("v1"));
+    let worker = QueueWorker::start(
+        &platform,
+        file.path(),
+        &["--concurrency", "4", "--return-aggregate-stream"],
+    );
+    platform.wait_for(WAIT, "a take for every slot", |requests| {
+        requests
+            .iter()
+            .any(|r| matches!(r.route, Route::Take | Route::TakeBatch))
+    });
+    file.replace_with(&versioned("serial_stream"));
+    send_signal(worker.child.id(), "HUP");
+    wait_until(
+        WAIT,
+        "the swap",
+        || worker.stderr().contains(SWAPPED),
+        || worker.stderr(),
+    );
+    let ids = ["batch-0", "batch-1", "batch-2"];
+    let batch: Vec<Value> = ids
+        .iter()
+        .map(|id| json!({"id": id, "input": {"job": id, "sleep_ms": 300}}))
+        .collect();
+    platform.push_raw_take(&Value::Array(batch).to_string());
+    let by_id = platform.wait_for(WAIT, "the batch's results", |requests| {
+        let by_id = results_by_id(requests);
+        ids.iter().all(|id| by_id.contains_key(*id))
+    });
+    let by_id = results_by_id(&by_id);
+    for id in ids {
+        assert_eq!(
+            by_id[id]["output"][0]["most_at_once"],
+            1,
+            "the new build allows one job at a time: {}\n--- worker stderr ---\n{}",
+            by_id[id],
+            worker.stderr()
+        );
+    }
 }

@@ -766,6 +766,12 @@ impl JobTask {
                 return self.finish(Ending::Completed(result), &[]).await;
             }
         };
+        // The build's own limit, which the worker's slots reach only as earlier jobs end.
+        let build_slot = tokio::select! {
+            biased;
+            Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
+            slot = lease.slot() => slot,
+        };
         self.streaming = lease.info().streaming;
         tracing::info!("Started.");
         let (sender, receiver) = mpsc::unbounded_channel();
@@ -794,6 +800,7 @@ impl JobTask {
                 recycle: false,
             });
             // The handler has returned: its generation may stop once its other jobs have.
+            drop(build_slot);
             drop(lease);
             // With --refresh-worker the worker takes no job after this one: stop taking before
             // the slot frees (and after the result is on its way, so the shutdown that follows

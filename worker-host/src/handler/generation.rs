@@ -24,6 +24,10 @@ pub struct Generation {
     /// How many jobs are bound to it.
     leases: Mutex<usize>,
     idle: Condvar,
+    /// One permit per job that may run on it at once, when its descriptor sets a
+    /// `max_concurrency` (the worker's own slots follow the build serving only as running jobs
+    /// free them, so jobs taken before a swap would otherwise exceed the new build's limit).
+    slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl Generation {
@@ -63,6 +67,8 @@ impl Generation {
             sha256: copy.sha256().to_owned(),
             ..handler.info().clone()
         };
+        let slots = (info.max_concurrency > 0)
+            .then(|| Arc::new(tokio::sync::Semaphore::new(info.max_concurrency as usize)));
         Ok(Arc::new(Self {
             number,
             info,
@@ -70,6 +76,7 @@ impl Generation {
             copy,
             leases: Mutex::new(0),
             idle: Condvar::new(),
+            slots,
         }))
     }
 
@@ -106,6 +113,18 @@ impl Generation {
     /// The handler itself.
     pub fn handler(&self) -> &Arc<dyn Handler> {
         &self.handler
+    }
+
+    /// Waits until one more job may run on it (its `max_concurrency`); `None` when it sets no
+    /// limit. Hold the permit while the job's handler call runs.
+    pub async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let slots = self.slots.clone()?;
+        Some(
+            slots
+                .acquire_owned()
+                .await
+                .expect("the semaphore is never closed"),
+        )
     }
 
     /// Binds a job to this generation until the lease is dropped.
