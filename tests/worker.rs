@@ -832,3 +832,288 @@ fn an_oversize_take_answer_is_refused() {
         worker.stderr()
     );
 }
+
+/// Where a post of the stream handler's job belongs in the order the handler produced it:
+/// progress `k` (reported before chunk `k`) is `2k`, chunk `k` is `2k + 1`, the final result is
+/// `2 * chunks.len()`.
+fn stream_position(post: &Recorded, chunks: &[Value]) -> usize {
+    let body = post.json();
+    match post.route {
+        Route::Stream => {
+            let index = chunks
+                .iter()
+                .position(|chunk| body == json!({ "output": chunk }))
+                .unwrap_or_else(|| panic!("an unknown chunk: {post}"));
+            2 * index + 1
+        }
+        Route::Done if body.get("status").is_some() => {
+            assert_eq!(body["status"], "IN_PROGRESS", "{post}");
+            2 * body["output"]["done"].as_u64().expect("a progress count") as usize
+        }
+        Route::Done => 2 * chunks.len(),
+        _ => unreachable!("not a post of a job: {post}"),
+    }
+}
+
+/// A streaming job's chunks and progress keep their order when the first post of a route fails
+/// (503, retried) or stalls: the platform sees (answers) every chunk once and in order, each
+/// progress value between the chunks it was reported between, none after the final result, and
+/// the result last. Nothing overtakes a post still being retried or answered.
+#[test]
+fn chunks_and_progress_stay_in_order_when_a_post_fails_or_stalls() {
+    let chunks = vec![json!({"part": 1}), json!("two"), json!([3])];
+    let result_position = 2 * chunks.len();
+    let stall = Fault::Stall(Duration::from_secs(1));
+    let scenarios = [
+        (
+            "the first progress post gets a 503",
+            Route::Done,
+            Fault::Status(503),
+        ),
+        ("the first progress post stalls", Route::Done, stall.clone()),
+        (
+            "the first chunk post gets a 503",
+            Route::Stream,
+            Fault::Status(503),
+        ),
+        ("the first chunk post stalls", Route::Stream, stall),
+    ];
+    for (scenario, route, fault) in scenarios {
+        let platform = Platform::start();
+        platform.inject(route, fault.clone(), 1);
+        platform.push_job(json!({"id": "o-1", "input": {"chunks": chunks, "delay_ms": 20}}));
+        let worker = WorkerProcess::start(&platform, Sample::Stream, &[], &[]);
+        let job_posts_answered = |r: &[Recorded]| {
+            r.iter()
+                .filter(|r| matches!(r.route, Route::Done | Route::Stream))
+                .all(|r| r.answered.is_some())
+        };
+        platform.wait_for(WAIT, "the final result", |r| {
+            !results(r).is_empty() && job_posts_answered(r)
+        });
+        // Give a stray post (a retry, one still stalled) the time to show.
+        std::thread::sleep(Duration::from_millis(500));
+        let requests = platform.wait_for(WAIT, "every post answered", job_posts_answered);
+        let context = || format!("{scenario}; worker stderr:\n{}", worker.stderr());
+        let posts: Vec<&Recorded> = requests
+            .iter()
+            .filter(|r| matches!(r.route, Route::Done | Route::Stream))
+            .collect();
+        if matches!(fault, Fault::Status(_)) {
+            assert!(
+                posts.iter().any(|r| r.status != 200),
+                "the 503 was not used; {}",
+                context()
+            );
+        }
+        // Every attempt, in arrival order: never back to an earlier item (a retry repeats its
+        // own position), so nothing is posted after the result.
+        let arrived: Vec<usize> = posts.iter().map(|r| stream_position(r, &chunks)).collect();
+        assert!(
+            arrived.windows(2).all(|pair| pair[0] <= pair[1]),
+            "posts arrived out of order: {arrived:?}; {}",
+            context()
+        );
+        // The delivered posts, in the order the platform answered them: each item once, in the
+        // handler's order, every chunk, the latest progress, and the result last.
+        let mut delivered: Vec<&Recorded> = posts.into_iter().filter(|r| r.status == 200).collect();
+        delivered.sort_by_key(|r| r.answered.expect("an answered post"));
+        let seen: Vec<usize> = delivered
+            .iter()
+            .map(|r| stream_position(r, &chunks))
+            .collect();
+        assert!(
+            seen.windows(2).all(|pair| pair[0] < pair[1]),
+            "the platform saw the posts out of order (or twice): {seen:?}; {}",
+            context()
+        );
+        assert_eq!(seen.last(), Some(&result_position), "{}", context());
+        for k in 0..chunks.len() {
+            assert!(
+                seen.contains(&(2 * k + 1)),
+                "chunk {k} is missing: {seen:?}; {}",
+                context()
+            );
+        }
+        assert!(
+            seen.contains(&(result_position - 2)),
+            "the latest progress is missing: {seen:?}; {}",
+            context()
+        );
+        assert_eq!(
+            results_by_id(&requests)["o-1"],
+            json!({"output": []}),
+            "{}",
+            context()
+        );
+    }
+}
+
+/// The heartbeat lists a job while it runs and while its result POST is being retried (so the
+/// platform does not take it for lost), and no longer once the result is delivered: the next
+/// heartbeats carry no job id. A copy of the id the platform sends during the retry is not run
+/// again: one run, one result.
+#[test]
+fn a_job_is_listed_in_heartbeats_until_its_result_is_delivered() {
+    let platform = Platform::start();
+    // Four failures: the retries take at least 50 + 100 + 200 + 400 ms.
+    platform.inject(Route::Done, Fault::Status(503), 4);
+    platform.push_job(json!({"id": "held", "input": {"mode": "sleep", "ms": 500}}));
+    let worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[],
+        &[("RUNPOD_PING_INTERVAL", "100")],
+    );
+    let lists_held =
+        |r: &Recorded| r.route == Route::Ping && r.query_value("job_id") == Some("held");
+    let requests = platform.wait_for(WAIT, "a failed result post", |r| {
+        r.iter().any(|r| r.route == Route::Done && r.status == 503)
+    });
+    // The platform sends the running id again while its result is being retried.
+    platform.push_job(json!({"id": "held", "input": {"mode": "echo", "copy": 2}}));
+    let first_attempt = requests
+        .iter()
+        .position(|r| r.route == Route::Done)
+        .unwrap();
+    assert!(
+        requests[..first_attempt].iter().any(lists_held),
+        "no heartbeat listed the job while it ran: {}",
+        worker.stderr()
+    );
+
+    let requests = platform.wait_for(WAIT, "the delivered result", |r| !results(r).is_empty());
+    let delivered = requests
+        .iter()
+        .position(|r| r.route == Route::Done && r.status == 200)
+        .unwrap();
+    let retry_pings: Vec<&Recorded> = requests[first_attempt..delivered]
+        .iter()
+        .filter(|r| r.route == Route::Ping)
+        .collect();
+    assert!(
+        !retry_pings.is_empty(),
+        "no heartbeat during the retries: {}",
+        worker.stderr()
+    );
+    assert!(
+        retry_pings.iter().all(|r| lists_held(r)),
+        "a heartbeat during the retries did not list the job: {:?}\n{}",
+        retry_pings
+            .iter()
+            .map(|r| r.to_string())
+            .collect::<Vec<_>>(),
+        worker.stderr()
+    );
+
+    // Once delivered, the worker holds nothing: a heartbeat without job ids follows (a beat
+    // built just before the delivery may still list it).
+    let requests = platform.wait_for(WAIT, "heartbeats after the delivery", |r| {
+        let after: Vec<&Recorded> = r[delivered + 1..]
+            .iter()
+            .filter(|r| r.route == Route::Ping)
+            .collect();
+        after.len() >= 10 || after.iter().any(|r| r.query_value("job_id").is_none())
+    });
+    let after: Vec<&Recorded> = requests[delivered + 1..]
+        .iter()
+        .filter(|r| r.route == Route::Ping)
+        .collect();
+    assert!(
+        after.iter().any(|r| r.query_value("job_id").is_none()),
+        "the job is still listed after its result was delivered: {:?}\n{}",
+        after.iter().map(|r| r.to_string()).collect::<Vec<_>>(),
+        worker.stderr()
+    );
+
+    assert_eq!(platform.pending_jobs(), 0, "the copy was taken");
+    let by_id = results_by_id(&platform.requests());
+    assert_eq!(
+        by_id["held"],
+        json!({"output": {"mode": "sleep", "ms": 500}})
+    );
+    let stderr = worker.stderr();
+    assert_eq!(
+        stderr.matches("job_id=held}: Started.").count(),
+        1,
+        "the id ran twice:\n{stderr}"
+    );
+    assert!(stderr.contains("duplicate is ignored"), "{stderr}");
+}
+
+/// A platform that answers "no job" at once (no long-poll) is polled at most about 10 times a
+/// second, not in a hot loop. A bound on the count in any one-second window, not on speed.
+#[test]
+fn an_empty_queue_answered_at_once_is_not_polled_in_a_hot_loop() {
+    let platform = Platform::start();
+    platform.set_hold(Duration::ZERO);
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &[], &[]);
+    platform.wait_for(WAIT, "a take", |r| r.iter().any(|r| r.route == Route::Take));
+    std::thread::sleep(Duration::from_secs(2));
+    let observed_until = std::time::Instant::now();
+    let takes: Vec<std::time::Instant> = platform
+        .requests()
+        .iter()
+        .filter(|r| matches!(r.route, Route::Take | Route::TakeBatch))
+        .map(|r| r.at)
+        .collect();
+    assert!(
+        takes.len() >= 2,
+        "{} takes: {}",
+        takes.len(),
+        worker.stderr()
+    );
+    let window = Duration::from_secs(1);
+    let most = takes
+        .iter()
+        .filter(|start| **start + window <= observed_until)
+        .map(|start| {
+            takes
+                .iter()
+                .filter(|at| **at >= *start && **at < *start + window)
+                .count()
+        })
+        .max()
+        .expect("a full window was observed");
+    assert!(
+        most <= 15,
+        "{most} takes in one second ({} in all)",
+        takes.len()
+    );
+}
+
+/// `--max-input-bytes` bounds the job's input JSON as sent: an input of exactly the limit runs,
+/// one a byte longer fails with its size.
+#[test]
+fn an_input_of_exactly_the_limit_is_accepted_and_one_byte_more_refused() {
+    const LIMIT: usize = 1000;
+    // A JSON string of n characters is n + 2 bytes with its quotes.
+    let at_limit = json!("x".repeat(LIMIT - 2));
+    let over = json!("y".repeat(LIMIT - 1));
+    assert_eq!(at_limit.to_string().len(), LIMIT);
+    assert_eq!(over.to_string().len(), LIMIT + 1);
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "at-limit", "input": at_limit}));
+    platform.push_job(json!({"id": "over", "input": over}));
+    let limit = LIMIT.to_string();
+    let _worker =
+        WorkerProcess::start(&platform, Sample::Echo, &["--max-input-bytes", &limit], &[]);
+    let requests = platform.wait_for(WAIT, "two results", |r| results(r).len() >= 2);
+    let by_id = results_by_id(&requests);
+    let start = |body: &Value| body.to_string().chars().take(200).collect::<String>();
+    assert!(
+        by_id["at-limit"] == json!({"output": at_limit}),
+        "the input of exactly the limit did not run: {}",
+        start(&by_id["at-limit"])
+    );
+    assert!(
+        by_id["over"].get("output").is_none(),
+        "the input one byte over the limit ran: {}",
+        start(&by_id["over"])
+    );
+    let message = error_message(&by_id["over"]);
+    assert!(
+        message.contains("1001 bytes, over the limit of 1000 bytes"),
+        "{message}"
+    );
+}

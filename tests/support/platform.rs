@@ -104,6 +104,9 @@ pub struct Recorded {
     pub status: u16,
     /// When the request arrived.
     pub at: Instant,
+    /// When the stand-in answered it (after any [`Fault::Stall`] or long-poll hold); `None` while
+    /// it is still held, and for [`Fault::Drop`].
+    pub answered: Option<Instant>,
 }
 
 impl Recorded {
@@ -408,6 +411,7 @@ impl Shared {
     fn set_status(&self, index: usize, status: StatusCode) {
         let mut state = self.lock();
         state.requests[index].status = status.as_u16();
+        state.requests[index].answered = Some(Instant::now());
         state.generation += 1;
         drop(state);
         self.recorded.notify_all();
@@ -507,6 +511,7 @@ async fn handle(
         body: String::from_utf8_lossy(&body).into_owned(),
         status: 0,
         at: Instant::now(),
+        answered: None,
     };
 
     let (index, fault, hold) = {
