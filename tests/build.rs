@@ -76,29 +76,32 @@ fn main() {
         ],
     );
     std::fs::remove_file(&gone).expect("the dependency was built");
-    // The same handler with its dependency beside it, found through `$ORIGIN`: loading from the
-    // host's private copy must still find it.
-    let beside = out_dir.join("beside");
-    std::fs::create_dir_all(&beside).expect("OUT_DIR is writable");
-    compile(
-        &compiler,
-        &manifest_dir.join("fixtures/bad_handlers.c"),
-        &include_dir,
-        "GONE_DEPENDENCY",
-        &beside.join("libgone_dependency.so"),
-    );
-    compile_with(
-        &compiler,
-        &manifest_dir.join("fixtures/bad_handlers.c"),
-        &include_dir,
-        "MISSING_DEPENDENCY",
-        &beside.join("libdependency_beside.so"),
-        &[
-            format!("-L{}", beside.display()),
-            "-lgone_dependency".to_owned(),
-            "-Wl,-rpath,$ORIGIN".to_owned(),
-        ],
-    );
+    // The same handler with its dependency shipped with it, found through `$ORIGIN` (beside
+    // it) and `$ORIGIN/lib` (below it): loading from the host's private copy must still find it.
+    for (dir, lib_dir, run_path) in [("beside", "", "$ORIGIN"), ("below", "lib", "$ORIGIN/lib")] {
+        let handler_dir = out_dir.join(dir);
+        let lib_dir = handler_dir.join(lib_dir);
+        std::fs::create_dir_all(&lib_dir).expect("OUT_DIR is writable");
+        compile(
+            &compiler,
+            &manifest_dir.join("fixtures/bad_handlers.c"),
+            &include_dir,
+            "GONE_DEPENDENCY",
+            &lib_dir.join("libgone_dependency.so"),
+        );
+        compile_with(
+            &compiler,
+            &manifest_dir.join("fixtures/bad_handlers.c"),
+            &include_dir,
+            "MISSING_DEPENDENCY",
+            &handler_dir.join("libshipped_dependency.so"),
+            &[
+                format!("-L{}", lib_dir.display()),
+                "-lgone_dependency".to_owned(),
+                format!("-Wl,-rpath,{run_path}"),
+            ],
+        );
+    }
     let cpp = manifest_dir.join("fixtures/cpp_throws.cpp");
     println!("cargo:rerun-if-changed={}", cpp.display());
     let status = cc::Build::new()

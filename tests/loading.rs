@@ -107,16 +107,21 @@ fn a_missing_dependency_or_symbol_is_named() {
     );
 }
 
-/// A handler whose dependency lies beside it, found through `-rpath '$ORIGIN'`, still loads
-/// although the host loads a private copy of it from elsewhere: in a runner (whose library path
-/// ends with the original's directory), and in process when LD_LIBRARY_PATH names it (the
-/// README says so); in process without it the missing library is named.
+/// A handler whose dependency is shipped with it, found through `-rpath '$ORIGIN'` (beside it)
+/// or `'$ORIGIN/lib'`, still loads although the host loads a private copy of it from elsewhere:
+/// in a runner (whose library path ends with the run path expanded against the original's
+/// directory), and in process when LD_LIBRARY_PATH names the directory (the README says so); in
+/// process without it the missing library is named.
 #[test]
-fn a_dependency_beside_the_handler_is_found_from_the_private_copy() {
-    let handler = Path::new(env!("FIXTURE_DIR")).join("beside/libdependency_beside.so");
-    let run = run_on(&handler);
-    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
-    assert_eq!(run.result(), json!({"output": {"k": 1}}));
+fn a_dependency_shipped_with_the_handler_is_found_from_the_private_copy() {
+    for dir in ["beside", "below"] {
+        let handler =
+            Path::new(env!("FIXTURE_DIR")).join(format!("{dir}/libshipped_dependency.so"));
+        let run = run_on(&handler);
+        assert_eq!(run.code, Some(0), "{dir}: stderr: {}", run.stderr);
+        assert_eq!(run.result(), json!({"output": {"k": 1}}), "{dir}");
+    }
+    let handler = Path::new(env!("FIXTURE_DIR")).join("beside/libshipped_dependency.so");
 
     let in_process = || {
         let mut command = worker_host();

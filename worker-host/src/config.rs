@@ -297,7 +297,7 @@ impl Settings {
             mode,
             handler: HandlerSpec {
                 path: handler_path,
-                beside: None,
+                library_dirs: Vec::new(),
                 limits: Limits {
                     max_output_bytes: cli.results.max_output_bytes,
                     max_chunk_bytes: cli.results.max_chunk_bytes,

@@ -17,7 +17,7 @@ pub mod runpod;
 pub mod worker;
 
 use config::{ConfigError, Mode, Settings};
-use handler::{Generation, HandlerInfo, LiveHandler, LoadError, PrivateCopies};
+use handler::{Generation, HandlerInfo, LiveHandler, LoadError, PrivateCopies, PrivateDir};
 use std::sync::Arc;
 
 /// Why the host stopped before doing its work.
@@ -64,12 +64,18 @@ impl HostError {
 
 /// Runs the host with resolved settings; returns the exit code.
 pub fn run(settings: Settings) -> Result<u8, HostError> {
-    // The handler is loaded from a private copy (see `handler`); the copies go when this returns.
-    let copies = Arc::new(
-        PrivateCopies::create().map_err(|error| LoadError::PrivateCopy {
-            reason: error.to_string(),
-        })?,
-    );
+    // The handler is loaded from a private copy (see `handler`); the directory of the copies
+    // goes when this returns, whatever still refers to them (runtime tasks, a swap under way).
+    let private_dir = PrivateDir::create().map_err(|error| LoadError::PrivateCopy {
+        reason: error.to_string(),
+    })?;
+    let copies = private_dir.copies().clone();
+    // For --watch: the file as it was copied, so a change during `init` is seen.
+    let loaded = settings
+        .swaps
+        .watch
+        .then(|| handler::Fingerprint::of(&settings.handler.path))
+        .flatten();
     let first = Generation::load(&settings.handler, &copies, 1)?;
     let handler = first.handler().clone();
     let info = first.info().clone();
@@ -87,6 +93,7 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
         config: handler_config.clone(),
         swaps,
         copies,
+        loaded,
     };
     tracing::debug!(
         handler = %info.name,
@@ -131,6 +138,8 @@ struct Serving {
     config: String,
     swaps: config::Swaps,
     copies: Arc<PrivateCopies>,
+    /// The handler file as it was copied (for `--watch`).
+    loaded: Option<handler::Fingerprint>,
 }
 
 impl Serving {
@@ -174,7 +183,7 @@ impl Serving {
         if self.swaps.watch && in_process {
             tracing::warn!("--watch is ignored with --isolation none: a handler in the host's own process cannot be swapped.");
         } else if self.swaps.watch {
-            handler::watch_for_changes(&live, path);
+            handler::watch_for_changes(&live, path, self.loaded);
         }
         if let Some(mut hangups) = hangups {
             let swapper = live.clone();

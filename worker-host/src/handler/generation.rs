@@ -50,7 +50,7 @@ impl Generation {
         let Source { original, copy } = source;
         let from_copy = HandlerSpec {
             path: copy.path().to_path_buf(),
-            beside: original.parent().map(std::path::Path::to_path_buf),
+            library_dirs: super::origin::library_dirs(&original),
             ..spec.clone()
         };
         let loaded: Result<Arc<dyn Handler>, LoadError> = match spec.isolation {
@@ -177,9 +177,11 @@ impl Source {
                 path: original.clone(),
                 reason: source.to_string(),
             },
-            write @ CopyError::Write { .. } => LoadError::PrivateCopy {
-                reason: write.to_string(),
-            },
+            other @ (CopyError::Write { .. } | CopyError::NoExec { .. }) => {
+                LoadError::PrivateCopy {
+                    reason: other.to_string(),
+                }
+            }
         })?;
         Ok(Self { original, copy })
     }

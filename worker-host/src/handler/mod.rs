@@ -1,5 +1,5 @@
 //! The one interface through which the rest of the host drives a handler, whichever way it runs:
-//! [`Generation::load`] copies a `.so` to a private place ([`PrivateCopies`]) and makes a
+//! [`Generation::load`] copies a `.so` to a private place ([`PrivateDir`]) and makes a
 //! [`Handler`] from the copy with the isolation chosen, and every mode (the one-shot run, the
 //! queue worker, the dev API) sees only that trait. The serving modes hold it through a
 //! [`LiveHandler`], which swaps in a new build without a restart (`swap`, `watch`).
@@ -23,6 +23,7 @@
 mod error;
 mod generation;
 pub mod inproc;
+mod origin;
 mod private_copy;
 pub mod runner;
 mod swap;
@@ -35,9 +36,9 @@ use std::time::Duration;
 
 pub use error::LoadError;
 pub use generation::{Generation, Lease};
-pub use private_copy::{CopyError, PrivateCopies};
+pub use private_copy::{sha256_of, CopyError, PrivateCopies, PrivateDir};
 pub use swap::{Current, LiveHandler, SwapPolicy};
-pub use watch::watch_for_changes;
+pub use watch::{watch_for_changes, Fingerprint};
 
 /// What a handler says about itself in its descriptor.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -198,9 +199,10 @@ pub enum Isolation {
 pub struct HandlerSpec {
     /// The `.so` file (the one the user named; [`Generation::load`] loads a private copy of it).
     pub path: PathBuf,
-    /// Where the user's file lies, when `path` is the host's private copy of it: a runner
-    /// finds the libraries shipped beside the handler there.
-    pub beside: Option<PathBuf>,
+    /// Where the libraries the handler finds through `$ORIGIN` lie, when `path` is the host's
+    /// private copy of it (the user's file's directory, and its run path expanded against it): a
+    /// runner has them at the end of its library path.
+    pub library_dirs: Vec<PathBuf>,
     /// The limits on what it hands back.
     pub limits: Limits,
     /// Where it runs.

@@ -7,11 +7,18 @@
 //! next call; an atomic `mv` would be harmless but invisible. With the copy, the original can be
 //! rewritten, moved or deleted while the handler serves, and a swap reads it again on purpose.
 //!
-//! The directory is made by [`PrivateCopies::create`] under `$TMPDIR` (mode 0700) and removed
-//! with everything in it when that value is dropped. A copy lives as long as some [`PrivateCopy`]
-//! refers to it (the generation of the handler loaded from it), then its file is deleted, so a
-//! long `--watch` session does not fill the disk with old builds. The same content copied twice
-//! while the first copy lives is one file.
+//! The directory is made by [`PrivateDir::create`] under `$TMPDIR` (mode 0700, refused on a
+//! `noexec` mount, from which no library could be mapped) and removed with everything in it when
+//! that value is dropped, whatever still refers to its copies. A copy lives as long as some
+//! [`PrivateCopy`] refers to it (the generation of the handler loaded from it), then its file is
+//! deleted, so a long `--watch` session does not fill the disk with old builds. The same content
+//! copied twice while the first copy lives is one file; each file's name is unique, so deleting
+//! an old copy never deletes a newer one of the same content.
+//!
+//! A host killed with SIGKILL cannot remove its directory. Each host holds an exclusive `flock`
+//! on a `.lock` file in its own directory for as long as it runs, so the next host to start
+//! removes the directories whose lock it can take: their host is gone (a lock, unlike a pid,
+//! means the same in every pid namespace that shares the directory).
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -30,6 +37,12 @@ pub enum CopyError {
         /// What the system said.
         source: std::io::Error,
     },
+    /// The private directory is on a file system mounted `noexec`.
+    #[error("the private directory for handler copies, {dir}, is on a file system mounted noexec, from which no library can be loaded: set TMPDIR to a directory on another file system")]
+    NoExec {
+        /// The private directory.
+        dir: PathBuf,
+    },
     /// Writing the private copy failed (a full or read-only `$TMPDIR`).
     #[error("cannot write the private copy of the handler in {dir} ({source}): set TMPDIR to a writable directory")]
     Write {
@@ -40,12 +53,67 @@ pub enum CopyError {
     },
 }
 
-/// The private directory of this host's handler copies.
+/// The private directory of this host's handler copies; removed when dropped.
+#[derive(Debug)]
+pub struct PrivateDir {
+    /// Held while the host runs: the directory is in use (see the module docs).
+    _lock: nix::fcntl::Flock<std::fs::File>,
+    _dir: tempfile::TempDir,
+    copies: Arc<PrivateCopies>,
+}
+
+/// The start of every private directory's name.
+const PREFIX: &str = "worker-host-handlers-";
+/// The lock file in each.
+const LOCK_FILE: &str = ".lock";
+/// How old a directory without a lock file must be to count as left behind (one that is that
+/// new may be another host's, being made).
+const UNLOCKED_AGE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the private directories under `parent` whose host is gone: their lock can be taken
+/// (or, older than [`UNLOCKED_AGE`], they have none). Best effort: what cannot be removed stays.
+fn remove_left_behind(parent: &Path) {
+    let Ok(entries) = std::fs::read_dir(parent) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if !entry.file_name().to_string_lossy().starts_with(PREFIX) {
+            continue;
+        }
+        let dir = entry.path();
+        // Only directories (not symlinks) of this user.
+        let ours = std::fs::symlink_metadata(&dir).is_ok_and(|metadata| {
+            use std::os::unix::fs::MetadataExt;
+            metadata.is_dir() && metadata.uid() == nix::unistd::geteuid().as_raw()
+        });
+        if !ours {
+            continue;
+        }
+        let gone = match std::fs::File::open(dir.join(LOCK_FILE)) {
+            Ok(file) => {
+                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+            }
+            Err(_) => std::fs::metadata(&dir)
+                .and_then(|metadata| metadata.modified())
+                .is_ok_and(|modified| modified.elapsed().unwrap_or_default() > UNLOCKED_AGE),
+        };
+        if gone && std::fs::remove_dir_all(&dir).is_ok() {
+            tracing::debug!(
+                "Removed {}, left behind by a host that is gone.",
+                dir.display()
+            );
+        }
+    }
+}
+
+/// Makes the copies in the private directory.
 #[derive(Debug)]
 pub struct PrivateCopies {
-    dir: tempfile::TempDir,
+    dir: PathBuf,
     /// The live copies by content hash.
     live: Mutex<HashMap<String, Weak<PrivateCopy>>>,
+    /// Numbers the files, so each name is used once.
+    next: std::sync::atomic::AtomicU64,
 }
 
 /// One copied handler file; deleted when the last reference goes.
@@ -79,22 +147,67 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
-impl PrivateCopies {
+/// The SHA-256 of a file's content, in lowercase hex (to tell whether it changed without
+/// copying it).
+pub fn sha256_of(path: &Path) -> std::io::Result<String> {
+    let mut file = std::fs::File::open(path)?;
+    let mut hasher = Sha256::new();
+    let mut buffer = vec![0_u8; 256 * 1024];
+    loop {
+        let read = file.read(&mut buffer)?;
+        if read == 0 {
+            return Ok(hex(&hasher.finalize()));
+        }
+        hasher.update(&buffer[..read]);
+    }
+}
+
+impl PrivateDir {
     /// Makes the private directory (`worker-host-handlers-*` under `$TMPDIR`, mode 0700).
     pub fn create() -> Result<Self, CopyError> {
+        use std::os::unix::fs::PermissionsExt;
+        remove_left_behind(&std::env::temp_dir());
         let dir = tempfile::Builder::new()
-            .prefix("worker-host-handlers-")
+            .prefix(PREFIX)
+            .permissions(std::fs::Permissions::from_mode(0o700))
             .tempdir()
             .map_err(|source| CopyError::Write {
                 dir: std::env::temp_dir(),
                 source,
             })?;
-        Ok(Self {
-            dir,
+        let noexec = nix::sys::statvfs::statvfs(dir.path())
+            .is_ok_and(|fs| fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
+        if noexec {
+            return Err(CopyError::NoExec {
+                dir: dir.path().to_path_buf(),
+            });
+        }
+        let write_error = |source| CopyError::Write {
+            dir: dir.path().to_path_buf(),
+            source,
+        };
+        let lock_file = std::fs::File::create(dir.path().join(LOCK_FILE)).map_err(write_error)?;
+        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, errno)| write_error(errno.into()))?;
+        let copies = Arc::new(PrivateCopies {
+            dir: dir.path().to_path_buf(),
             live: Mutex::new(HashMap::new()),
+            next: std::sync::atomic::AtomicU64::new(1),
+        });
+        Ok(Self {
+            _lock: lock,
+            _dir: dir,
+            copies,
         })
     }
 
+    /// What makes the copies.
+    pub fn copies(&self) -> &Arc<PrivateCopies> {
+        &self.copies
+    }
+}
+
+impl PrivateCopies {
     /// Copies `original` (following symlinks) into the private directory, hashing it on the
     /// way, so the name always matches the bytes copied even if the original is rewritten
     /// meanwhile. The caller has checked that `original` is a file.
@@ -104,11 +217,11 @@ impl PrivateCopies {
             source,
         };
         let write_error = |source| CopyError::Write {
-            dir: self.dir.path().to_path_buf(),
+            dir: self.dir.clone(),
             source,
         };
         let mut source = std::fs::File::open(original).map_err(read_error)?;
-        let mut staging = tempfile::NamedTempFile::new_in(self.dir.path()).map_err(write_error)?;
+        let mut staging = tempfile::NamedTempFile::new_in(&self.dir).map_err(write_error)?;
         let mut hasher = Sha256::new();
         let mut buffer = vec![0_u8; 256 * 1024];
         loop {
@@ -129,7 +242,8 @@ impl PrivateCopies {
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_else(|| "handler.so".to_owned());
-        let path = self.dir.path().join(format!("{}-{name}", &sha256[..16]));
+        let number = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = self.dir.join(format!("{}-{number}-{name}", &sha256[..16]));
         staging
             .persist(&path)
             .map_err(|error| write_error(error.error))?;
@@ -144,13 +258,45 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_directories_whose_host_is_gone_are_removed() {
+        let parent = tempfile::tempdir().unwrap();
+        let make = |name: &str, lock: bool| {
+            let dir = parent.path().join(format!("{PREFIX}{name}"));
+            std::fs::create_dir(&dir).unwrap();
+            lock.then(|| std::fs::File::create(dir.join(LOCK_FILE)).unwrap());
+            dir
+        };
+        let live = make("live", true);
+        let _held = nix::fcntl::Flock::lock(
+            std::fs::File::open(live.join(LOCK_FILE)).unwrap(),
+            nix::fcntl::FlockArg::LockExclusiveNonblock,
+        )
+        .unwrap();
+        let gone = make("gone", true);
+        let being_made = make("new", false);
+        let other = parent.path().join("something-else");
+        std::fs::create_dir(&other).unwrap();
+
+        remove_left_behind(parent.path());
+        assert!(live.exists(), "a running host's directory stays");
+        assert!(!gone.exists(), "an unlocked one is removed");
+        assert!(
+            being_made.exists(),
+            "a new one without a lock may be being made"
+        );
+        assert!(other.exists(), "others' directories are not touched");
+    }
+
+    #[test]
     fn a_copy_is_named_by_its_content_and_outlives_changes_to_the_original() {
-        let copies = PrivateCopies::create().unwrap();
+        let dir = PrivateDir::create().unwrap();
+        let copies = dir.copies();
         let work = tempfile::tempdir().unwrap();
         let original = work.path().join("handler.so");
         std::fs::write(&original, b"version one").unwrap();
         let first = copies.copy(&original).unwrap();
         assert_eq!(first.sha256(), hex(&Sha256::digest(b"version one")));
+        assert_eq!(first.sha256(), sha256_of(&original).unwrap());
         assert!(first
             .path()
             .file_name()
@@ -171,5 +317,12 @@ mod tests {
         drop((first, again));
         assert!(!first_path.exists(), "the last reference deletes the copy");
         assert!(second.path().exists());
+
+        let private = copies.dir.clone();
+        drop(dir);
+        assert!(
+            !private.exists(),
+            "the directory goes with its PrivateDir, copies or not"
+        );
     }
 }

@@ -195,6 +195,17 @@ impl LiveHandler {
             return;
         };
         let started = Instant::now();
+        // Hashed before it is copied: an unchanged file costs a read, not a copy.
+        if let Ok(sha256) = super::private_copy::sha256_of(&self.spec.path) {
+            if sha256 == old.info().sha256 {
+                tracing::info!(
+                    "Handler swap: {} is unchanged ({}); nothing to do.",
+                    self.spec.path.display(),
+                    old.label()
+                );
+                return;
+            }
+        }
         let source = match Source::copy(&self.spec, &self.copies) {
             Ok(source) => source,
             Err(error) => return swap_failed(&error, &old),
@@ -256,12 +267,13 @@ impl LiveHandler {
 
     /// Makes `new` the generation serving (unless the host is shutting down meanwhile).
     fn install(&self, new: Arc<Generation>, started: Instant) -> bool {
+        // Under the lock, so a shutdown sees either the old handler or the new one, never
+        // shuts down the old one while the new one goes in.
         let mut swaps = self.swaps();
         if swaps.closed {
             return false;
         }
         swaps.last_number = swaps.last_number.max(new.number());
-        drop(swaps);
         tracing::info!(
             "Now serving {}, {:.1} s after the swap began.",
             new.label(),
@@ -326,14 +338,16 @@ impl LiveHandler {
     /// serving, and waits (bounded) for replaced ones still finishing. A swap under way is
     /// abandoned (its runner ends with the host).
     pub fn shutdown(&self) {
-        let retiring = {
+        let serving = {
             let mut swaps = self.swaps();
             swaps.closed = true;
-            std::mem::take(&mut swaps.retiring)
+            self.serving()
         };
-        if let Some(current) = self.serving() {
+        if let Some(current) = serving {
             current.handler().shutdown();
         }
+        // Taken after: a swap that went in just before the close retires its old handler now.
+        let retiring = std::mem::take(&mut self.swaps().retiring);
         let deadline = Instant::now() + RETIRED_SHUTDOWN_WAIT;
         for thread in retiring {
             while !thread.is_finished() && Instant::now() < deadline {

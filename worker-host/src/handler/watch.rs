@@ -22,29 +22,34 @@ const SETTLE: Duration = Duration::from_secs(1);
 
 /// What tells one version of the file from another without reading it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Fingerprint {
+pub struct Fingerprint {
     device: u64,
     inode: u64,
     size: u64,
     modified: Option<std::time::SystemTime>,
 }
 
-fn fingerprint(path: &std::path::Path) -> Option<Fingerprint> {
-    let metadata = std::fs::metadata(path).ok()?;
-    Some(Fingerprint {
-        device: metadata.dev(),
-        inode: metadata.ino(),
-        size: metadata.size(),
-        modified: metadata.modified().ok(),
-    })
+impl Fingerprint {
+    /// The file at `path` as it is now (through symlinks); `None` when there is none.
+    pub fn of(path: &std::path::Path) -> Option<Self> {
+        let metadata = std::fs::metadata(path).ok()?;
+        Some(Self {
+            device: metadata.dev(),
+            inode: metadata.ino(),
+            size: metadata.size(),
+            modified: metadata.modified().ok(),
+        })
+    }
 }
 
-/// Watches `path` on a thread of its own for as long as `live` serves.
-pub fn watch_for_changes(live: &Arc<LiveHandler>, path: PathBuf) {
+/// Watches `path` on a thread of its own for as long as `live` serves. `loaded` is the file as
+/// it was when the serving handler was copied (before its `init`, so a build written during a
+/// slow `init` is swapped in once the worker serves).
+pub fn watch_for_changes(live: &Arc<LiveHandler>, path: PathBuf, loaded: Option<Fingerprint>) {
     let live = Arc::downgrade(live);
     let spawned = std::thread::Builder::new()
         .name("handler-watch".into())
-        .spawn(move || watch(&live, &path));
+        .spawn(move || watch(&live, &path, loaded));
     match spawned {
         Ok(_) => tracing::info!("Watching the handler file for changes (--watch)."),
         Err(error) => tracing::error!(
@@ -53,10 +58,9 @@ pub fn watch_for_changes(live: &Arc<LiveHandler>, path: PathBuf) {
     }
 }
 
-fn watch(live: &Weak<LiveHandler>, path: &std::path::Path) {
-    let mut loaded = fingerprint(path);
+fn watch(live: &Weak<LiveHandler>, path: &std::path::Path, mut loaded: Option<Fingerprint>) {
     // The version seen last, and since when it has not changed.
-    let mut seen = loaded.clone();
+    let mut seen = Fingerprint::of(path);
     let mut since = Instant::now();
     loop {
         std::thread::sleep(POLL);
@@ -66,7 +70,7 @@ fn watch(live: &Weak<LiveHandler>, path: &std::path::Path) {
         if live.is_closed() {
             return;
         }
-        let now = fingerprint(path);
+        let now = Fingerprint::of(path);
         if now != seen {
             seen = now;
             since = Instant::now();

@@ -759,15 +759,17 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         .stdin(Stdio::from(std::os::fd::OwnedFd::from(runner_end)))
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    if let Some(dir) = &spec.beside {
+    if !spec.library_dirs.is_empty() {
         // The runner loads the private copy, so `$ORIGIN` in the handler's run path names the
-        // private directory; libraries shipped beside the original are still found, after
+        // private directory; the libraries shipped with the original are still found, after
         // whatever the operator's own LD_LIBRARY_PATH names.
         let mut search = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
-        if !search.is_empty() {
-            search.push(":");
+        for dir in &spec.library_dirs {
+            if !search.is_empty() {
+                search.push(":");
+            }
+            search.push(dir);
         }
-        search.push(dir);
         command.env("LD_LIBRARY_PATH", search);
     }
     std::os::unix::process::CommandExt::process_group(&mut command, 0);
