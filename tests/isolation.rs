@@ -4,7 +4,7 @@
 //! jobs on that runner, with the cause; the host keeps its pid; a new runner takes the next job.
 
 use e2e::dev_api::DevApi;
-use e2e::platform::{Platform, Recorded, Route};
+use e2e::platform::{results_by_id, Platform, Route};
 use e2e::{
     artifacts, child_pids, fixture, process_alive, send_signal, wait_for_one_child, worker_host,
     Run, Sample, WorkerProcess,
@@ -14,22 +14,6 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 const WAIT: Duration = Duration::from_secs(30);
-
-/// Final results (not progress) by job id; panics if a job got two.
-fn results_by_id(requests: &[Recorded]) -> HashMap<String, Value> {
-    let mut by_id = HashMap::new();
-    for post in requests
-        .iter()
-        .filter(|r| r.route == Route::Done && r.status == 200 && r.json().get("status").is_none())
-    {
-        let id = post.job_id().expect("a job id in the path");
-        assert!(
-            by_id.insert(id.clone(), post.json()).is_none(),
-            "job {id} got two results"
-        );
-    }
-    by_id
-}
 
 /// The `error_type` and `error_message` of a job-done body's error payload.
 fn error_of(body: &Value) -> (String, String) {

@@ -17,7 +17,7 @@
 //! ran it. No assertion is about how long something took; waits poll with generous deadlines.
 
 use e2e::dev_api::DevApi;
-use e2e::platform::{Platform, Recorded, Route};
+use e2e::platform::{results_by_id, Platform, Route};
 use e2e::{fixture, process_alive, send_signal, wait_for_one_child, worker_host, Run};
 use reqwest::blocking::Client;
 use serde_json::{json, Value};
@@ -729,6 +729,28 @@ fn jobs_taken_across_a_swap_keep_to_the_new_builds_limit() {
     }
 }
 
+/// A second SIGHUP while a swap's `init` runs (a build written meanwhile) is not lost and does
+/// not start a second swap beside the first: once the first swap is in, the file is read again,
+/// and the last build written serves.
+#[test]
+fn a_sighup_during_a_swap_reads_the_file_again_after_it() {
+    let file = HandlerFile::holding(&versioned("v1"));
+    let host = Served::start(
+        file.path(),
+        &["--handler-config", r#"{"init_sleep_ms": 1000}"#],
+    );
+    host.assert_serving(&versioned("v1"), "1", 1);
+    file.replace_with(&versioned("v2"));
+    host.hang_up();
+    host.wait_for_log("loaded; running its init", 1);
+    file.replace_with(&versioned("v3"));
+    host.hang_up();
+    host.wait_for_log("while one is under way", 1);
+    host.wait_for_generation(3);
+    host.assert_serving(&versioned("v3"), "3", 3);
+    assert_eq!(host.logged(SWAPPED), 2, "{}", host.stderr());
+}
+
 /// A symlink as `--handler`, re-pointed at another version: SIGHUP swaps to what it points at now.
 #[test]
 fn sighup_follows_a_repointed_symlink() {
@@ -1008,22 +1030,6 @@ impl Drop for QueueWorker {
             let _ = self.child.wait();
         }
     }
-}
-
-/// Final results (not progress) by job id; panics if a job got two.
-fn results_by_id(requests: &[Recorded]) -> HashMap<String, Value> {
-    let mut by_id = HashMap::new();
-    for post in requests
-        .iter()
-        .filter(|r| r.route == Route::Done && r.status == 200 && r.json().get("status").is_none())
-    {
-        let id = post.job_id().expect("a job id in the path");
-        assert!(
-            by_id.insert(id.clone(), post.json()).is_none(),
-            "job {id} got two results"
-        );
-    }
-    by_id
 }
 
 /// A queue job for the versioned handler, whose input names the job.

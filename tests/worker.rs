@@ -1,10 +1,9 @@
 //! The RunPod queue worker, end to end: the real `worker-host` binary and real handler libraries
 //! against a stand-in of the platform on loopback that records every request and injects faults.
 
-use e2e::platform::{Fault, Platform, Recorded, Route};
+use e2e::platform::{results_by_id, Fault, Platform, Recorded, Route};
 use e2e::{Sample, WorkerProcess};
 use serde_json::{json, Value};
-use std::collections::HashMap;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -15,19 +14,6 @@ fn results(requests: &[Recorded]) -> Vec<&Recorded> {
         .iter()
         .filter(|r| r.route == Route::Done && r.status == 200 && r.json().get("status").is_none())
         .collect()
-}
-
-/// Final results by job id; panics if any job got two.
-fn results_by_id(requests: &[Recorded]) -> HashMap<String, Value> {
-    let mut by_id = HashMap::new();
-    for post in results(requests) {
-        let id = post.job_id().expect("a job id in the path");
-        assert!(
-            by_id.insert(id.clone(), post.json()).is_none(),
-            "job {id} got two results"
-        );
-    }
-    by_id
 }
 
 /// The inner error payload of a job-done body.

@@ -170,6 +170,23 @@ pub fn of_route(requests: &[Recorded], route: Route) -> Vec<&Recorded> {
     requests.iter().filter(|r| r.route == route).collect()
 }
 
+/// The final results among `requests` (job-done posts answered 200 that are not progress
+/// updates), by job id; panics if a job got two.
+pub fn results_by_id(requests: &[Recorded]) -> HashMap<String, Value> {
+    let mut by_id = HashMap::new();
+    for post in requests
+        .iter()
+        .filter(|r| r.route == Route::Done && r.status == 200 && r.json().get("status").is_none())
+    {
+        let id = post.job_id().expect("a job id in the path");
+        assert!(
+            by_id.insert(id.clone(), post.json()).is_none(),
+            "job {id} got two results"
+        );
+    }
+    by_id
+}
+
 /// The stand-in platform. Dropping it shuts the server down: held requests and open connections
 /// are dropped with it.
 pub struct Platform {
