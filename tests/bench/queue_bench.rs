@@ -36,6 +36,11 @@
 //! - **one-shot**: `worker-host --handler libecho_handler.so --test_input '{"input": 1}'`, from
 //!   spawn to exit, `--oneshot-runs` times for each isolation after one unmeasured warm-up run,
 //!   with its median and p90 wall time (target: under 20 ms); its output must be `{"output":1}`;
+//! - **the floor**: a bare loop (see `bare_loop`: this binary, one thread, one keep-alive
+//!   connection, take a job and post its input back) at concurrency 1 in every round and in the
+//!   big-payload runs, with `worker-host`'s ratio to it (targets: `--isolation none` at least
+//!   0.80 of its throughput; a 10 MiB job at most 1.3 times its latency, the host's peak RSS at
+//!   most 4 times the payload);
 //! - the official Python worker (`runpod` 1.12.0, `tests/bench/python_echo.py`) at concurrency 1
 //!   and 8 when `python3 -c "import runpod"` works, with a small N because the SDK sleeps 1 s
 //!   whenever its slots are full;
@@ -60,6 +65,8 @@
 //! `target/release` directory). For the Python runs: `pip install runpod==1.12.0`. The whole bench
 //! takes about a minute and a half with the defaults on 2 cores (the Python runs and the memory
 //! run take about 10 s each, the big-payload and one-shot runs a few seconds).
+
+mod bare_loop;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -652,6 +659,8 @@ enum Subject {
     },
     /// The official Python SDK running `python_echo.py`.
     Python { script: PathBuf },
+    /// The floor: this binary's bare loop (see `bare_loop`), concurrency 1 only.
+    BareLoop { binary: PathBuf },
 }
 
 impl Subject {
@@ -666,6 +675,7 @@ impl Subject {
                 ..
             } => "worker-host (none)",
             Subject::Python { .. } => "python runpod 1.12.0",
+            Subject::BareLoop { .. } => "bare loop (floor)",
         }
     }
 
@@ -681,6 +691,7 @@ impl Subject {
                 ..
             } => "wh-none",
             Subject::Python { .. } => "py",
+            Subject::BareLoop { .. } => "bare",
         }
     }
 
@@ -694,7 +705,7 @@ impl Subject {
                 handler: handler.clone(),
                 isolation,
             },
-            Subject::Python { .. } => self.clone(),
+            Subject::Python { .. } | Subject::BareLoop { .. } => self.clone(),
         }
     }
 
@@ -709,7 +720,9 @@ impl Subject {
         big: bool,
     ) -> Command {
         let mut command = match self {
-            Subject::WorkerHost { binary, .. } => Command::new(binary),
+            Subject::WorkerHost { binary, .. } | Subject::BareLoop { binary } => {
+                Command::new(binary)
+            }
             Subject::Python { .. } => Command::new("python3"),
         };
         // The platform's variables only: nothing inherited may change how the worker runs.
@@ -730,6 +743,9 @@ impl Subject {
                         .args(["--max-input-bytes", &limit])
                         .args(["--max-output-bytes", &limit]);
                 }
+            }
+            Subject::BareLoop { .. } => {
+                command.arg(bare_loop::ARGUMENT);
             }
             Subject::Python { script } => {
                 command
@@ -972,7 +988,7 @@ impl Bench {
                     .push(format!("the worker exited early ({status})"));
                 format!("early {status}")
             }
-            (None, Subject::WorkerHost { .. }) => {
+            (None, Subject::WorkerHost { .. } | Subject::BareLoop { .. }) => {
                 let signalled = Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
                     .status()
@@ -1197,6 +1213,54 @@ fn round_ratios(rounds: &[RunReport]) -> Vec<(usize, Vec<f64>)> {
         .collect()
 }
 
+/// Each concurrency-1 round's `worker-host` / floor and `worker-host (none)` / floor throughput
+/// ratios (the floor runs right after the two isolations in each round).
+fn floor_ratios(rounds: &[RunReport]) -> (Vec<f64>, Vec<f64>) {
+    let of = |label: &str| -> Vec<f64> {
+        rounds
+            .iter()
+            .filter(|r| r.label == label && r.concurrency == 1)
+            .map(RunReport::jobs_per_second)
+            .collect()
+    };
+    let floor = of("bare loop (floor)");
+    let against = |label: &str| -> Vec<f64> {
+        of(label)
+            .iter()
+            .zip(&floor)
+            .map(|(worker, floor)| worker / floor)
+            .collect()
+    };
+    (against("worker-host"), against("worker-host (none)"))
+}
+
+/// The floor's ratio line: each round's ratio to the bare loop at concurrency 1, and their
+/// medians (target for `--isolation none`: at least 0.80).
+fn print_floor_ratios(ratios: &(Vec<f64>, Vec<f64>)) {
+    let (isolated, in_process) = ratios;
+    if in_process.is_empty() {
+        return;
+    }
+    let each = |ratios: &[f64]| -> String {
+        ratios
+            .iter()
+            .map(|r| format!("{r:.2}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    println!();
+    println!("against the floor (a bare take/post loop, no handler), concurrency 1:");
+    println!(
+        "  worker-host (none) / floor: median {:.2} ({}) (target >= 0.80: {}); \
+         worker-host / floor: median {:.2} ({})",
+        median(in_process),
+        each(in_process),
+        verdict(median(in_process), 0.80, true),
+        median(isolated),
+        each(isolated),
+    );
+}
+
 /// The run of median throughput of each worker and concurrency, out of all rounds, carrying
 /// the problems of every round.
 fn median_rounds(rounds: Vec<RunReport>) -> Vec<RunReport> {
@@ -1308,6 +1372,29 @@ fn print_big(reports: &[RunReport], bytes: usize) {
             "note: {parsed} outputs were not byte-identical to {{\"output\":<input>}} and had to be parsed \
              (slow for big jobs)"
         );
+    }
+    let floor = reports.iter().find(|r| r.label == "bare loop (floor)");
+    if let Some(floor) = floor {
+        println!(
+            "against the floor, big payload (mean latency; peak RSS is the host process's VmHWM):"
+        );
+        for r in reports
+            .iter()
+            .filter(|r| r.label.starts_with("worker-host"))
+        {
+            let ratio = r.mean.as_secs_f64() / floor.mean.as_secs_f64();
+            let hwm = r.hwm_end.map_or(f64::NAN, |kib| kib as f64 * 1024.0);
+            let rss_ratio = hwm / bytes as f64;
+            println!(
+                "  {}: {:.2} / {:.2} ms = {ratio:.2} (target <= 1.3: {}); peak RSS {:.0} MiB = {rss_ratio:.1} x the payload (target <= 4: {})",
+                r.label,
+                r.mean.as_secs_f64() * 1e3,
+                floor.mean.as_secs_f64() * 1e3,
+                verdict(ratio, 1.3, false),
+                hwm / (1024.0 * 1024.0),
+                verdict(rss_ratio, 4.0, false),
+            );
+        }
     }
     if let Some((isolated, in_process)) = isolation_pair(reports, 1) {
         let mean = isolated.mean.as_secs_f64() / in_process.mean.as_secs_f64();
@@ -1474,6 +1561,9 @@ fn print_memory(report: &RunReport) {
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some(bare_loop::ARGUMENT) {
+        return bare_loop::main();
+    }
     let options = match Options::parse(&args) {
         Ok(options) => options,
         Err(error) if error.is_empty() => {
@@ -1542,12 +1632,24 @@ fn main() -> ExitCode {
     };
 
     let in_process = worker_host.with_isolation(Isolation::InProcess);
+    let floor = match std::env::current_exe() {
+        Ok(binary) => Subject::BareLoop { binary },
+        Err(error) => {
+            eprintln!("queue-bench: cannot find its own executable: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
 
     // Rounds of (runner, none) pairs, interleaved, so that both isolations see the same noise.
     let mut rounds: Vec<RunReport> = Vec::new();
     for round in 1..=options.rounds {
         for concurrency in [1, 8] {
-            for subject in [&worker_host, &in_process] {
+            let subjects: &[&Subject] = if concurrency == 1 {
+                &[&worker_host, &in_process, &floor]
+            } else {
+                &[&worker_host, &in_process]
+            };
+            for subject in subjects {
                 eprintln!(
                     "queue-bench: round {round}/{}: {}, concurrency {concurrency}, {} jobs...",
                     options.rounds,
@@ -1566,11 +1668,12 @@ fn main() -> ExitCode {
         }
     }
     let ratios = round_ratios(&rounds);
+    let floors = floor_ratios(&rounds);
     let mut reports = median_rounds(rounds);
     let mut big_reports = Vec::new();
     if !options.skip_big {
         let prompt = big_prompt(options.big_bytes);
-        for subject in [&worker_host, &in_process] {
+        for subject in [&worker_host, &in_process, &floor] {
             eprintln!(
                 "queue-bench: {}, big payload ({} bytes), concurrency 1, {} jobs...",
                 subject.label(),
@@ -1662,6 +1765,7 @@ fn main() -> ExitCode {
     table.extend(soak.as_ref());
     print_table(&table, python_note.as_deref());
     print_throughput_ratios(&reports, &ratios);
+    print_floor_ratios(&floors);
     if !big_reports.is_empty() {
         print_big(&big_reports, options.big_bytes);
     }
