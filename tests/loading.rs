@@ -138,6 +138,34 @@ fn a_dependency_shipped_with_the_handler_is_found_from_the_private_copy() {
     assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
 }
 
+/// The runner's longer library path is for the loader only: the handler (and what it starts)
+/// sees the operator's `LD_LIBRARY_PATH`, or none when the operator set none.
+#[test]
+fn the_handler_sees_the_operators_library_path() {
+    let value_seen = |library_path: Option<&str>| {
+        let mut command = worker_host();
+        command
+            .arg("--handler")
+            .arg(artifacts().library(Sample::Faulty))
+            .args([
+                "--test_input",
+                r#"{"input": {"mode": "env", "message": "LD_LIBRARY_PATH"}}"#,
+            ]);
+        command.env_remove("LD_LIBRARY_PATH");
+        if let Some(value) = library_path {
+            command.env("LD_LIBRARY_PATH", value);
+        }
+        let run = Run::of(&mut command);
+        assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+        run.result()["output"]["value"].clone()
+    };
+    assert_eq!(
+        value_seen(Some("/opt/operator/lib")),
+        json!("/opt/operator/lib")
+    );
+    assert_eq!(value_seen(None), Value::Null);
+}
+
 /// A library without `wh_handler_entry`: exit 5, saying how to export it.
 #[test]
 fn missing_entry_symbol() {

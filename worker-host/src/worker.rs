@@ -710,6 +710,23 @@ struct JobTask {
     streaming: bool,
 }
 
+/// Resolves once `lease`'s generation no longer serves (a swap).
+async fn swapped_from(shared: &Shared, lease: &Lease) {
+    let mut current = shared.live.subscribe();
+    loop {
+        let moved = match &*current.borrow_and_update() {
+            Current::Serving(generation) => !lease.is_on(generation),
+            Current::Swapping | Current::Failed(_) => true,
+        };
+        if moved {
+            return;
+        }
+        if current.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Binds a job to the handler serving, waiting while none does (a drain-first swap); the error
 /// says why none ever will.
 async fn next_lease(shared: &Shared) -> Result<Lease, String> {
@@ -747,30 +764,34 @@ impl JobTask {
             },
         };
         // Bound to the handler serving when it starts: it runs there and is reported as that
-        // handler's, even if a swap moves later jobs to another.
-        let lease = tokio::select! {
-            biased;
-            Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
-            lease = next_lease(&shared) => lease,
-        };
-        let lease = match lease {
-            Ok(lease) => lease,
-            Err(reason) => {
-                let result = JobResult {
-                    outcome: Outcome::Failed {
-                        failure: Failure::new("HandlerFailed", reason),
-                        streaming: false,
-                    },
-                    recycle: false,
-                };
-                return self.finish(Ending::Completed(result), &[]).await;
+        // handler's, even if a swap moves later jobs to another. It also waits for a slot of
+        // that build's own (its max_concurrency, which the worker's slots reach only as earlier
+        // jobs end); a swap meanwhile binds it to the new build instead.
+        let (lease, build_slot) = loop {
+            let lease = tokio::select! {
+                biased;
+                Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
+                lease = next_lease(&shared) => lease,
+            };
+            let lease = match lease {
+                Ok(lease) => lease,
+                Err(reason) => {
+                    let result = JobResult {
+                        outcome: Outcome::Failed {
+                            failure: Failure::new("HandlerFailed", reason),
+                            streaming: false,
+                        },
+                        recycle: false,
+                    };
+                    return self.finish(Ending::Completed(result), &[]).await;
+                }
+            };
+            tokio::select! {
+                biased;
+                Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
+                slot = lease.slot() => break (lease, slot),
+                () = swapped_from(&shared, &lease) => {}
             }
-        };
-        // The build's own limit, which the worker's slots reach only as earlier jobs end.
-        let build_slot = tokio::select! {
-            biased;
-            Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
-            slot = lease.slot() => slot,
         };
         self.streaming = lease.info().streaming;
         tracing::info!("Started.");

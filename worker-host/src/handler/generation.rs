@@ -50,7 +50,12 @@ impl Generation {
         let Source { original, copy } = source;
         let from_copy = HandlerSpec {
             path: copy.path().to_path_buf(),
-            library_dirs: super::origin::library_dirs(&original),
+            // Read from the copy (what is loaded), not the path (which may hold another build
+            // by now), and expanded against where the user's file is.
+            library_dirs: original
+                .parent()
+                .map(|origin| super::origin::library_dirs(copy.path(), origin))
+                .unwrap_or_default(),
             ..spec.clone()
         };
         let loaded: Result<Arc<dyn Handler>, LoadError> = match spec.isolation {
@@ -190,6 +195,13 @@ impl Source {
 /// A job's hold on the generation that runs it.
 #[derive(Debug)]
 pub struct Lease(Arc<Generation>);
+
+impl Lease {
+    /// Whether this is a lease on `generation`.
+    pub fn is_on(&self, generation: &Arc<Generation>) -> bool {
+        Arc::ptr_eq(&self.0, generation)
+    }
+}
 
 impl std::ops::Deref for Lease {
     type Target = Generation;

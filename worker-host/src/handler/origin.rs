@@ -12,14 +12,12 @@
 use object::read::elf::{Dyn, ElfFile64};
 use std::path::{Path, PathBuf};
 
-/// The directories the handler at `original` finds its libraries in through `$ORIGIN`, expanded
-/// against `original`'s directory, with that directory itself last; only that directory when
-/// the file cannot be read as a 64-bit ELF file (loading it then says why).
-pub fn library_dirs(original: &Path) -> Vec<PathBuf> {
-    let Some(origin) = original.parent() else {
-        return Vec::new();
-    };
-    let mut dirs: Vec<PathBuf> = run_path(original)
+/// The directories the handler in `library` (the private copy: the bytes that are loaded)
+/// finds its libraries in through `$ORIGIN`, expanded against `origin` (the directory of the
+/// file the user named), with `origin` itself last; only `origin` when the file cannot be read
+/// as a 64-bit ELF file (loading it then says why).
+pub fn library_dirs(library: &Path, origin: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = run_path(library)
         .iter()
         .flat_map(|entries| entries.split(':'))
         .filter(|entry| entry.contains("$ORIGIN") || entry.contains("${ORIGIN}"))
@@ -78,13 +76,13 @@ mod tests {
     #[test]
     fn a_file_without_origin_gives_its_directory() {
         let exe = std::env::current_exe().unwrap();
+        let origin = Path::new("/somewhere");
+        assert_eq!(library_dirs(&exe, origin), vec![origin.to_path_buf()]);
+        let not_elf = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(not_elf.path(), b"text").unwrap();
         assert_eq!(
-            library_dirs(&exe),
-            vec![exe.parent().unwrap().to_path_buf()]
+            library_dirs(not_elf.path(), origin),
+            vec![origin.to_path_buf()]
         );
-        let not_elf = std::env::temp_dir().join("not-an-elf-file-for-origin-test");
-        std::fs::write(&not_elf, b"text").unwrap();
-        assert_eq!(library_dirs(&not_elf), vec![std::env::temp_dir()]);
-        let _ = std::fs::remove_file(not_elf);
     }
 }

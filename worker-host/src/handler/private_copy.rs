@@ -18,7 +18,9 @@
 //! A host killed with SIGKILL cannot remove its directory. Each host holds an exclusive `flock`
 //! on a `.lock` file in its own directory for as long as it runs, so the next host to start
 //! removes the directories whose lock it can take: their host is gone (a lock, unlike a pid,
-//! means the same in every pid namespace that shares the directory).
+//! means the same in every pid namespace that shares the directory). A directory is made under
+//! another name, locked, and only then renamed, so one being made is never taken for one left
+//! behind; one without a lock file is never removed.
 
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -56,22 +58,32 @@ pub enum CopyError {
 /// The private directory of this host's handler copies; removed when dropped.
 #[derive(Debug)]
 pub struct PrivateDir {
-    /// Held while the host runs: the directory is in use (see the module docs).
-    _lock: nix::fcntl::Flock<std::fs::File>,
-    _dir: tempfile::TempDir,
+    /// Held while the host runs: the directory is in use (see the module docs). `None` on a
+    /// file system without `flock`.
+    _lock: Option<nix::fcntl::Flock<std::fs::File>>,
+    _dir: RemovedOnDrop,
     copies: Arc<PrivateCopies>,
+}
+
+/// A directory removed, with everything in it, when this is dropped.
+#[derive(Debug)]
+struct RemovedOnDrop(PathBuf);
+
+impl Drop for RemovedOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// The start of every private directory's name.
 const PREFIX: &str = "worker-host-handlers-";
+/// The start of a private directory's name while it is made (before it is locked).
+const STAGING_PREFIX: &str = ".worker-host-starting-";
 /// The lock file in each.
 const LOCK_FILE: &str = ".lock";
-/// How old a directory without a lock file must be to count as left behind (one that is that
-/// new may be another host's, being made).
-const UNLOCKED_AGE: std::time::Duration = std::time::Duration::from_secs(60);
-
-/// Removes the private directories under `parent` whose host is gone: their lock can be taken
-/// (or, older than [`UNLOCKED_AGE`], they have none). Best effort: what cannot be removed stays.
+/// Removes the private directories under `parent` whose host is gone: their lock file can be
+/// locked. One without a lock file (from a host that could not lock, or an older version) is
+/// never removed. Best effort: what cannot be removed stays.
 fn remove_left_behind(parent: &Path) {
     let Ok(entries) = std::fs::read_dir(parent) else {
         return;
@@ -89,14 +101,9 @@ fn remove_left_behind(parent: &Path) {
         if !ours {
             continue;
         }
-        let gone = match std::fs::File::open(dir.join(LOCK_FILE)) {
-            Ok(file) => {
-                nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
-            }
-            Err(_) => std::fs::metadata(&dir)
-                .and_then(|metadata| metadata.modified())
-                .is_ok_and(|modified| modified.elapsed().unwrap_or_default() > UNLOCKED_AGE),
-        };
+        let gone = std::fs::File::open(dir.join(LOCK_FILE)).is_ok_and(|file| {
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).is_ok()
+        });
         if gone && std::fs::remove_dir_all(&dir).is_ok() {
             tracing::debug!(
                 "Removed {}, left behind by a host that is gone.",
@@ -163,40 +170,62 @@ pub fn sha256_of(path: &Path) -> std::io::Result<String> {
 }
 
 impl PrivateDir {
-    /// Makes the private directory (`worker-host-handlers-*` under `$TMPDIR`, mode 0700).
+    /// Makes the private directory (`worker-host-handlers-*` under `$TMPDIR`, mode 0700). It is
+    /// made under a name the sweep of other hosts ignores, locked, and only then renamed to
+    /// its own, so no host ever removes a directory that is being made.
     pub fn create() -> Result<Self, CopyError> {
         use std::os::unix::fs::PermissionsExt;
-        remove_left_behind(&std::env::temp_dir());
-        let dir = tempfile::Builder::new()
-            .prefix(PREFIX)
+        let parent = std::env::temp_dir();
+        remove_left_behind(&parent);
+        let staging = tempfile::Builder::new()
+            .prefix(STAGING_PREFIX)
             .permissions(std::fs::Permissions::from_mode(0o700))
-            .tempdir()
+            .tempdir_in(&parent)
             .map_err(|source| CopyError::Write {
-                dir: std::env::temp_dir(),
+                dir: parent.clone(),
                 source,
             })?;
-        let noexec = nix::sys::statvfs::statvfs(dir.path())
+        let write_error = |source| CopyError::Write {
+            dir: staging.path().to_path_buf(),
+            source,
+        };
+        let noexec = nix::sys::statvfs::statvfs(staging.path())
             .is_ok_and(|fs| fs.flags().contains(nix::sys::statvfs::FsFlags::ST_NOEXEC));
         if noexec {
             return Err(CopyError::NoExec {
-                dir: dir.path().to_path_buf(),
+                dir: staging.path().to_path_buf(),
             });
         }
-        let write_error = |source| CopyError::Write {
-            dir: dir.path().to_path_buf(),
-            source,
-        };
-        let lock_file = std::fs::File::create(dir.path().join(LOCK_FILE)).map_err(write_error)?;
-        let lock = nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|(_, errno)| write_error(errno.into()))?;
+        let lock_path = staging.path().join(LOCK_FILE);
+        let lock_file = std::fs::File::create(&lock_path).map_err(write_error)?;
+        let lock =
+            match nix::fcntl::Flock::lock(lock_file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(lock) => Some(lock),
+                Err((_, errno)) => {
+                    // A file system without flock: no lock file either, so no sweep removes the
+                    // directory (nor, if the host is killed, ever will).
+                    tracing::debug!("cannot lock {}: {errno}", lock_path.display());
+                    let _ = std::fs::remove_file(&lock_path);
+                    None
+                }
+            };
+        let name = staging
+            .path()
+            .file_name()
+            .map(|name| name.to_string_lossy().replacen(STAGING_PREFIX, PREFIX, 1))
+            .unwrap_or_else(|| format!("{PREFIX}{}", std::process::id()));
+        let dir = parent.join(name);
+        std::fs::rename(staging.path(), &dir).map_err(write_error)?;
+        // The staging guard now names nothing; the directory's own guard removes it.
+        drop(staging);
         let copies = Arc::new(PrivateCopies {
-            dir: dir.path().to_path_buf(),
+            dir: dir.clone(),
             live: Mutex::new(HashMap::new()),
             next: std::sync::atomic::AtomicU64::new(1),
         });
         Ok(Self {
             _lock: lock,
-            _dir: dir,
+            _dir: RemovedOnDrop(dir),
             copies,
         })
     }
@@ -282,7 +311,7 @@ mod tests {
         assert!(!gone.exists(), "an unlocked one is removed");
         assert!(
             being_made.exists(),
-            "a new one without a lock may be being made"
+            "one without a lock file is never removed"
         );
         assert!(other.exists(), "others' directories are not touched");
     }
@@ -319,6 +348,8 @@ mod tests {
         assert!(second.path().exists());
 
         let private = copies.dir.clone();
+        assert_eq!(private, dir._dir.0);
+        assert!(private.join(LOCK_FILE).exists());
         drop(dir);
         assert!(
             !private.exists(),

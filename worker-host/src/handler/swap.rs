@@ -231,11 +231,9 @@ impl LiveHandler {
                     new.handler().shutdown();
                     return swap_failed(&error, &old);
                 }
-                if !self.install(new.clone(), started) {
+                if !self.install(new.clone(), started, Some(old)) {
                     new.handler().shutdown();
-                    return;
                 }
-                self.retire(old);
             }
             SwapPolicy::DrainFirst => {
                 self.current.send_replace(Current::Swapping);
@@ -258,15 +256,21 @@ impl LiveHandler {
                     );
                     return self.restore(&old, started);
                 }
-                if !self.install(new.clone(), started) {
+                if !self.install(new.clone(), started, None) {
                     new.handler().shutdown();
                 }
             }
         }
     }
 
-    /// Makes `new` the generation serving (unless the host is shutting down meanwhile).
-    fn install(&self, new: Arc<Generation>, started: Instant) -> bool {
+    /// Makes `new` the generation serving, and retires `replacing` (unless the host is shutting
+    /// down meanwhile: then nothing changes).
+    fn install(
+        &self,
+        new: Arc<Generation>,
+        started: Instant,
+        replacing: Option<Arc<Generation>>,
+    ) -> bool {
         // Under the lock, so a shutdown sees either the old handler or the new one, never
         // shuts down the old one while the new one goes in.
         let mut swaps = self.swaps();
@@ -280,6 +284,9 @@ impl LiveHandler {
             started.elapsed().as_secs_f64()
         );
         self.current.send_replace(Current::Serving(new));
+        if let Some(old) = replacing {
+            retire(old, &mut swaps);
+        }
         true
     }
 
@@ -296,7 +303,7 @@ impl LiveHandler {
         });
         match again {
             Ok(again) => {
-                if !self.install(again.clone(), started) {
+                if !self.install(again.clone(), started, None) {
                     again.handler().shutdown();
                 }
             }
@@ -308,29 +315,6 @@ impl LiveHandler {
                 tracing::error!("{reason}.");
                 self.current.send_replace(Current::Failed(reason));
             }
-        }
-    }
-
-    /// Lets `old` finish its jobs on a thread of its own, then shuts it down.
-    fn retire(&self, old: Arc<Generation>) {
-        old.handler().retire();
-        let label = old.label();
-        let retiring = std::thread::Builder::new()
-            .name(format!("handler-{}-retiring", old.number()))
-            .spawn(move || {
-                old.wait_idle();
-                old.handler().shutdown();
-                tracing::info!("{label} has finished its jobs and stopped.");
-            });
-        match retiring {
-            Ok(thread) => {
-                let mut swaps = self.swaps();
-                swaps.retiring.retain(|thread| !thread.is_finished());
-                swaps.retiring.push(thread);
-            }
-            Err(error) => tracing::warn!(
-                "The replaced handler cannot be stopped in order ({error}); its runner ends with the host."
-            ),
         }
     }
 
@@ -366,4 +350,27 @@ fn swap_failed(error: &LoadError, old: &Generation) {
         "Handler swap failed: {error}; {} keeps serving.",
         old.label()
     );
+}
+
+/// Lets `old` finish its jobs on a thread of its own, then shuts it down; the thread is kept in
+/// `swaps` for [`LiveHandler::shutdown`] to wait for.
+fn retire(old: Arc<Generation>, swaps: &mut Swaps) {
+    old.handler().retire();
+    let label = old.label();
+    let retiring = std::thread::Builder::new()
+        .name(format!("handler-{}-retiring", old.number()))
+        .spawn(move || {
+            old.wait_idle();
+            old.handler().shutdown();
+            tracing::info!("{label} has finished its jobs and stopped.");
+        });
+    match retiring {
+        Ok(thread) => {
+            swaps.retiring.retain(|thread| !thread.is_finished());
+            swaps.retiring.push(thread);
+        }
+        Err(error) => tracing::warn!(
+            "The replaced handler cannot be stopped in order ({error}); its runner ends with the host."
+        ),
+    }
 }

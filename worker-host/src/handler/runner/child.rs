@@ -47,7 +47,27 @@ fn parse(arguments: &[OsString]) -> Option<Arguments> {
 }
 
 /// Runs the runner with the arguments after [`super::RUNNER_ARGUMENT`]; returns its exit code.
+/// The variable in which the host passes the operator's own `LD_LIBRARY_PATH` (`set:VALUE`, or
+/// `unset`) when it lengthened the runner's with the handler's `$ORIGIN` directories.
+pub(super) const OPERATOR_LIBRARY_PATH: &str = "WORKER_HOST_RUNNER_OPERATOR_LD_LIBRARY_PATH";
+
+/// Puts the operator's `LD_LIBRARY_PATH` back (see [`OPERATOR_LIBRARY_PATH`]): the loader has
+/// read the lengthened one at start, and the processes a handler starts get the operator's.
+/// Called first thing, before this process has a second thread.
+fn restore_library_path() {
+    let Some(marked) = std::env::var_os(OPERATOR_LIBRARY_PATH) else {
+        return;
+    };
+    std::env::remove_var(OPERATOR_LIBRARY_PATH);
+    use std::os::unix::ffi::OsStrExt;
+    match marked.as_bytes().strip_prefix(b"set:") {
+        Some(value) => std::env::set_var("LD_LIBRARY_PATH", std::ffi::OsStr::from_bytes(value)),
+        None => std::env::remove_var("LD_LIBRARY_PATH"),
+    }
+}
+
 pub fn main(arguments: &[OsString]) -> ExitCode {
+    restore_library_path();
     let Some(arguments) = parse(arguments) else {
         eprintln!("worker-host: the runner mode is started by worker-host itself, not by hand");
         return ExitCode::from(crate::exit::USAGE);

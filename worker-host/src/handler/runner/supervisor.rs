@@ -763,7 +763,14 @@ fn spawn_runner(shared: &Arc<Shared>, generation: u64) -> std::io::Result<Arc<Ru
         // The runner loads the private copy, so `$ORIGIN` in the handler's run path names the
         // private directory; the libraries shipped with the original are still found, after
         // whatever the operator's own LD_LIBRARY_PATH names.
-        let mut search = std::env::var_os("LD_LIBRARY_PATH").unwrap_or_default();
+        let operators = std::env::var_os("LD_LIBRARY_PATH");
+        // The runner puts the operator's own value back once it runs (the loader has read the
+        // longer one by then), so what the handler starts does not inherit the additions.
+        let mut marked =
+            std::ffi::OsString::from(if operators.is_some() { "set:" } else { "unset" });
+        marked.push(operators.clone().unwrap_or_default());
+        command.env(super::child::OPERATOR_LIBRARY_PATH, marked);
+        let mut search = operators.unwrap_or_default();
         for dir in &spec.library_dirs {
             if !search.is_empty() {
                 search.push(":");
