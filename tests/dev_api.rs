@@ -1554,3 +1554,181 @@ fn failing_handler_init_exits_with_its_message() {
         run.stderr
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Below the routers: requests hyper rejects, and connections that stall
+// ---------------------------------------------------------------------------------------------
+
+/// The test-only variable that shortens the 30 s header read timeout, in whole seconds.
+const HEADER_TIMEOUT_ENV: &str = "WORKER_HOST_DEV_API_HEADER_TIMEOUT_SECS";
+
+/// Opens a connection to the host, with reads that give up after [`WAIT`].
+fn raw_connection(api: &Api) -> std::net::TcpStream {
+    let address = api
+        .host
+        .base_url()
+        .strip_prefix("http://")
+        .expect("an http:// base URL");
+    let stream = std::net::TcpStream::connect(address).expect("a connection to the host");
+    stream.set_read_timeout(Some(WAIT)).expect("a read timeout");
+    stream
+}
+
+/// Reads until the server closes the connection; panics if it neither closes it nor sends
+/// anything more within [`WAIT`]. A reset after the answer (the server closed with part of the
+/// request unread) ends the reading like a close.
+fn read_to_close(api: &Api, stream: &mut std::net::TcpStream) -> Vec<u8> {
+    use std::io::{ErrorKind, Read};
+    let mut received = Vec::new();
+    let mut buffer = [0; 64 * 1024];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return received,
+            Ok(read) => received.extend_from_slice(&buffer[..read]),
+            Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                panic!(
+                    "the connection is still open after {WAIT:?}; received so far: {:?}\n\
+                     --- host stderr ---\n{}",
+                    String::from_utf8_lossy(&received),
+                    api.host.stderr()
+                )
+            }
+            Err(error) if error.kind() == ErrorKind::Interrupted => {}
+            Err(_reset) => return received,
+        }
+    }
+}
+
+/// The answer in `received`, one HTTP/1.1 answer read whole.
+fn parse_raw_reply(received: &[u8]) -> Reply {
+    let text = String::from_utf8_lossy(received);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.split("\r\n");
+    let code = lines
+        .next()
+        .and_then(|status| status.split(' ').nth(1))
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    let content_type = lines
+        .filter_map(|line| line.split_once(':'))
+        .find(|(name, _)| name.trim().eq_ignore_ascii_case("content-type"))
+        .map(|(_, value)| value.trim().to_owned())
+        .unwrap_or_default();
+    Reply {
+        code,
+        content_type,
+        text: body.to_owned(),
+    }
+}
+
+/// Sends `request` as is on a fresh connection and returns the answer, read until the server
+/// closes the connection (as it does after each of these rejections). A write the server cuts
+/// short by closing (it answers before reading the whole request) is not an error.
+fn raw_exchange(api: &Api, request: &[u8]) -> Reply {
+    use std::io::Write;
+    let mut stream = raw_connection(api);
+    let _ = stream.write_all(request);
+    parse_raw_reply(&read_to_close(api, &mut stream))
+}
+
+/// A `GET` of `target` with one extra header line (none when empty), asking the server to close
+/// the connection after its answer.
+fn raw_get(target: &str, extra_header: &str) -> Vec<u8> {
+    let mut request = format!("GET {target} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+    if !extra_header.is_empty() {
+        request.push_str(extra_header);
+        request.push_str("\r\n");
+    }
+    request.push_str("\r\n");
+    request.into_bytes()
+}
+
+/// A URL over hyper's 65,534-byte limit never reaches the router, and still gets a JSON 414 (a
+/// long one under the limit is routed as usual).
+#[test]
+fn a_100_kb_url_gets_414_json() {
+    let api = Api::start(Sample::Echo, &[]);
+    let reply = raw_exchange(
+        &api,
+        &raw_get(&format!("/status/{}", "a".repeat(100_000)), ""),
+    );
+    let message = api.error(&reply, 414);
+    assert!(
+        message.contains("URL") && message.contains("65534"),
+        "{message}"
+    );
+
+    let reply = raw_exchange(
+        &api,
+        &raw_get(&format!("/status/{}", "a".repeat(20_000)), ""),
+    );
+    assert_eq!(api.error(&reply, 404), "request does not exist");
+}
+
+/// A megabyte of headers, or too many of them, gets a JSON 431 naming the limits.
+#[test]
+fn oversize_headers_get_431_json() {
+    let api = Api::start(Sample::Echo, &[]);
+    let big = format!("X-Big: {}", "a".repeat(MIB));
+    let message = api.error(&raw_exchange(&api, &raw_get("/health", &big)), 431);
+    assert!(message.contains("128 KiB"), "{message}");
+
+    let many: Vec<String> = (0..150).map(|n| format!("X-Header-{n}: {n}")).collect();
+    let message = api.error(
+        &raw_exchange(&api, &raw_get("/health", &many.join("\r\n"))),
+        431,
+    );
+    assert!(message.contains("100 headers"), "{message}");
+
+    // Headers under the limit are fine.
+    let fine = format!("X-Big: {}", "a".repeat(64 * 1024));
+    let reply = raw_exchange(&api, &raw_get("/health", &fine));
+    assert_eq!(reply.code, 200, "{}", api.show(&reply));
+}
+
+/// A request that is not HTTP (a garbled request line, a header line without a colon, an unknown
+/// HTTP version) gets a JSON 400, and the host goes on serving.
+#[test]
+fn a_garbled_request_gets_400_json() {
+    let api = Api::start(Sample::Echo, &[]);
+    for request in [
+        &b"HELLO WORLD\r\n\r\n"[..],
+        b"\x00\x01\x02 garbage\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost localhost\r\n\r\n",
+        b"GET /health HTTP/9.9\r\nHost: localhost\r\n\r\n",
+    ] {
+        let reply = raw_exchange(&api, request);
+        let message = api.error(&reply, 400);
+        assert!(message.contains("not valid HTTP"), "{message}");
+    }
+    api.ok(&api.get("/health"));
+}
+
+/// A connection that sends half a request line and stops is closed, with no answer, once the
+/// header read timeout (shortened to 1 s here) is over; so is an idle keep-alive connection. A
+/// stalled connection does not hold up others.
+#[test]
+fn a_connection_that_stalls_mid_request_line_is_closed() {
+    use std::io::Write;
+    let api = Api::with(DevApi::start_with_env(
+        Sample::Echo,
+        &[],
+        &[(HEADER_TIMEOUT_ENV, "1")],
+    ));
+    let mut stalled = raw_connection(&api);
+    stalled.write_all(b"GET /hea").expect("half a request line");
+    api.ok(&api.get("/health"));
+    let received = read_to_close(&api, &mut stalled);
+    assert!(
+        received.is_empty(),
+        "answered: {:?}",
+        String::from_utf8_lossy(&received)
+    );
+
+    // Idle after an answer: closed too, the answer delivered whole first.
+    let mut idle = raw_connection(&api);
+    idle.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        .expect("a request");
+    let reply = parse_raw_reply(&read_to_close(&api, &mut idle));
+    api.ok(&reply);
+}

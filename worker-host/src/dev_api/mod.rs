@@ -10,6 +10,8 @@
 //!
 //! So jobs run on the production code path, with the same concurrency, limits and error shapes;
 //! the loopback hop costs tens of microseconds. [`webhook`] sends final statuses to webhooks.
+//! [`connections`] serves both halves over HTTP/1.1: request limits below the routers, JSON
+//! bodies for hyper's own rejections, the header read timeout, graceful shutdown.
 //!
 //! Shutdown (SIGTERM or Ctrl-C): new jobs (and retries) are refused (503) while the worker drains
 //! as in production (running jobs get the grace period) and results stay readable; then waiting
@@ -17,6 +19,7 @@
 //! those under way and those still queued, get a few seconds (what is left then is abandoned
 //! and logged by job id). Queued jobs that never started are dropped with the process.
 
+pub mod connections;
 pub mod public;
 pub mod store;
 pub mod webhook;
@@ -25,7 +28,6 @@ pub mod worker_facing;
 use crate::handler::{Current, LiveHandler};
 use crate::runpod::{PlatformClient, UrlError};
 use crate::worker::WorkerConfig;
-use axum::serve::ListenerExt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -148,14 +150,13 @@ pub async fn serve(
         store: store.clone(),
         key,
     }));
+    let header_read_timeout = connections::header_read_timeout();
     let facing_stop = worker_done.clone();
-    let facing_server = tokio::spawn(async move {
-        let server = axum::serve(loopback.tap_io(no_delay), facing)
-            .with_graceful_shutdown(async move { facing_stop.cancelled().await });
-        if let Err(error) = server.await {
-            tracing::error!("The worker's loopback server failed: {error}");
-        }
-    });
+    // The worker's own loopback connections are never timed out: a pooled one closed under it
+    // would only cost a retry, but nothing here needs guarding against.
+    let facing_server = tokio::spawn(connections::serve(loopback, facing, None, async move {
+        facing_stop.cancelled().await
+    }));
 
     let draining = CancellationToken::new();
     let public = public::router(Arc::new(public::PublicApi {
@@ -166,13 +167,12 @@ pub async fn serve(
     }));
     let stop_accepting = CancellationToken::new();
     let public_stop = stop_accepting.clone();
-    let mut public_server = tokio::spawn(async move {
-        let server = axum::serve(public_listener.tap_io(no_delay), public)
-            .with_graceful_shutdown(async move { public_stop.cancelled().await });
-        if let Err(error) = server.await {
-            tracing::error!("The dev API server failed: {error}");
-        }
-    });
+    let mut public_server = tokio::spawn(connections::serve(
+        public_listener,
+        public,
+        Some(header_read_timeout),
+        async move { public_stop.cancelled().await },
+    ));
     announce(public_address, config.api_key.is_some());
 
     // At the signal new jobs are refused, while running ones finish (or are failed at the end of
@@ -216,13 +216,6 @@ fn json_answer(status: axum::http::StatusCode, body: String) -> axum::response::
         body,
     )
         .into_response()
-}
-
-/// Small answers go out at once instead of waiting on Nagle's algorithm.
-fn no_delay(stream: &mut tokio::net::TcpStream) {
-    if let Err(error) = stream.set_nodelay(true) {
-        tracing::debug!("cannot set TCP_NODELAY: {error}");
-    }
 }
 
 /// Logs where the API listens and how to point the official client at it.
