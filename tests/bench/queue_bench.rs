@@ -41,6 +41,8 @@
 //!   big-payload runs, with `worker-host`'s ratio to it (targets: `--isolation none` at least
 //!   0.80 of its throughput; a 10 MiB job at most 1.3 times its latency, the host's peak RSS at
 //!   most 4 times the payload);
+//! - **batch**: four jobs of a 15 MiB prompt taken in one batch at concurrency 4, for both
+//!   isolations, with the host's peak RSS against the batch's size (target: at most 2.5 times);
 //! - the official Python worker (`runpod` 1.12.0, `tests/bench/python_echo.py`) at concurrency 1
 //!   and 8 when `python3 -c "import runpod"` works, with a small N because the SDK sleeps 1 s
 //!   whenever its slots are full;
@@ -110,6 +112,11 @@ const POLL: Duration = Duration::from_millis(20);
 const SMALL_PROMPT: &str = "echo me";
 /// `--max-input-bytes` and `--max-output-bytes` of the big-payload runs.
 const BIG_LIMIT_BYTES: usize = 64 * 1024 * 1024;
+/// The batch run: this many jobs of [`BATCH_JOB_BYTES`] each, taken in one batch at this
+/// concurrency (the issue's valid batch of 4 x 15 MB).
+const BATCH_JOBS: usize = 4;
+/// The prompt of each job of the batch run.
+const BATCH_JOB_BYTES: usize = 15 * 1024 * 1024;
 /// The one-shot run's job, as the issue gives it.
 const ONESHOT_INPUT: &str = r#"{"input": 1}"#;
 /// What the echo handler's one-shot run must print.
@@ -131,7 +138,7 @@ usage: queue-bench [--jobs N] [--rounds N] [--big-jobs N] [--big-bytes N] [--one
   --soak-jobs N     jobs in the worker-host memory run at concurrency 8 (default 100000)
   --sample-every N  sample worker-host's VmRSS every N jobs of the memory run (default 10000)
   --python-jobs N   jobs per Python SDK run (default 10: the SDK manages about 1 job/s)
-  --skip-big        do not run the big-payload runs
+  --skip-big        do not run the big-payload runs (nor the 4 x 15 MiB batch runs)
   --skip-oneshot    do not time the one-shot runs
   --skip-python     do not run the official Python worker
   --skip-soak       do not run the memory run";
@@ -1412,6 +1419,31 @@ fn print_big(reports: &[RunReport], bytes: usize) {
     }
 }
 
+/// The batch runs' peak memory against the batch's size (target: at most 2.5 times).
+fn print_batch(reports: &[RunReport]) {
+    let batch = (BATCH_JOBS * BATCH_JOB_BYTES) as f64;
+    println!();
+    println!(
+        "batch: {BATCH_JOBS} echo jobs of a {} byte prompt taken at once (concurrency {BATCH_JOBS}), {:.0} MiB in all; peak RSS is the host process's VmHWM:",
+        thousands(BATCH_JOB_BYTES as u64),
+        batch / (1024.0 * 1024.0)
+    );
+    for r in reports {
+        let hwm = r.hwm_end.map_or(f64::NAN, |kib| kib as f64 * 1024.0);
+        let ratio = hwm / batch;
+        println!(
+            "  {}: {} jobs in {:.2} s (takes {}, of them batch {}); peak RSS {:.0} MiB = {ratio:.1} x the batch (target <= 2.5: {})",
+            r.label,
+            r.done,
+            r.elapsed.as_secs_f64(),
+            r.takes,
+            r.batch_takes,
+            hwm / (1024.0 * 1024.0),
+            verdict(ratio, 2.5, false),
+        );
+    }
+}
+
 /// The one-shot timings: (isolation, wall times or why not).
 fn print_oneshot(results: &[(Isolation, Result<Vec<Duration>, String>)]) {
     println!();
@@ -1690,6 +1722,24 @@ fn main() -> ExitCode {
             ));
         }
     }
+    let mut batch_reports = Vec::new();
+    if !options.skip_big {
+        let prompt = big_prompt(BATCH_JOB_BYTES);
+        for subject in [&worker_host, &in_process] {
+            eprintln!(
+                "queue-bench: {}, a batch of {BATCH_JOBS} jobs of {BATCH_JOB_BYTES} bytes, concurrency {BATCH_JOBS}...",
+                subject.label(),
+            );
+            batch_reports.push(bench.run(
+                subject,
+                BATCH_JOBS,
+                BATCH_JOBS,
+                Some(&prompt),
+                None,
+                timeout_for(BATCH_JOBS, Duration::from_secs(10)),
+            ));
+        }
+    }
     let mut oneshots = Vec::new();
     if !options.skip_oneshot {
         for subject in [&worker_host, &in_process] {
@@ -1769,6 +1819,9 @@ fn main() -> ExitCode {
     if !big_reports.is_empty() {
         print_big(&big_reports, options.big_bytes);
     }
+    if !batch_reports.is_empty() {
+        print_batch(&batch_reports);
+    }
     if !oneshots.is_empty() {
         print_oneshot(&oneshots);
     }
@@ -1801,7 +1854,7 @@ fn main() -> ExitCode {
             );
         }
     }
-    for r in table.into_iter().chain(&big_reports) {
+    for r in table.into_iter().chain(&big_reports).chain(&batch_reports) {
         for problem in &r.problems {
             failed = true;
             eprintln!(
