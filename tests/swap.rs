@@ -702,33 +702,6 @@ fn a_new_build_brings_its_own_concurrency_and_streaming() {
     }
 }
 
-/// A swap on an idle worker whose take is already waiting with every slot: the jobs that take
-/// brings still keep to the new build's limit of one at a time.
-#[test]
-fn jobs_taken_across_a_swap_keep_to_the_new_builds_limit() {
-    let file = HandlerFile::holding(&versioned("v1"));
-    let host = Served::start(
-        file.path(),
-        &["--concurrency", "4", "--return-aggregate-stream"],
-    );
-    host.assert_serving(&versioned("v1"), "1", 1);
-    file.replace_with(&versioned("serial_stream"));
-    host.hang_up();
-    host.wait_for_generation(2);
-    let ids: Vec<String> = (0..3)
-        .map(|n| host.run(json!({"n": n, "sleep_ms": 300})))
-        .collect();
-    for id in &ids {
-        let status = host.wait_for_end(id);
-        assert_eq!(
-            status["output"][0]["most_at_once"],
-            1,
-            "the new build allows one job at a time: {status}\n--- host stderr ---\n{}",
-            host.stderr()
-        );
-    }
-}
-
 /// A second SIGHUP while a swap's `init` runs (a build written meanwhile) is not lost and does
 /// not start a second swap beside the first: once the first swap is in, the file is read again,
 /// and the last build written serves.
