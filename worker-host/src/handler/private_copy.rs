@@ -157,15 +157,25 @@ fn hex(bytes: &[u8]) -> String {
 /// The SHA-256 of a file's content, in lowercase hex (to tell whether it changed without
 /// copying it).
 pub fn sha256_of(path: &Path) -> std::io::Result<String> {
-    let mut file = std::fs::File::open(path)?;
+    hash_through(&mut std::fs::File::open(path)?, |error| error, |_| Ok(()))
+}
+
+/// Reads `source` to its end in chunks, handing each to `sink`; the SHA-256 of all of it, in
+/// lowercase hex. A read error becomes `read_error`'s, a sink's error is returned as it is.
+fn hash_through<E>(
+    source: &mut impl Read,
+    read_error: impl Fn(std::io::Error) -> E,
+    mut sink: impl FnMut(&[u8]) -> Result<(), E>,
+) -> Result<String, E> {
     let mut hasher = Sha256::new();
     let mut buffer = vec![0_u8; 256 * 1024];
     loop {
-        let read = file.read(&mut buffer)?;
+        let read = source.read(&mut buffer).map_err(&read_error)?;
         if read == 0 {
             return Ok(hex(&hasher.finalize()));
         }
         hasher.update(&buffer[..read]);
+        sink(&buffer[..read])?;
     }
 }
 
@@ -251,17 +261,9 @@ impl PrivateCopies {
         };
         let mut source = std::fs::File::open(original).map_err(read_error)?;
         let mut staging = tempfile::NamedTempFile::new_in(&self.dir).map_err(write_error)?;
-        let mut hasher = Sha256::new();
-        let mut buffer = vec![0_u8; 256 * 1024];
-        loop {
-            let read = source.read(&mut buffer).map_err(read_error)?;
-            if read == 0 {
-                break;
-            }
-            hasher.update(&buffer[..read]);
-            staging.write_all(&buffer[..read]).map_err(write_error)?;
-        }
-        let sha256 = hex(&hasher.finalize());
+        let sha256 = hash_through(&mut source, read_error, |chunk| {
+            staging.write_all(chunk).map_err(write_error)
+        })?;
         let mut live = self.live.lock().unwrap_or_else(PoisonError::into_inner);
         live.retain(|_, copy| copy.strong_count() > 0);
         if let Some(copy) = live.get(&sha256).and_then(Weak::upgrade) {

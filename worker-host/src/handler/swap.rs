@@ -73,8 +73,6 @@ struct Swaps {
     again: bool,
     /// The host is shutting down: no more swaps.
     closed: bool,
-    /// The number of the generation installed last.
-    last_number: u64,
     /// Threads that wait for a retired generation's jobs, then shut it down.
     retiring: Vec<std::thread::JoinHandle<()>>,
 }
@@ -94,17 +92,13 @@ impl LiveHandler {
             first.label(),
             first.info().path.display()
         );
-        let last_number = first.number();
         Arc::new(Self {
             spec,
             config,
             policy,
             copies,
             current: tokio::sync::watch::Sender::new(Current::Serving(first)),
-            swaps: Mutex::new(Swaps {
-                last_number,
-                ..Swaps::default()
-            }),
+            swaps: Mutex::new(Swaps::default()),
         })
     }
 
@@ -195,31 +189,32 @@ impl LiveHandler {
             return;
         };
         let started = Instant::now();
-        // Hashed before it is copied: an unchanged file costs a read, not a copy.
-        if let Ok(sha256) = super::private_copy::sha256_of(&self.spec.path) {
-            if sha256 == old.info().sha256 {
+        let unchanged = |sha256: &str| {
+            let same = sha256 == old.info().sha256;
+            if same {
                 tracing::info!(
                     "Handler swap: {} is unchanged ({}); nothing to do.",
                     self.spec.path.display(),
                     old.label()
                 );
-                return;
             }
+            same
+        };
+        // Hashed before it is copied: an unchanged file costs a read, not a copy.
+        if super::private_copy::sha256_of(&self.spec.path).is_ok_and(|sha256| unchanged(&sha256)) {
+            return;
         }
         let source = match Source::copy(&self.spec, &self.copies) {
             Ok(source) => source,
             Err(error) => return swap_failed(&error, &old),
         };
-        if source.copy.sha256() == old.info().sha256 {
-            tracing::info!(
-                "Handler swap: {} is unchanged ({}); nothing to do.",
-                self.spec.path.display(),
-                old.label()
-            );
+        // The file may have been rewritten between the hash and the copy.
+        if unchanged(source.copy.sha256()) {
             return;
         }
-        // Numbers count the builds that served: a failed swap uses none.
-        let number = self.swaps().last_number + 1;
+        // Numbers count the builds that served (the one serving is the last installed): a failed
+        // swap uses none.
+        let number = old.number() + 1;
         let new = match Generation::start(&self.spec, source, number) {
             Ok(new) => new,
             Err(error) => return swap_failed(&error, &old),
@@ -277,7 +272,6 @@ impl LiveHandler {
         if swaps.closed {
             return false;
         }
-        swaps.last_number = swaps.last_number.max(new.number());
         tracing::info!(
             "Now serving {}, {:.1} s after the swap began.",
             new.label(),
