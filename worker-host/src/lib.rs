@@ -10,6 +10,7 @@ pub mod config;
 pub mod dev_api;
 pub mod exit;
 pub mod handler;
+pub mod http;
 pub mod job;
 pub mod logging;
 pub mod oneshot;

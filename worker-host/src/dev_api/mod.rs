@@ -10,8 +10,8 @@
 //!
 //! So jobs run on the production code path, with the same concurrency, limits and error shapes;
 //! the loopback hop costs tens of microseconds. [`webhook`] sends final statuses to webhooks.
-//! [`connections`] serves both halves over HTTP/1.1: request limits below the routers, JSON
-//! bodies for hyper's own rejections, the header read timeout, graceful shutdown.
+//! [`crate::http`] serves both halves over HTTP/1.1 (request limits below the routers, JSON
+//! bodies for hyper's own rejections, the header read timeout, graceful shutdown).
 //!
 //! Shutdown (SIGTERM or Ctrl-C): new jobs (and retries) are refused (503) while the worker drains
 //! as in production (running jobs get the grace period) and results stay readable; then waiting
@@ -19,13 +19,13 @@
 //! those under way and those still queued, get a few seconds (what is left then is abandoned
 //! and logged by job id). Queued jobs that never started are dropped with the process.
 
-pub mod connections;
 pub mod public;
 pub mod store;
 pub mod webhook;
 pub mod worker_facing;
 
 use crate::handler::{Current, LiveHandler};
+use crate::http::connections;
 use crate::runpod::{PlatformClient, UrlError};
 use crate::worker::WorkerConfig;
 use std::net::SocketAddr;
@@ -205,17 +205,6 @@ pub async fn serve(
         tracing::warn!("Webhook deliveries still under way at exit are abandoned.");
     }
     Ok(exit)
-}
-
-/// A JSON answer from JSON text, for both halves of the API.
-fn json_answer(status: axum::http::StatusCode, body: String) -> axum::response::Response {
-    use axum::response::IntoResponse;
-    (
-        status,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body,
-    )
-        .into_response()
 }
 
 /// Logs where the API listens and how to point the official client at it.

@@ -6,17 +6,17 @@
 //! rejection is a JSON `{"error": ...}` that says what is wrong, axum's own rejections included),
 //! the optional API key, and the answers' shapes. The jobs themselves live in [`super::store`].
 
-use super::json_answer as json;
 use super::store::{
     NewJob, RetryOutcome, Status, Store, Submission, DEFAULT_EXECUTION_TIMEOUT, DEFAULT_TTL,
     MAX_POLICY_MS, MIN_EXECUTION_TIMEOUT_MS, MIN_TTL_MS,
 };
+use crate::http::{error_answer as error, json_answer as json, json_errors};
 use crate::job::{JobError, OrderedRawMap};
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, RawQuery, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::{get, post};
@@ -86,49 +86,11 @@ pub fn router(api: Arc<PublicApi>) -> Router {
         .with_state(api)
 }
 
-/// The largest error text [`json_errors`] reads from an answer it rewrites.
-const MAX_ERROR_TEXT_BYTES: usize = 16 * 1024;
-
-/// Every error answer is JSON: one that is not yet (a rejection axum writes itself as plain text)
-/// becomes `{"error": <its text>}` with the same status.
-async fn json_errors(response: Response) -> Response {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
-        return response;
-    }
-    let text = axum::body::to_bytes(response.into_body(), MAX_ERROR_TEXT_BYTES)
-        .await
-        .map(|body| String::from_utf8_lossy(&body).trim().to_owned())
-        .unwrap_or_default();
-    let message = if text.is_empty() {
-        status
-            .canonical_reason()
-            .unwrap_or("the request failed")
-            .to_lowercase()
-    } else {
-        text
-    };
-    error(status, message)
-}
-
 /// `{"id": id, "status": status}`, the answer of `/run`, `/cancel` and `/retry`.
 fn id_and_status(id: &str, status: impl serde::Serialize) -> Response {
     json(
         StatusCode::OK,
         serde_json::json!({ "id": id, "status": status }).to_string(),
-    )
-}
-
-/// An error answer: `{"error": message}`.
-fn error(status: StatusCode, message: impl AsRef<str>) -> Response {
-    json(
-        status,
-        serde_json::json!({ "error": message.as_ref() }).to_string(),
     )
 }
 
@@ -151,24 +113,10 @@ async fn require_key(State(api): State<Arc<PublicApi>>, request: Request, next: 
     if is_openapi_route(request.uri().path()) {
         return next.run(request).await;
     }
-    let given = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .map(|value| {
-            let value = value.trim();
-            match value.split_once(' ') {
-                Some((scheme, token)) if scheme.eq_ignore_ascii_case("bearer") => token.trim(),
-                _ => value,
-            }
-        });
-    if given == Some(key.as_str()) {
-        return next.run(request).await;
+    match crate::http::check_key(request.headers(), key) {
+        None => next.run(request).await,
+        Some(refused) => refused,
     }
-    error(
-        StatusCode::UNAUTHORIZED,
-        "missing or wrong API key: send Authorization: Bearer <the key given to --api-key>",
-    )
 }
 
 /// Whether `path` is `/openapi.json` or `/v2/{endpoint_id}/openapi.json`, the one route that

@@ -81,7 +81,7 @@ async fn require_key(
 }
 
 fn json(body: String) -> Response {
-    super::json_answer(StatusCode::OK, body)
+    crate::http::json_answer(StatusCode::OK, body)
 }
 
 async fn take(State(api): State<Arc<WorkerFacing>>) -> Response {

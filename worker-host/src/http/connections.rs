@@ -1,4 +1,5 @@
-//! The dev API's HTTP/1.1 connections, below the routers: accepting them (with `TCP_NODELAY`),
+//! The HTTP/1.1 connections of the host's servers (the dev API, the load-balancing server),
+//! below the routers: accepting them (with `TCP_NODELAY`),
 //! hyper's limits on a request's line and headers, the header read timeout, graceful shutdown,
 //! and JSON bodies for the answers hyper gives by itself.
 //!
@@ -12,7 +13,7 @@
 //! carry a JSON body) and give them the API's `{"error": "..."}` body. hyper writes its answer
 //! alone once the previous answer is sent; should it ever share a write (a pipelined request
 //! behind an answer the client is slow to read), it goes out unchanged, with its empty body. A
-//! connection that opens with the HTTP/2 preface is closed without an answer (this API speaks
+//! connection that opens with the HTTP/2 preface is closed without an answer (these servers speak
 //! HTTP/1.1 only).
 //!
 //! A connection whose request line and headers have not all arrived [`HEADER_READ_TIMEOUT`] after
@@ -98,7 +99,7 @@ pub async fn serve(
             Ok((stream, _peer)) => stream,
             Err(error) if is_connection_error(&error) => continue,
             Err(error) => {
-                tracing::error!("The dev API cannot accept connections: {error}");
+                tracing::error!("The server cannot accept connections: {error}");
                 tokio::select! {
                     () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
                     () = &mut stop => break,
@@ -113,7 +114,7 @@ pub async fn serve(
         let connection = graceful.watch(connection);
         tokio::spawn(async move {
             if let Err(error) = connection.await {
-                tracing::debug!("A dev API connection ended: {error}");
+                tracing::debug!("A connection ended: {error}");
             }
         });
     }
