@@ -70,7 +70,12 @@ const ROUTES: &[(&str, &str, &[u16])] = &[
     ("get", "/v2/{endpoint_id}/health", &[200, 401]),
     ("post", "/v2/{endpoint_id}/purge-queue", &[200, 401]),
     ("get", "/openapi.json", &[200]),
+    ("get", "/ping", &[200, 204, 503]),
+    ("get", "/metrics", &[200, 401]),
 ];
+
+/// The routes that need no key: the description and the health check.
+const OPEN_ROUTES: [&str; 2] = ["/openapi.json", "/ping"];
 
 /// The prefix every route but `/openapi.json` is documented under.
 const PREFIX: &str = "/v2/{endpoint_id}";
@@ -480,6 +485,14 @@ fn check(doc: &Value, operation: &Operation, answer: &Answer) -> Value {
             answer.body
         )
     });
+    if answer.status == 204 {
+        assert!(
+            answer.body.is_empty(),
+            "{}: a 204 with a body",
+            answer.request
+        );
+        return Value::Null;
+    }
     let content = response["content"].as_object().unwrap_or_else(|| {
         panic!(
             "{}: the {} answer documents no content",
@@ -497,6 +510,11 @@ fn check(doc: &Value, operation: &Operation, answer: &Answer) -> Value {
             answer.body
         )
     });
+    if !answer.media_type.ends_with("json") {
+        // Text (the metrics): its media type was checked above.
+        assert_eq!(media["schema"]["type"], "string", "{}", answer.request);
+        return Value::String(answer.body.clone());
+    }
     let body = answer.json();
     if let Err(problem) = validate(doc, &media["schema"], &body, "$") {
         panic!(
@@ -676,11 +694,25 @@ fn the_document_lists_exactly_the_spec_routes() {
         );
         assert_eq!(
             operation.needs_key(&doc),
-            operation.path != "/openapi.json",
-            "{name}: only /openapi.json may be open"
+            !OPEN_ROUTES.contains(&operation.path.as_str()),
+            "{name}: only {OPEN_ROUTES:?} may be open"
         );
         for status in operation.statuses() {
             let response = operation.response(&doc, status).unwrap();
+            if status == 204 {
+                assert!(
+                    response.get("content").is_none(),
+                    "{name}: a 204 has no content"
+                );
+                continue;
+            }
+            if operation.path == "/metrics" && status == 200 {
+                assert_eq!(
+                    response["content"]["application/openmetrics-text"]["schema"]["type"], "string",
+                    "{name}: the metrics are OpenMetrics text"
+                );
+                continue;
+            }
             let schema = &response["content"]["application/json"]["schema"];
             assert!(
                 schema.is_object(),

@@ -6,7 +6,9 @@
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
 pub mod dev_api;
+pub mod load_balancing;
 pub mod platform;
+pub mod server;
 
 use serde_json::Value;
 use std::collections::HashMap;

@@ -40,6 +40,10 @@ pub struct Cli {
     #[command(flatten)]
     pub dev_api: DevApiArgs,
 
+    /// Load-balancing mode, and metrics.
+    #[command(flatten)]
+    pub serve: ServeArgs,
+
     /// Logging.
     #[command(flatten)]
     pub logging: LogArgs,
@@ -166,13 +170,15 @@ pub struct ResultArgs {
     #[arg(long, env = "WORKER_HOST_REFRESH_WORKER")]
     pub refresh_worker: bool,
 
-    /// The largest job input the worker accepts, in bytes; a larger job fails with the reason.
-    #[arg(long, env = "WORKER_HOST_MAX_INPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
-    pub max_input_bytes: usize,
+    /// The largest job input the worker accepts, in bytes; a larger job fails with the reason
+    /// (default 20 MiB; with --load-balancing the platform's 30 MB, and a larger request gets 413)
+    #[arg(long, env = "WORKER_HOST_MAX_INPUT_BYTES", value_name = "BYTES")]
+    pub max_input_bytes: Option<usize>,
 
-    /// The largest output (or progress value, or result body) a handler may return, in bytes.
-    #[arg(long, env = "WORKER_HOST_MAX_OUTPUT_BYTES", value_name = "BYTES", default_value_t = 20 * 1024 * 1024)]
-    pub max_output_bytes: usize,
+    /// The largest output (or progress value, or result body) a handler may return, in bytes
+    /// (default 20 MiB; with --load-balancing the platform's 30 MB)
+    #[arg(long, env = "WORKER_HOST_MAX_OUTPUT_BYTES", value_name = "BYTES")]
+    pub max_output_bytes: Option<usize>,
 
     /// The largest stream chunk a handler may emit, in bytes; a larger one fails the job with the
     /// reason. The default is the 1 MB RunPod documents as the most a streamed chunk may be.
@@ -261,7 +267,8 @@ pub struct DevApiArgs {
     )]
     pub port: u16,
 
-    /// Require this key from dev API clients (Authorization: Bearer KEY); off by default.
+    /// Require this key from dev API and load-balancing clients (Authorization: Bearer KEY); off
+    /// by default.
     #[arg(
         long,
         env = "WORKER_HOST_API_KEY",
@@ -279,6 +286,62 @@ pub struct DevApiArgs {
         default_value_t = 10.0
     )]
     pub webhook_retry_secs: f64,
+}
+
+/// Load-balancing mode (RunPod's load-balancing endpoints send HTTP requests straight to the
+/// worker), and the queue worker's metrics port.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Serve the handler over HTTP for a RunPod load-balancing endpoint: every request is one job,
+    /// answered with the handler's output; the health check is at $HEALTH_CHECK_PATH.
+    #[arg(
+        long,
+        env = "WORKER_HOST_LOAD_BALANCING",
+        conflicts_with_all = ["test_input", "serve_api"]
+    )]
+    pub load_balancing: bool,
+
+    /// The load-balancing server's port (0 picks a free one; the log says which).
+    #[arg(
+        long = "port",
+        id = "load_balancing_port",
+        env = "PORT",
+        value_name = "PORT",
+        default_value_t = 80
+    )]
+    pub port: u16,
+
+    /// The health check's port, when it is not --port.
+    #[arg(long, env = "PORT_HEALTH", value_name = "PORT")]
+    pub health_port: Option<u16>,
+
+    /// The health check's path: 204 while init runs, 200 ready, 503 when the worker cannot serve.
+    #[arg(
+        long,
+        env = "HEALTH_CHECK_PATH",
+        value_name = "PATH",
+        default_value = "/ping"
+    )]
+    pub health_path: String,
+
+    /// How many requests may wait for a slot in load-balancing mode; more get 429 with
+    /// Retry-After (default: 8 per slot)
+    #[arg(long, env = "WORKER_HOST_MAX_WAITING", value_name = "N")]
+    pub max_waiting: Option<usize>,
+
+    /// Serve /metrics (Prometheus text) on this port in the queue worker; off by default (the dev
+    /// API and the load-balancing server always have /metrics)
+    #[arg(long, env = "WORKER_HOST_METRICS_PORT", value_name = "PORT")]
+    pub metrics_port: Option<u16>,
+
+    /// The address --metrics-port listens on.
+    #[arg(
+        long,
+        env = "WORKER_HOST_METRICS_HOST",
+        value_name = "HOST",
+        default_value = "127.0.0.1"
+    )]
+    pub metrics_host: String,
 }
 
 /// Logging.

@@ -10,6 +10,7 @@ use crate::handler::{HandlerSpec, Limits, SwapPolicy};
 use crate::job::{InputRule, Job, JobError, Origin};
 use crate::logging::{parse_level, LogFormat, UnknownLevel};
 use crate::runpod::PlatformUrls;
+use crate::serve::{ServeConfig, DEFAULT_MAX_BODY_BYTES};
 use crate::worker::WorkerConfig;
 use serde_json::value::RawValue;
 use std::path::{Path, PathBuf};
@@ -25,6 +26,10 @@ pub const DEFAULT_TEST_INPUT_FILE: &str = "test_input.json";
 /// The platform marks a worker unhealthy when its cold start takes longer than this (unless
 /// RUNPOD_INIT_TIMEOUT says otherwise).
 const PLATFORM_COLD_START_LIMIT: Duration = Duration::from_secs(7 * 60);
+/// The largest job input and output by default, outside load-balancing mode.
+const DEFAULT_MAX_JOB_BYTES: usize = 20 * 1024 * 1024;
+/// How many requests may wait per slot in load-balancing mode, by default.
+const WAITING_PER_SLOT: usize = 8;
 /// How much sooner than the platform the host gives up on `init`, so that it can say why.
 const INIT_TIMEOUT_MARGIN: Duration = Duration::from_secs(10);
 
@@ -72,6 +77,9 @@ pub enum ConfigError {
     /// The job-take URL is set but the job-done URL is not: every result would be lost.
     #[error("RUNPOD_WEBHOOK_GET_JOB is set but RUNPOD_WEBHOOK_POST_OUTPUT is not, so no result could be delivered: set both (the platform does), or unset RUNPOD_WEBHOOK_GET_JOB for a one-shot test run")]
     NoJobDoneUrl,
+    /// The health check path does not start with `/` (or holds a query).
+    #[error("the health check path must be a path such as /ping, not {0:?} (--health-path, HEALTH_CHECK_PATH)")]
+    InvalidHealthPath(String),
 }
 
 impl ConfigError {
@@ -125,6 +133,8 @@ pub enum Mode {
     Worker(Box<Worker>),
     /// Serve the local dev API and run the jobs submitted to it.
     DevApi(Box<DevApi>),
+    /// Serve the handler over HTTP for a load-balancing endpoint.
+    LoadBalancing(Box<ServeConfig>),
 }
 
 /// A one-shot run: the job, and optionally the output it must produce.
@@ -147,6 +157,8 @@ pub struct Worker {
     pub max_input_bytes: usize,
     /// After a failed `init`, take one job and fail it with the reason (see `worker::claim_one`).
     pub claim_on_init_failure: bool,
+    /// Where `/metrics` is served (`--metrics-port`), if anywhere.
+    pub metrics_address: Option<(String, u16)>,
 }
 
 /// The local dev API: where it listens, and how its worker runs.
@@ -224,8 +236,41 @@ impl Settings {
         };
         // Off the platform there is no RUNPOD_POD_ID; URLs still need a worker id (as in the SDK).
         let worker_id = pod_id.unwrap_or_else(random_worker_id);
+        let load_balancing = cli.serve.load_balancing && cli.command.is_none();
+        // The platform's limits: 30 MB each way for a load-balancing request, else the queue's.
+        let default_limit = if load_balancing {
+            DEFAULT_MAX_BODY_BYTES
+        } else {
+            DEFAULT_MAX_JOB_BYTES
+        };
+        let max_input_bytes = cli.results.max_input_bytes.unwrap_or(default_limit);
+        let max_output_bytes = cli.results.max_output_bytes.unwrap_or(default_limit);
         let mode = match cli.command {
             Some(Command::Inspect { json }) => Mode::Inspect { json },
+            None if load_balancing => {
+                let concurrency = worker_concurrency(&cli.worker);
+                Mode::LoadBalancing(Box::new(ServeConfig {
+                    host: "0.0.0.0".into(),
+                    port: cli.serve.port,
+                    health_port: cli.serve.health_port,
+                    health_path: health_path(&cli.serve.health_path)?,
+                    api_key: cli.dev_api.api_key.clone().filter(|key| !key.is_empty()),
+                    concurrency,
+                    max_waiting: cli
+                        .serve
+                        .max_waiting
+                        .unwrap_or(concurrency.saturating_mul(WAITING_PER_SLOT)),
+                    max_input_bytes,
+                    shutdown_grace: seconds(
+                        "--shutdown-grace-secs",
+                        cli.worker.shutdown_grace_secs,
+                    )?,
+                    origin: Origin {
+                        worker_id: worker_id.clone(),
+                        ..origin.clone()
+                    },
+                }))
+            }
             None => match (
                 cli.test.test_input.clone(),
                 cli.platform.webhook_get_job.clone(),
@@ -245,12 +290,13 @@ impl Settings {
                         )?,
                         limits: StoreLimits::default(),
                         worker_id: worker_id.clone(),
-                        max_input_bytes: cli.results.max_input_bytes,
+                        max_input_bytes,
                     },
                     // Error payloads name the local worker, as status objects do (`workerId`).
                     worker: worker_config(
                         &cli.worker,
                         &cli.results,
+                        max_output_bytes,
                         cli.platform.ping_interval,
                         &Origin {
                             worker_id: worker_id.clone(),
@@ -276,11 +322,16 @@ impl Settings {
                     config: worker_config(
                         &cli.worker,
                         &cli.results,
+                        max_output_bytes,
                         cli.platform.ping_interval,
                         &origin,
                     )?,
-                    max_input_bytes: cli.results.max_input_bytes,
+                    max_input_bytes,
                     claim_on_init_failure: cli.worker.claim_on_init_failure,
+                    metrics_address: cli
+                        .serve
+                        .metrics_port
+                        .map(|port| (cli.serve.metrics_host.clone(), port)),
                 })),
                 (None, _) => {
                     let path = working_dir.join(DEFAULT_TEST_INPUT_FILE);
@@ -292,14 +343,17 @@ impl Settings {
                 }
             },
         };
-        let respawn = matches!(mode, Mode::Worker(_) | Mode::DevApi(_));
+        let respawn = matches!(
+            mode,
+            Mode::Worker(_) | Mode::DevApi(_) | Mode::LoadBalancing(_)
+        );
         Ok(Self {
             mode,
             handler: HandlerSpec {
                 path: handler_path,
                 library_dirs: Vec::new(),
                 limits: Limits {
-                    max_output_bytes: cli.results.max_output_bytes,
+                    max_output_bytes,
                     max_chunk_bytes: cli.results.max_chunk_bytes,
                 },
                 isolation: cli.handler.isolation,
@@ -327,23 +381,39 @@ impl Settings {
 fn worker_config(
     worker: &WorkerArgs,
     results: &ResultArgs,
+    max_output_bytes: usize,
     ping_interval_ms: u64,
     origin: &Origin,
 ) -> Result<WorkerConfig, ConfigError> {
     Ok(WorkerConfig {
-        concurrency: worker
-            .concurrency
-            .or(worker.runpod_max_concurrency)
-            .unwrap_or(1)
-            .max(1),
+        concurrency: worker_concurrency(worker),
         shutdown_grace: seconds("--shutdown-grace-secs", worker.shutdown_grace_secs)?,
         result_retry: seconds("--result-retry-secs", worker.result_retry_secs)?,
         ping_interval: Duration::from_millis(ping_interval_ms),
-        max_output_bytes: results.max_output_bytes,
+        max_output_bytes,
         return_aggregate_stream: results.return_aggregate_stream,
         refresh_worker: results.refresh_worker,
         origin: origin.clone(),
     })
+}
+
+/// How many jobs the operator asked to run at once (before the handler's cap).
+fn worker_concurrency(worker: &WorkerArgs) -> usize {
+    worker
+        .concurrency
+        .or(worker.runpod_max_concurrency)
+        .unwrap_or(1)
+        .max(1)
+}
+
+/// A health check path as given: it must start with `/`.
+fn health_path(path: &str) -> Result<String, ConfigError> {
+    let path = path.trim();
+    if path.starts_with('/') && !path.contains(['?', '#', ' ']) {
+        Ok(path.to_owned())
+    } else {
+        Err(ConfigError::InvalidHealthPath(path.to_owned()))
+    }
 }
 
 /// A random worker id, 32 hex digits, for a worker started off the platform.

@@ -13,8 +13,10 @@ pub mod handler;
 pub mod http;
 pub mod job;
 pub mod logging;
+pub mod metrics;
 pub mod oneshot;
 pub mod runpod;
+pub mod serve;
 pub mod worker;
 
 use config::{ConfigError, Mode, Settings};
@@ -42,6 +44,9 @@ pub enum HostError {
     /// The local dev API could not start.
     #[error(transparent)]
     DevApi(#[from] dev_api::DevApiError),
+    /// The load-balancing server (or the metrics port) could not start.
+    #[error(transparent)]
+    Serve(#[from] serve::ServeError),
     /// The async runtime could not start.
     #[error("the async runtime could not start: {0}")]
     Runtime(std::io::Error),
@@ -54,6 +59,7 @@ impl HostError {
             Self::Config(error) if error.is_test_input_error() => exit::JOB_FAILED,
             Self::Config(_) | Self::Url(_) => exit::USAGE,
             Self::DevApi(dev_api::DevApiError::Bind { .. }) => exit::USAGE,
+            Self::Serve(serve::ServeError::Bind { .. }) => exit::USAGE,
             Self::DevApi(_) => exit::JOB_FAILED,
             Self::WorkerInitFailed(_) | Self::HandlerFailed(_) | Self::Runtime(_) => {
                 exit::JOB_FAILED
@@ -129,6 +135,7 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
         }
         Mode::Worker(worker) => run_worker(serving(first), *worker),
         Mode::DevApi(dev) => run_dev_api(serving(first), *dev),
+        Mode::LoadBalancing(config) => run_load_balancing(serving(first), *config),
     }
 }
 
@@ -147,9 +154,12 @@ impl Serving {
     /// Runs the first handler's `init`; on failure it is shut down.
     fn init(&self) -> Result<(), LoadError> {
         let handler = self.first.handler();
+        let started = std::time::Instant::now();
         handler
             .init(&self.config)
-            .inspect_err(|_| handler.shutdown())
+            .inspect_err(|_| handler.shutdown())?;
+        metrics::get().set_init_duration(started.elapsed());
+        Ok(())
     }
 
     /// Listens for SIGHUP from now on (before `init`, so one that comes during a slow `init`
@@ -186,6 +196,18 @@ impl Serving {
         } else if self.swaps.watch {
             handler::watch_for_changes(&live, path, self.loaded);
         }
+        // The build serving, in the metrics (a swap replaces it).
+        let mut current = live.subscribe();
+        runtime.spawn(async move {
+            loop {
+                if let handler::Current::Serving(generation) = &*current.borrow_and_update() {
+                    metrics::get().set_handler(generation.info());
+                }
+                if current.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
         if let Some(mut hangups) = hangups {
             let swapper = live.clone();
             runtime.spawn(async move {
@@ -205,6 +227,8 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     let listener = dev_api::bind(&dev.host, dev.port)?;
     let runtime = io_runtime()?;
     let hangups = Serving::listen_for_hangups(&runtime);
+    // Listening during init: /ping answers 204, other requests wait for the handler.
+    let public = dev_api::PublicServer::start(&runtime, listener, dev.api.api_key.clone())?;
     serving.init()?;
     let mut worker = worker_settings(serving.first.info(), dev.worker);
     if worker.refresh_worker {
@@ -216,7 +240,7 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     let live = serving.go_live(&runtime, hangups);
     let served = runtime.block_on(dev_api::serve(
         live.clone(),
-        listener,
+        public,
         dev.api,
         worker,
         shutdown_signal(),
@@ -224,6 +248,69 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     live.shutdown();
     runtime.shutdown_background();
     worker_exit(served?)
+}
+
+/// Serves the handler over HTTP for a load-balancing endpoint until a shutdown signal (or until
+/// its handler cannot serve any more).
+fn run_load_balancing(serving: Serving, config: serve::ServeConfig) -> Result<u8, HostError> {
+    let runtime = io_runtime()?;
+    let hangups = Serving::listen_for_hangups(&runtime);
+    let slots = worker::WorkerConfig::slots(config.concurrency, serving.first.info());
+    // Listening during init: the health check answers 204, requests wait for the handler.
+    let server = serve::Server::start(&runtime, config, slots)?;
+    if let Err(error) = serving.init() {
+        server.init_failed();
+        return Err(HostError::WorkerInitFailed(error));
+    }
+    tracing::info!(
+        handler = %serving.first.info().name,
+        version = %serving.first.info().version,
+        concurrency = slots,
+        "--- Starting Serverless Worker (load-balancing) |  Version {} ---",
+        env!("CARGO_PKG_VERSION")
+    );
+    let live = serving.go_live(&runtime, hangups);
+    let exit = runtime.block_on(server.serve(live.clone(), shutdown_signal()));
+    live.shutdown();
+    runtime.shutdown_background();
+    worker_exit(exit)
+}
+
+/// Serves `/metrics` alone on `address` (the queue worker's `--metrics-port`), on `runtime`
+/// until the process ends.
+fn serve_metrics(
+    runtime: &tokio::runtime::Runtime,
+    (host, port): (String, u16),
+) -> Result<(), HostError> {
+    let listener = serve::bind(&host, port)?;
+    let _entered = runtime.enter();
+    let address = listener.local_addr().ok();
+    let listener =
+        tokio::net::TcpListener::from_std(listener).map_err(|source| serve::ServeError::Bind {
+            address: format!("{host}:{port}"),
+            source,
+        })?;
+    let router = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(|| async { metrics::answer() }),
+        )
+        .fallback(|| async {
+            http::error_answer(
+                axum::http::StatusCode::NOT_FOUND,
+                "this port answers only /metrics",
+            )
+        });
+    runtime.spawn(http::connections::serve(
+        listener,
+        router,
+        Some(http::connections::header_read_timeout()),
+        std::future::pending(),
+    ));
+    if let Some(address) = address {
+        tracing::info!("Metrics on http://{address}/metrics");
+    }
+    Ok(())
 }
 
 /// The exit code of a worker that stopped, or the error of one whose handler failed.
@@ -274,8 +361,12 @@ fn worker_settings(info: &HandlerInfo, config: worker::WorkerConfig) -> worker::
 fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError> {
     let client = runpod::PlatformClient::new(&worker.urls, worker.max_input_bytes)?;
     let runtime = io_runtime()?;
+    if let Some(address) = worker.metrics_address.clone() {
+        serve_metrics(&runtime, address)?;
+    }
     let hangups = Serving::listen_for_hangups(&runtime);
     let handler = serving.first.handler().clone();
+    let started = std::time::Instant::now();
     if let Err(error) = handler.init(&serving.config) {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
@@ -299,6 +390,7 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
         handler.shutdown();
         return Err(HostError::WorkerInitFailed(error));
     }
+    metrics::get().set_init_duration(started.elapsed());
     let config = worker_settings(serving.first.info(), worker.config);
     let live = serving.go_live(&runtime, hangups);
     let exit = runtime.block_on(worker::run(live.clone(), client, config, shutdown_signal()));

@@ -23,6 +23,7 @@ use crate::job::{
     job_done_body, progress_body, stream_chunk_body, Failure, Job, JobResult, Origin, Outcome,
     RawJson,
 };
+use crate::metrics::{self, JobOutcome, PostResult, TakeResult};
 use crate::runpod::{PlatformClient, Post, StopOutcome, TakeOutcome, TakenJob};
 use rand::Rng;
 use std::collections::{HashMap, VecDeque};
@@ -59,7 +60,12 @@ impl WorkerConfig {
     /// How many jobs run at once on `handler`: the operator's concurrency, lowered to the most
     /// the handler allows.
     pub fn slots_for(&self, handler: &HandlerInfo) -> usize {
-        let asked = self.concurrency.max(1);
+        Self::slots(self.concurrency, handler)
+    }
+
+    /// How many jobs run at once on `handler` when the operator asked for `concurrency`.
+    pub fn slots(concurrency: usize, handler: &HandlerInfo) -> usize {
+        let asked = concurrency.max(1);
         match handler.max_concurrency {
             0 => asked,
             limit => asked.min(limit as usize),
@@ -156,6 +162,7 @@ pub async fn run(
     let slots = Arc::new(Semaphore::new(config.concurrency.max(1)));
     // The slots beyond what the handler serving allows, held back (see `follow_the_handler`).
     let held_back = live.serving().and_then(|generation| {
+        metrics::get().set_concurrency(config.slots_for(generation.info()));
         let beyond = config.concurrency.max(1) - config.slots_for(generation.info());
         slots.clone().try_acquire_many_owned(beyond as u32).ok()
     });
@@ -362,6 +369,7 @@ async fn follow_the_handler(
             continue;
         };
         let slots = shared.config.slots_for(generation.info());
+        metrics::get().set_concurrency(slots);
         if slots < asked {
             tracing::warn!(
                 "Concurrency {asked} lowered to {slots}, the most {} allows.",
@@ -540,6 +548,7 @@ async fn take_loop(shared: Arc<Shared>) {
         };
         match outcome {
             TakeOutcome::Jobs(jobs) => {
+                metrics::get().take_request(TakeResult::jobs);
                 backoff.reset();
                 tracing::debug!("Jobs taken: {}", jobs.len());
                 for taken in jobs {
@@ -547,6 +556,7 @@ async fn take_loop(shared: Arc<Shared>) {
                 }
             }
             TakeOutcome::NoJob => {
+                metrics::get().take_request(TakeResult::empty);
                 backoff.reset();
                 drop(permits);
                 let elapsed = started.elapsed();
@@ -557,6 +567,7 @@ async fn take_loop(shared: Arc<Shared>) {
                 }
             }
             TakeOutcome::RateLimited(wait) => {
+                metrics::get().take_request(TakeResult::throttled);
                 drop(permits);
                 tracing::warn!("Job take rate-limited (429): waiting {wait:?}.");
                 if !pause(&shared.stop_taking, wait).await {
@@ -564,6 +575,7 @@ async fn take_loop(shared: Arc<Shared>) {
                 }
             }
             TakeOutcome::Failed(reason) => {
+                metrics::get().take_request(TakeResult::error);
                 drop(permits);
                 let wait = backoff.wait();
                 tracing::error!("Failed to get job: {reason}; retrying in {wait:?}.");
@@ -727,28 +739,6 @@ async fn swapped_from(shared: &Shared, lease: &Lease) {
     }
 }
 
-/// Binds a job to the handler serving, waiting while none does (a drain-first swap); the error
-/// says why none ever will.
-async fn next_lease(shared: &Shared) -> Result<Lease, String> {
-    let mut current = shared.live.subscribe();
-    loop {
-        let state = current.borrow_and_update().clone();
-        match state {
-            // Leased through the handler, atomically with a swap (what was just seen may be
-            // gone already: then the watch has changed again).
-            Current::Serving(_) => match shared.live.lease() {
-                Some(lease) => return Ok(lease),
-                None => continue,
-            },
-            Current::Failed(reason) => return Err(reason),
-            Current::Swapping => {}
-        }
-        if current.changed().await.is_err() {
-            return Err("the worker is shutting down".into());
-        }
-    }
-}
-
 impl JobTask {
     /// Waits for a slot (over-fetched jobs), runs the handler on a blocking thread, posts what
     /// it emits, then its result.
@@ -771,7 +761,7 @@ impl JobTask {
             let lease = tokio::select! {
                 biased;
                 Some(ending) = self.interrupts.recv() => return self.finish(ending, &[]).await,
-                lease = next_lease(&shared) => lease,
+                lease = shared.live.next_lease() => lease,
             };
             let lease = match lease {
                 Ok(lease) => lease,
@@ -812,6 +802,7 @@ impl JobTask {
         let _handler_thread = tokio::task::spawn_blocking(move || {
             let _entered = span.enter();
             let events = ChannelEvents(sender);
+            let running = metrics::get().job_started();
             let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
             let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
                 outcome: Outcome::Failed {
@@ -820,6 +811,7 @@ impl JobTask {
                 },
                 recycle: false,
             });
+            drop(running);
             // The handler has returned: its generation may stop once its other jobs have.
             drop(build_slot);
             drop(lease);
@@ -853,6 +845,7 @@ impl JobTask {
             let (kind, body) = match message {
                 JobMessage::Completed(result) => {
                     if chunks_dropped > 0 {
+                        metrics::get().stream_chunks_dropped(chunks_dropped);
                         tracing::error!("{chunks_dropped} stream chunk(s) were not delivered.");
                     }
                     return self.finish(Ending::Completed(result), &chunks).await;
@@ -924,6 +917,7 @@ impl JobTask {
         let streaming = self.streaming;
         let result = match ending {
             Ending::Stopped => {
+                metrics::get().job_ended(JobOutcome::cancelled);
                 shared.in_flight().remove(id);
                 tracing::info!("Job stopped by the platform: nothing is posted for it.");
                 return;
@@ -971,6 +965,13 @@ impl JobTask {
         // the platform does not take it for lost while a POST is being retried.
         let delivered = deliver(shared, Post::Done { is_stream }, id, body.text).await;
         shared.in_flight().remove(id);
+        metrics::get().job_ended(if !delivered {
+            JobOutcome::undelivered
+        } else if body.failed {
+            JobOutcome::failed
+        } else {
+            JobOutcome::completed
+        });
         if delivered {
             // A failure is worth a line of its own in the worker's log, as the SDK logs the
             // handler's exception.
@@ -1005,8 +1006,12 @@ async fn deliver(shared: &Shared, kind: Post, id: &str, body: String) -> bool {
     let mut unsure = false;
     loop {
         match shared.client.post(kind, id, body.clone()).await {
-            Ok(()) => return true,
+            Ok(()) => {
+                metrics::get().result_post(PostResult::delivered);
+                return true;
+            }
             Err(error) if error.retryable && Instant::now() < deadline => {
+                metrics::get().result_post(PostResult::retried);
                 unsure |= error.outcome_unknown;
                 let wait = backoff
                     .wait()
@@ -1016,10 +1021,12 @@ async fn deliver(shared: &Shared, kind: Post, id: &str, body: String) -> bool {
                 attempt += 1;
             }
             Err(error) if unsure && !error.retryable => {
+                metrics::get().result_post(PostResult::delivered);
                 tracing::warn!("The platform refused a retry of the {} for job {id} ({error}); an earlier attempt that timed out has probably been delivered.", kind.noun());
                 return true;
             }
             Err(error) => {
+                metrics::get().result_post(PostResult::given_up);
                 let lost = match kind {
                     Post::Done { .. } => "Failed to return job results",
                     Post::Stream => "Failed to post a stream chunk",

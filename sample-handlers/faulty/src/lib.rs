@@ -25,7 +25,8 @@
 //! - `recycle`: ask for the worker to be recycled, then return the input;
 //! - `big`: return a string of `bytes` bytes;
 //! - `progress`: report `count` progress values (`{"done": i}`, i from 1) as fast as it can,
-//!   then return `{"reported": count}`.
+//!   then return `{"reported": count}`;
+//! - `job`: return the whole job object the host passed (id, input, and whatever else it holds).
 //!
 //! Before `crash`, `abort`, `exit` and `hang`, a non-empty `message` is written to stderr.
 //!
@@ -123,6 +124,9 @@ impl Handler for Faulty {
                 job.log(LogLevel::Info, "slept");
                 Ok(input)
             }
+            "job" => Ok(serde_json::value::RawValue::from_string(
+                job.job_json().to_owned(),
+            )?),
             "crash" => crash(),
             "abort" => std::process::abort(),
             "orphan" => {

@@ -1,7 +1,8 @@
 //! A streaming handler: emits the chunks it is given one by one, reports progress before each,
 //! and stops early when the job is cancelled.
 //!
-//! Input: `{"chunks": [<any JSON>...], "delay_ms": <optional pause before each chunk>}`.
+//! Input: `{"chunks": [<any JSON>...], "delay_ms": <optional pause before each chunk>,
+//! "fail_after": <optional: fail once this many chunks are out>}`.
 
 use handler_abi::{export_handler, Handler, HandlerError, Job};
 use serde::Deserialize;
@@ -14,6 +15,8 @@ pub struct StreamInput {
     chunks: Vec<Box<RawValue>>,
     #[serde(default)]
     delay_ms: u64,
+    #[serde(default)]
+    fail_after: Option<usize>,
 }
 
 /// Keeps no state.
@@ -32,6 +35,12 @@ impl Handler for Stream {
     fn handle(&self, input: StreamInput, job: &Job<'_>) -> Result<(), HandlerError> {
         let total = input.chunks.len();
         for (done, chunk) in input.chunks.iter().enumerate() {
+            if input.fail_after == Some(done) {
+                return Err(HandlerError::new(
+                    "StreamFailed",
+                    format!("failed after {done} chunk(s), as asked"),
+                ));
+            }
             if input.delay_ms > 0 {
                 std::thread::sleep(Duration::from_millis(input.delay_ms));
             }

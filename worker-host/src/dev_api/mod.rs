@@ -26,6 +26,7 @@ pub mod worker_facing;
 
 use crate::handler::{Current, LiveHandler};
 use crate::http::connections;
+use crate::http::startup::{StartupGate, PING_PATH};
 use crate::runpod::{PlatformClient, UrlError};
 use crate::worker::WorkerConfig;
 use std::net::SocketAddr;
@@ -84,24 +85,62 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, DevApiError>
     bind().map_err(|source| DevApiError::Bind { address, source })
 }
 
-/// Serves the dev API on `listener` and runs the worker against it until `shutdown` resolves.
+/// The public half's server, listening from before the handler's `init`: until [`serve`] opens
+/// it, `/ping` answers 204 and other requests wait (see [`crate::http::startup`]).
+#[derive(Debug)]
+pub struct PublicServer {
+    address: SocketAddr,
+    gate: StartupGate,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl PublicServer {
+    /// Starts serving `listener` on `runtime`.
+    pub fn start(
+        runtime: &tokio::runtime::Runtime,
+        listener: std::net::TcpListener,
+        api_key: Option<String>,
+    ) -> Result<Self, DevApiError> {
+        let address = listener.local_addr().map_err(|source| DevApiError::Bind {
+            address: "the dev API's socket".into(),
+            source,
+        })?;
+        let _entered = runtime.enter();
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|source| DevApiError::Bind {
+                address: address.to_string(),
+                source,
+            })?;
+        let (gate, router) = StartupGate::new(PING_PATH.to_owned(), api_key);
+        let router = router.layer(axum::middleware::map_response(crate::http::json_errors));
+        let stop = CancellationToken::new();
+        let stopped = stop.clone();
+        let server = runtime.spawn(connections::serve(
+            listener,
+            router,
+            Some(connections::header_read_timeout()),
+            async move { stopped.cancelled().await },
+        ));
+        Ok(Self {
+            address,
+            gate,
+            stop,
+            server,
+        })
+    }
+}
+
+/// Serves the dev API on `public` and runs the worker against it until `shutdown` resolves.
 /// Handler calls cancelled at shutdown may still run when it returns (see [`crate::worker::run`]).
 pub async fn serve(
     live: Arc<LiveHandler>,
-    listener: std::net::TcpListener,
+    public: PublicServer,
     config: DevApiConfig,
     mut worker: WorkerConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<crate::worker::WorkerExit, DevApiError> {
-    let public_address = listener.local_addr().map_err(|source| DevApiError::Bind {
-        address: "the dev API's socket".into(),
-        source,
-    })?;
-    let public_listener =
-        tokio::net::TcpListener::from_std(listener).map_err(|source| DevApiError::Bind {
-            address: public_address.to_string(),
-            source,
-        })?;
+    let public_address = public.address;
     let loopback = tokio::net::TcpListener::bind(("127.0.0.1", 0))
         .await
         .map_err(DevApiError::Loopback)?;
@@ -150,7 +189,6 @@ pub async fn serve(
         store: store.clone(),
         key,
     }));
-    let header_read_timeout = connections::header_read_timeout();
     let facing_stop = worker_done.clone();
     // The worker's own loopback connections are never timed out: a pooled one closed under it
     // would only cost a retry, but nothing here needs guarding against.
@@ -159,20 +197,14 @@ pub async fn serve(
     }));
 
     let draining = CancellationToken::new();
-    let public = public::router(Arc::new(public::PublicApi {
+    public.gate.open(public::router(Arc::new(public::PublicApi {
         store: store.clone(),
         api_key: config.api_key.clone(),
         draining: draining.clone(),
         live: live.clone(),
-    }));
-    let stop_accepting = CancellationToken::new();
-    let public_stop = stop_accepting.clone();
-    let mut public_server = tokio::spawn(connections::serve(
-        public_listener,
-        public,
-        Some(header_read_timeout),
-        async move { public_stop.cancelled().await },
-    ));
+    })));
+    let stop_accepting = public.stop;
+    let mut public_server = public.server;
     announce(public_address, config.api_key.is_some());
 
     // At the signal new jobs are refused, while running ones finish (or are failed at the end of

@@ -75,6 +75,8 @@ pub fn router(api: Arc<PublicApi>) -> Router {
             .route("/health", get(health))
             .route("/purge-queue", post(purge_queue))
             .route("/openapi.json", get(openapi))
+            .route("/ping", get(ping))
+            .route("/metrics", get(metrics))
     };
     Router::new()
         .merge(routes())
@@ -110,7 +112,7 @@ async fn require_key(State(api): State<Arc<PublicApi>>, request: Request, next: 
     let Some(key) = &api.api_key else {
         return next.run(request).await;
     };
-    if is_openapi_route(request.uri().path()) {
+    if is_open_route(request.uri().path()) {
         return next.run(request).await;
     }
     match crate::http::check_key(request.headers(), key) {
@@ -119,15 +121,18 @@ async fn require_key(State(api): State<Arc<PublicApi>>, request: Request, next: 
     }
 }
 
-/// Whether `path` is `/openapi.json` or `/v2/{endpoint_id}/openapi.json`, the one route that
-/// needs no key.
-fn is_openapi_route(path: &str) -> bool {
-    match path.strip_prefix("/v2/") {
-        Some(rest) => rest
-            .split_once('/')
-            .is_some_and(|(endpoint, route)| !endpoint.is_empty() && route == "openapi.json"),
-        None => path == "/openapi.json",
-    }
+/// Whether `path` is `/openapi.json` or `/ping` (or either under `/v2/{endpoint_id}/`), the
+/// routes that need no key: a description, and a health check a platform or an orchestrator
+/// polls without one.
+fn is_open_route(path: &str) -> bool {
+    let route = match path.strip_prefix("/v2/") {
+        Some(rest) => match rest.split_once('/') {
+            Some((endpoint, route)) if !endpoint.is_empty() => route,
+            _ => return false,
+        },
+        None => path.strip_prefix('/').unwrap_or(path),
+    };
+    matches!(route, "openapi.json" | "ping")
 }
 
 /// The `{job_id}` of a route (an `{endpoint_id}` in front is ignored).
@@ -279,6 +284,28 @@ async fn health(State(api): State<Arc<PublicApi>>) -> Response {
         });
     }
     json(StatusCode::OK, health.to_string())
+}
+
+/// RunPod's health contract: 200 when the worker can take a job (204 while `init` runs, answered
+/// before this router is up), 503 while it cannot (shutting down, a crashed runner restarting, a
+/// drain-first swap).
+async fn ping(State(api): State<Arc<PublicApi>>) -> Response {
+    let ready = !api.draining.is_cancelled()
+        && api.live.serving().is_some_and(|generation| {
+            *generation.handler().readiness().borrow() == crate::handler::Readiness::Ready
+        });
+    if ready {
+        json(StatusCode::OK, r#"{"status":"ready"}"#)
+    } else {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the worker cannot take a job now (shutting down, or its handler is restarting)",
+        )
+    }
+}
+
+async fn metrics() -> Response {
+    crate::metrics::answer()
 }
 
 async fn purge_queue(State(api): State<Arc<PublicApi>>) -> Response {
@@ -441,12 +468,17 @@ mod tests {
 
     /// Only the OpenAPI route itself is open without a key, not a job id that looks like it.
     #[test]
-    fn only_the_openapi_route_is_exempt_from_the_key() {
-        assert!(is_openapi_route("/openapi.json"));
-        assert!(is_openapi_route("/v2/ep/openapi.json"));
-        assert!(!is_openapi_route("/status/openapi.json"));
-        assert!(!is_openapi_route("/v2/ep/status/openapi.json"));
-        assert!(!is_openapi_route("/v2//openapi.json"));
+    fn only_the_description_and_the_health_check_are_exempt_from_the_key() {
+        assert!(is_open_route("/openapi.json"));
+        assert!(is_open_route("/v2/ep/openapi.json"));
+        assert!(is_open_route("/ping"));
+        assert!(is_open_route("/v2/ep/ping"));
+        assert!(!is_open_route("/status/openapi.json"));
+        assert!(!is_open_route("/v2/ep/status/openapi.json"));
+        assert!(!is_open_route("/v2//openapi.json"));
+        assert!(!is_open_route("/v2/ep"));
+        assert!(!is_open_route("/metrics"));
+        assert!(!is_open_route("/health"));
     }
 
     /// `?wait=` defaults to 90 s, is clamped to the platform's range, and must be a number.

@@ -128,6 +128,28 @@ impl LiveHandler {
         }
     }
 
+    /// Binds a job to the generation serving, waiting while none does (a drain-first swap); the
+    /// error says why none ever will.
+    pub async fn next_lease(&self) -> Result<Lease, String> {
+        let mut current = self.subscribe();
+        loop {
+            let state = current.borrow_and_update().clone();
+            match state {
+                // Leased atomically with a swap (what was just seen may be gone already: then
+                // the watch has changed again).
+                Current::Serving(_) => match self.lease() {
+                    Some(lease) => return Ok(lease),
+                    None => continue,
+                },
+                Current::Failed(reason) => return Err(reason),
+                Current::Swapping => {}
+            }
+            if current.changed().await.is_err() {
+                return Err("the worker is shutting down".into());
+            }
+        }
+    }
+
     /// Whether the host is shutting down (no more swaps).
     pub fn is_closed(&self) -> bool {
         self.swaps().closed

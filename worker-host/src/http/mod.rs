@@ -8,6 +8,7 @@
 //! ([`connections`] rewrites those).
 
 pub mod connections;
+pub mod startup;
 
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};

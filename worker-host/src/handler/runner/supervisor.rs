@@ -22,6 +22,7 @@ use super::protocol::{self, read_frame, write_frame, Frame, Kind, ReadError};
 use super::reaper;
 use crate::handler::{CancelToken, HandlerInfo, HandlerSpec, LoadError, Readiness};
 use crate::job::{Failure, JobResult, Outcome, RawJson};
+use crate::metrics::RestartReason;
 use std::collections::HashMap;
 use std::os::unix::net::UnixStream;
 use std::process::{Command, Stdio};
@@ -189,6 +190,8 @@ pub(super) struct EndReport {
     pub(super) killed_by_host: bool,
     /// Its last output lines.
     pub(super) last_output: String,
+    /// How it ended, as the restart metric counts it.
+    pub(super) restart_reason: RestartReason,
 }
 
 impl EndReport {
@@ -652,6 +655,7 @@ impl Supervisor {
                 "The handler's runner process {}; starting a new one in {delay:?} (init runs again).",
                 report.description
             );
+            crate::metrics::get().runner_restarted(report.restart_reason);
             let restart_at = Instant::now() + delay;
             while Instant::now() < restart_at {
                 // Only a shutdown matters here; anything else is from the dead runner.
@@ -675,6 +679,7 @@ impl Supervisor {
                         description: failure.message,
                         killed_by_host: false,
                         last_output: String::new(),
+                        restart_reason: RestartReason::crashed,
                     };
                 }
                 Err(Halt::Failed(error)) => {
@@ -841,7 +846,16 @@ fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixStream) {
         reaper::wait(runner.pid, EXIT_WAIT)
     });
     let killed_for = lock(&runner.kill_reason).clone();
-    let description = match (&killed_for, status.and_then(RunnerEnd::of)) {
+    let end = status.and_then(RunnerEnd::of);
+    let restart_reason = match (&killed_for, end) {
+        (Some(_), _) => RestartReason::hung,
+        (None, Some(RunnerEnd::Signaled(signal))) if signal == libc::SIGKILL => {
+            RestartReason::killed
+        }
+        (None, Some(RunnerEnd::Exited(_))) => RestartReason::exited,
+        (None, _) => RestartReason::crashed,
+    };
+    let description = match (&killed_for, end) {
         (Some(reason), _) => describe_kill(reason),
         (None, Some(end)) => {
             let oom_killed = match (runner.oom_kills_before, runner.oom.read()) {
@@ -856,6 +870,7 @@ fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixStream) {
         description,
         killed_by_host: killed_for.is_some(),
         last_output: runner.capture.last_output(LAST_OUTPUT_WAIT),
+        restart_reason,
     };
     shared.runner_ended(runner, &report);
     let _ = shared.events.send(Event::Control {

@@ -1,0 +1,478 @@
+//! One request's job: admission (at most `--concurrency` run, at most `--max-waiting` wait, the
+//! rest get 429), running it on the handler (on a blocking thread, never on the runtime), and the
+//! answer.
+//!
+//! - A handler that does not stream: 200 with its output as the body, exactly as it returned it;
+//!   a failure 500 with the queue worker's job-done error body (`{"error": "<the SDK's error
+//!   payload as a JSON string>"}`).
+//! - A streaming handler: Server-Sent Events (`data: <chunk>` per chunk) when the request accepts
+//!   `text/event-stream`, else chunked `application/x-ndjson` (one chunk per line); each chunk goes
+//!   out as the handler emits it. A failure before the first chunk is a plain 500; one after it
+//!   ends the stream with an `event: error` (SSE) or an `{"error": ...}` line (NDJSON).
+//!
+//! A client that goes away (its connection closes while it waits, or it stops reading a stream)
+//! cancels its job: the handler's `is_cancelled` turns true, and with a runner, one that ignores
+//! it is hard-stopped after `--cancel-grace-secs`. A job's slot stays taken until its handler has
+//! returned, so no more than `--concurrency` handler calls ever run at once.
+
+use super::{Phase, ServeState};
+use crate::handler::{CancelToken, JobEvents};
+use crate::http::error_answer;
+use crate::job::{job_done_body, Failure, Job, JobResult, Outcome, RawJson};
+use crate::metrics::{self, JobOutcome};
+use axum::body::Body;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
+
+/// How long a client told 429 is asked to wait (`Retry-After`, seconds).
+const RETRY_AFTER_SECS: u64 = 1;
+
+/// What the handler thread sends to the request.
+enum Message {
+    Chunk(RawJson),
+    Done(JobResult),
+}
+
+struct ChannelEvents(mpsc::UnboundedSender<Message>);
+
+impl JobEvents for ChannelEvents {
+    fn chunk(&self, chunk: RawJson) {
+        let _ = self.0.send(Message::Chunk(chunk));
+    }
+
+    // Progress has no place in an HTTP answer.
+    fn progress(&self, _progress: RawJson) {}
+}
+
+/// How the stream of a streaming handler is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamFormat {
+    /// Server-Sent Events.
+    EventStream,
+    /// One JSON chunk per line.
+    NdJson,
+}
+
+impl StreamFormat {
+    /// SSE when the request's `Accept` names `text/event-stream`, else NDJSON.
+    pub(super) fn for_accept(accept: Option<&HeaderValue>) -> Self {
+        let wants_events = accept
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| {
+                value
+                    .split(',')
+                    .any(|kind| kind.trim().starts_with("text/event-stream"))
+            });
+        if wants_events {
+            Self::EventStream
+        } else {
+            Self::NdJson
+        }
+    }
+
+    fn content_type(self) -> &'static str {
+        match self {
+            Self::EventStream => "text/event-stream",
+            Self::NdJson => "application/x-ndjson",
+        }
+    }
+
+    /// One chunk, framed. A JSON text's raw line breaks are whitespace (inside strings they are
+    /// escaped), so they become spaces and a chunk is always one line.
+    fn chunk(self, chunk: &str) -> String {
+        let line = one_line(chunk);
+        match self {
+            Self::EventStream => format!("data: {line}\n\n"),
+            Self::NdJson => format!("{line}\n"),
+        }
+    }
+
+    /// The end of a stream that failed, framed.
+    fn failure(self, error_body: &str) -> String {
+        let line = one_line(error_body);
+        match self {
+            Self::EventStream => format!("event: error\ndata: {line}\n\n"),
+            Self::NdJson => format!("{line}\n"),
+        }
+    }
+}
+
+fn one_line(json: &str) -> std::borrow::Cow<'_, str> {
+    if json.contains(['\n', '\r']) {
+        json.replace(['\n', '\r'], " ").into()
+    } else {
+        json.into()
+    }
+}
+
+/// Cancels the job when dropped before it ended (the client went away), and counts how it ended.
+struct JobGuard {
+    cancel: CancelToken,
+    ended: bool,
+}
+
+impl JobGuard {
+    fn end(&mut self, outcome: JobOutcome) {
+        if !self.ended {
+            self.ended = true;
+            metrics::get().job_ended(outcome);
+        }
+    }
+}
+
+impl Drop for JobGuard {
+    fn drop(&mut self) {
+        if !self.ended {
+            self.cancel.cancel();
+            tracing::info!("The client went away: the job is cancelled.");
+            metrics::get().job_ended(JobOutcome::cancelled);
+        }
+    }
+}
+
+/// A place among the running jobs, or a refusal to answer.
+pub(super) async fn admit(state: &Arc<ServeState>) -> Result<OwnedSemaphorePermit, Response> {
+    if let Ok(permit) = state.running.clone().try_acquire_owned() {
+        return Ok(permit);
+    }
+    let place = WaitingPlace::take(state);
+    if place.ahead >= state.config.max_waiting {
+        return Err(busy(state));
+    }
+    let _counted = metrics::get().job_waiting();
+    tokio::select! {
+        permit = state.running.clone().acquire_owned() => Ok(permit.expect("the semaphore is never closed")),
+        () = state.stop_jobs.cancelled() => Err(shutting_down()),
+    }
+}
+
+/// Runs `job` and answers with its output, its stream or its failure.
+pub(super) async fn run(
+    state: Arc<ServeState>,
+    job: Job,
+    permit: OwnedSemaphorePermit,
+    format: StreamFormat,
+) -> Response {
+    let id = job.id().to_owned();
+    let request_id = HeaderValue::from_str(&id).ok();
+    let mut response = run_job(state, job, permit, format).await;
+    if let Some(request_id) = request_id {
+        response.headers_mut().insert("x-request-id", request_id);
+    }
+    response
+}
+
+async fn run_job(
+    state: Arc<ServeState>,
+    job: Job,
+    permit: OwnedSemaphorePermit,
+    format: StreamFormat,
+) -> Response {
+    // A request that came during init waits for it.
+    let mut phase = state.phase.clone();
+    let started = tokio::select! {
+        phase = phase.wait_for(|phase| !matches!(phase, Phase::Starting)) => phase.map(|phase| phase.clone()),
+        () = state.stop_jobs.cancelled() => return shutting_down(),
+    };
+    let live = match started {
+        Ok(Phase::Serving(live)) => live,
+        _ => return shutting_down(),
+    };
+    let lease = tokio::select! {
+        lease = live.next_lease() => lease,
+        () = state.stop_jobs.cancelled() => return shutting_down(),
+    };
+    let lease = match lease {
+        Ok(lease) => lease,
+        Err(reason) => {
+            return error_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("the handler cannot serve: {reason}"),
+            )
+        }
+    };
+    let build_slot = tokio::select! {
+        slot = lease.slot() => slot,
+        () = state.stop_jobs.cancelled() => return shutting_down(),
+    };
+    let streaming = lease.info().streaming;
+    let cancel = CancelToken::new();
+    let mut guard = JobGuard {
+        cancel: cancel.clone(),
+        ended: false,
+    };
+    let (sender, mut receiver) = mpsc::unbounded_channel();
+    let span = tracing::Span::current();
+    tracing::info!("Started.");
+    tokio::task::spawn_blocking(move || {
+        let _entered = span.enter();
+        let events = ChannelEvents(sender);
+        let running = metrics::get().job_started();
+        let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
+        let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
+            outcome: Outcome::Failed {
+                failure: Failure::new("WorkerError", "the worker failed while running the job"),
+                streaming: false,
+            },
+            recycle: false,
+        });
+        drop(running);
+        drop(build_slot);
+        drop(lease);
+        // The result is on its way before the slot frees (a shutdown waits for the slots, and
+        // then ends what is still running), and the slot frees only once the handler returned.
+        let _ = events.0.send(Message::Done(result));
+        drop(permit);
+    });
+
+    let first = tokio::select! {
+        biased;
+        message = receiver.recv() => message,
+        () = state.stop_jobs.cancelled() => {
+            guard.cancel.cancel();
+            guard.end(JobOutcome::failed);
+            return shutting_down();
+        }
+    };
+    match first {
+        None => {
+            guard.end(JobOutcome::failed);
+            failure_answer(
+                &state,
+                Failure::new("WorkerError", "the handler thread ended without a result"),
+            )
+        }
+        Some(Message::Done(result)) => {
+            let failed = result.is_failure();
+            guard.end(if failed {
+                JobOutcome::failed
+            } else {
+                JobOutcome::completed
+            });
+            finished(&state, result, streaming, format)
+        }
+        Some(Message::Chunk(chunk)) => stream(state, guard, receiver, chunk, format),
+    }
+}
+
+/// The answer of a job that ended before it streamed anything.
+fn finished(
+    state: &ServeState,
+    result: JobResult,
+    streaming: bool,
+    format: StreamFormat,
+) -> Response {
+    if result.is_failure() {
+        return error_body(state, &result);
+    }
+    match result.outcome {
+        Outcome::Output(output) if !streaming => {
+            let text: Box<str> = output.into();
+            crate::http::json_answer(StatusCode::OK, String::from(text))
+        }
+        // A streaming handler that emitted nothing: an empty stream.
+        _ => stream_answer(format, Body::empty()),
+    }
+}
+
+/// A 500 with the queue worker's job-done error body for `result` (a failure).
+fn error_body(state: &ServeState, result: &JobResult) -> Response {
+    let text = failure_text(state, result);
+    crate::http::json_answer(StatusCode::INTERNAL_SERVER_ERROR, text)
+}
+
+/// The job-done body of a failed result, in the non-streaming shape.
+fn failure_text(state: &ServeState, result: &JobResult) -> String {
+    let plain = match &result.outcome {
+        Outcome::Failed { failure, .. } => JobResult {
+            outcome: Outcome::Failed {
+                failure: failure.clone(),
+                streaming: false,
+            },
+            recycle: false,
+        },
+        other => JobResult {
+            outcome: other.clone(),
+            recycle: false,
+        },
+    };
+    job_done_body(&plain, &state.config.origin, None, false).text
+}
+
+fn failure_answer(state: &ServeState, failure: Failure) -> Response {
+    error_body(
+        state,
+        &JobResult {
+            outcome: Outcome::Failed {
+                failure,
+                streaming: false,
+            },
+            recycle: false,
+        },
+    )
+}
+
+fn stream_answer(format: StreamFormat, body: Body) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, format.content_type()),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+/// What a streamed answer still has to write.
+struct Streaming {
+    state: Arc<ServeState>,
+    guard: JobGuard,
+    receiver: mpsc::UnboundedReceiver<Message>,
+    first: Option<RawJson>,
+    format: StreamFormat,
+    done: bool,
+}
+
+/// A 200 whose body is the job's chunks as they come; dropping it (the client went away)
+/// cancels the job.
+fn stream(
+    state: Arc<ServeState>,
+    guard: JobGuard,
+    receiver: mpsc::UnboundedReceiver<Message>,
+    first: RawJson,
+    format: StreamFormat,
+) -> Response {
+    let streaming = Streaming {
+        state,
+        guard,
+        receiver,
+        first: Some(first),
+        format,
+        done: false,
+    };
+    let chunks = futures_util::stream::unfold(streaming, |mut streaming| async move {
+        if let Some(first) = streaming.first.take() {
+            let text = streaming.format.chunk(first.get());
+            return Some((Ok::<_, std::convert::Infallible>(text), streaming));
+        }
+        if streaming.done {
+            return None;
+        }
+        let message = tokio::select! {
+            biased;
+            message = streaming.receiver.recv() => message,
+            () = streaming.state.stop_jobs.cancelled() => {
+                streaming.guard.cancel.cancel();
+                streaming.guard.end(JobOutcome::failed);
+                streaming.done = true;
+                let text = failure_text(&streaming.state, &shutdown_result());
+                return Some((Ok(streaming.format.failure(&text)), streaming));
+            }
+        };
+        match message {
+            Some(Message::Chunk(chunk)) => {
+                let text = streaming.format.chunk(chunk.get());
+                Some((Ok(text), streaming))
+            }
+            Some(Message::Done(result)) if result.is_failure() => {
+                streaming.guard.end(JobOutcome::failed);
+                streaming.done = true;
+                let text = failure_text(&streaming.state, &result);
+                Some((Ok(streaming.format.failure(&text)), streaming))
+            }
+            Some(Message::Done(_)) => {
+                streaming.guard.end(JobOutcome::completed);
+                None
+            }
+            None => {
+                streaming.guard.end(JobOutcome::failed);
+                None
+            }
+        }
+    });
+    stream_answer(format, Body::from_stream(chunks))
+}
+
+fn shutdown_result() -> JobResult {
+    JobResult {
+        outcome: Outcome::Failed {
+            failure: Failure::new("WorkerShutdown", "worker shut down before the job finished"),
+            streaming: false,
+        },
+        recycle: false,
+    }
+}
+
+/// The answer to a job the worker will not run because it is shutting down.
+pub(super) fn shutting_down() -> Response {
+    error_answer(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the worker is shutting down and takes no new jobs",
+    )
+}
+
+/// The 429 of a worker whose slots and waiting places are all taken.
+fn busy(state: &ServeState) -> Response {
+    let mut response = error_answer(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!(
+            "the worker is busy: {} job(s) running and {} waiting, its limits (--concurrency, --max-waiting); retry later",
+            state.slots, state.config.max_waiting
+        ),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// A request's place among those waiting for a slot (counted while it waits).
+struct WaitingPlace<'a> {
+    state: &'a ServeState,
+    /// How many were waiting before it.
+    ahead: usize,
+}
+
+impl<'a> WaitingPlace<'a> {
+    fn take(state: &'a ServeState) -> Self {
+        let ahead = state.waiting.fetch_add(1, Ordering::AcqRel);
+        Self { state, ahead }
+    }
+}
+
+impl Drop for WaitingPlace<'_> {
+    fn drop(&mut self) {
+        self.state.waiting.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SSE is chosen only when the client accepts it; chunks are one line in either format.
+    #[test]
+    fn chunks_are_framed_one_per_line() {
+        let sse = HeaderValue::from_static("application/json, text/event-stream;q=0.9");
+        assert_eq!(
+            StreamFormat::for_accept(Some(&sse)),
+            StreamFormat::EventStream
+        );
+        assert_eq!(StreamFormat::for_accept(None), StreamFormat::NdJson);
+        let json = HeaderValue::from_static("application/json");
+        assert_eq!(StreamFormat::for_accept(Some(&json)), StreamFormat::NdJson);
+        let pretty = "{\n  \"a\": \"x\\ny\"\n}";
+        assert_eq!(
+            StreamFormat::NdJson.chunk(pretty),
+            "{   \"a\": \"x\\ny\"  }\n"
+        );
+        assert_eq!(StreamFormat::EventStream.chunk("[1]"), "data: [1]\n\n");
+        assert_eq!(
+            StreamFormat::EventStream.failure("{\"error\":\"e\"}"),
+            "event: error\ndata: {\"error\":\"e\"}\n\n"
+        );
+    }
+}

@@ -1,0 +1,187 @@
+//! From an HTTP request to a job: its id, its `input` and the `http` object the handler sees.
+//!
+//! A JSON body (any JSON value) is the job's `input`; a request with no body gets its query
+//! parameters as an object of strings (a repeated name keeps its last value). The job object is
+//! `{"id": ..., "input": ..., "http": {"method", "path", "query", "headers"}}`: `query` is the raw
+//! query string (`""` when there is none), `headers` an object of lower-case names (a repeated
+//! header's values joined with `", "`), without `Authorization`, which is the caller's secret.
+
+use crate::job::{InputRule, Job, RawJson};
+use axum::http::{header, HeaderMap, Method, Uri};
+use serde_json::value::RawValue;
+use std::collections::BTreeMap;
+
+/// The longest `X-Request-ID` taken as the job id; a longer or empty one (or one with control
+/// characters) is replaced by a new id.
+const MAX_REQUEST_ID_CHARS: usize = 256;
+
+/// Why a request is not a job (it answers 400).
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    /// The body is not one JSON value.
+    #[error("the request body is not JSON: {0}")]
+    NotJson(String),
+}
+
+/// The job id for a request: its `X-Request-ID` when that is a usable id, else a new one.
+pub fn job_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::trim)
+        .filter(|id| {
+            !id.is_empty()
+                && id.chars().count() <= MAX_REQUEST_ID_CHARS
+                && !id.chars().any(char::is_control)
+        })
+        .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
+}
+
+/// The job for a request with this id, method, URI, headers and body.
+pub fn job(
+    id: &str,
+    method: &Method,
+    uri: &Uri,
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<Job, RequestError> {
+    let query = uri.query().unwrap_or("");
+    let input: RawJson = if body.iter().all(u8::is_ascii_whitespace) {
+        let parameters: BTreeMap<String, String> = url::form_urlencoded::parse(query.as_bytes())
+            .into_owned()
+            .collect();
+        to_raw(&parameters)
+    } else {
+        let text = std::str::from_utf8(body)
+            .map_err(|error| RequestError::NotJson(format!("it is not UTF-8 ({error})")))?;
+        serde_json::from_str::<&RawValue>(text)
+            .map_err(|error| RequestError::NotJson(error.to_string()))?
+            .to_owned()
+    };
+    let mut shown: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in headers {
+        if name == header::AUTHORIZATION {
+            continue;
+        }
+        let value = String::from_utf8_lossy(value.as_bytes());
+        shown
+            .entry(name.as_str().to_owned())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(&value);
+            })
+            .or_insert_with(|| value.into_owned());
+    }
+    let http = serde_json::json!({
+        "method": method.as_str(),
+        "path": uri.path(),
+        "query": query,
+        "headers": shown,
+    });
+    let text = format!(
+        r#"{{"id":{},"input":{},"http":{}}}"#,
+        serde_json::to_string(id).expect("a string serializes"),
+        input.get(),
+        http
+    );
+    let raw: Box<RawValue> = RawValue::from_string(text).expect("built from JSON parts");
+    Ok(Job::parse(&raw, None, InputRule::Present).expect("the job has an id and an input"))
+}
+
+fn to_raw(value: &impl serde::Serialize) -> RawJson {
+    serde_json::value::to_raw_value(value).expect("plain data serializes")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(
+                axum::http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+        }
+        map
+    }
+
+    fn job_json(job: &Job) -> serde_json::Value {
+        serde_json::from_str(job.job_json().get()).unwrap()
+    }
+
+    /// A JSON body is the input as it came, and the handler sees the method, path, query and
+    /// headers, but never the caller's Authorization.
+    #[test]
+    fn a_json_body_is_the_input_and_the_request_is_described() {
+        let uri: Uri = "/v1/embed?model=small".parse().unwrap();
+        let headers = headers(&[
+            ("authorization", "Bearer secret"),
+            ("content-type", "application/json"),
+            ("x-tag", "a"),
+            ("x-tag", "b"),
+        ]);
+        let job = job(
+            "id-1",
+            &Method::POST,
+            &uri,
+            &headers,
+            br#"{"text": [1, 2]}"#,
+        )
+        .unwrap();
+        assert_eq!(job.input().get(), r#"{"text": [1, 2]}"#);
+        let whole = job_json(&job);
+        assert_eq!(whole["id"], "id-1");
+        assert_eq!(whole["http"]["method"], "POST");
+        assert_eq!(whole["http"]["path"], "/v1/embed");
+        assert_eq!(whole["http"]["query"], "model=small");
+        assert_eq!(whole["http"]["headers"]["x-tag"], "a, b");
+        assert!(whole["http"]["headers"].get("authorization").is_none());
+        assert!(!job.job_json().get().contains("secret"));
+    }
+
+    /// Without a body the query parameters are the input, as strings.
+    #[test]
+    fn without_a_body_the_query_is_the_input() {
+        let uri: Uri = "/search?q=caf%C3%A9&n=3&n=4".parse().unwrap();
+        let job = job("x", &Method::GET, &uri, &HeaderMap::new(), b"").unwrap();
+        let input: serde_json::Value = serde_json::from_str(job.input().get()).unwrap();
+        assert_eq!(input, serde_json::json!({"q": "café", "n": "4"}));
+        let none = super::job(
+            "y",
+            &Method::GET,
+            &"/".parse().unwrap(),
+            &HeaderMap::new(),
+            b"",
+        )
+        .unwrap();
+        assert_eq!(none.input().get(), "{}");
+    }
+
+    /// A body that is not one JSON value is refused with the parser's reason.
+    #[test]
+    fn a_body_that_is_not_json_is_refused() {
+        let uri: Uri = "/".parse().unwrap();
+        for body in [&b"{\"a\":"[..], b"hello", b"{} {}", b"\xff\xfe"] {
+            let error = job("x", &Method::POST, &uri, &HeaderMap::new(), body).unwrap_err();
+            assert!(
+                error
+                    .to_string()
+                    .starts_with("the request body is not JSON"),
+                "{error}"
+            );
+        }
+    }
+
+    /// X-Request-ID is the id when it is usable; otherwise each request gets a new one.
+    #[test]
+    fn the_request_id_header_names_the_job() {
+        assert_eq!(job_id(&headers(&[("x-request-id", " abc-1 ")])), "abc-1");
+        let fresh = job_id(&HeaderMap::new());
+        assert_eq!(fresh.len(), 36);
+        assert_ne!(fresh, job_id(&HeaderMap::new()));
+        let long = "x".repeat(MAX_REQUEST_ID_CHARS + 1);
+        assert_ne!(job_id(&headers(&[("x-request-id", &long)])), long);
+    }
+}
