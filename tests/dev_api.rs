@@ -625,7 +625,7 @@ fn cancel_stops_a_running_job_and_frees_the_worker() {
     // Cancelling again changes nothing, and a cancelled job is not retried.
     let again = api.ok(&api.post(&format!("/v2/ep/cancel/{id}"), ""));
     assert_eq!(again, json!({"id": id, "status": "CANCELLED"}));
-    let message = api.error(&api.post(&format!("/retry/{id}"), ""), 400);
+    let message = api.error(&api.post(&format!("/retry/{id}"), ""), 409);
     assert!(message.contains("CANCELLED"), "{message}");
     let health = api.health();
     assert_eq!(health["jobs"]["failed"], 0, "{health}");
@@ -706,7 +706,7 @@ fn retry_requeues_failed_jobs_only() {
 
     let completed = api.runsync(json!({"mode": "echo"}));
     let completed_id = completed["id"].as_str().unwrap();
-    let message = api.error(&api.post(&format!("/retry/{completed_id}"), ""), 400);
+    let message = api.error(&api.post(&format!("/retry/{completed_id}"), ""), 409);
     assert!(message.contains("COMPLETED"), "{message}");
     assert_eq!(api.ok(&api.status(completed_id)), completed);
 
@@ -1132,7 +1132,7 @@ fn execution_timeout_times_out_and_frees_the_worker() {
     let reply = api.post(&format!("/retry/{id}"), "");
     assert_eq!(api.ok(&reply), json!({"id": id, "status": "IN_QUEUE"}));
     api.wait_for(&id, "IN_PROGRESS");
-    let message = api.error(&api.post(&format!("/retry/{id}"), ""), 400);
+    let message = api.error(&api.post(&format!("/retry/{id}"), ""), 409);
     assert!(message.contains("IN_PROGRESS"), "{message}");
     api.ok(&api.post(&format!("/cancel/{id}"), ""));
 }

@@ -7,6 +7,7 @@
 
 pub mod dev_api;
 pub mod load_balancing;
+pub mod metrics;
 pub mod platform;
 pub mod server;
 

@@ -247,8 +247,9 @@ async fn retry(State(api): State<Arc<PublicApi>>, JobId(id): JobId) -> Response 
     }
     match api.store.retry(&id) {
         Some(RetryOutcome::Requeued) => id_and_status(&id, Status::InQueue),
+        // The request is fine; the job's state is what stands in the way.
         Some(RetryOutcome::NotRetryable(status)) => error(
-            StatusCode::BAD_REQUEST,
+            StatusCode::CONFLICT,
             format!(
                 "only FAILED or TIMED_OUT jobs can be retried; this job is {}",
                 serde_json::to_value(status).expect("a status serializes")
@@ -316,8 +317,25 @@ async fn purge_queue(State(api): State<Arc<PublicApi>>) -> Response {
     )
 }
 
-async fn openapi() -> Response {
-    json(StatusCode::OK, OPENAPI_JSON.to_owned())
+/// The OpenAPI description of this server: as written when a key is set; without one, with no
+/// security requirement, since no route then asks for a key.
+async fn openapi(State(api): State<Arc<PublicApi>>) -> Response {
+    if api.api_key.is_some() {
+        return json(StatusCode::OK, OPENAPI_JSON.to_owned());
+    }
+    json(StatusCode::OK, openapi_without_key())
+}
+
+/// [`OPENAPI_JSON`] for a server without a key (worked out once).
+fn openapi_without_key() -> String {
+    static TEXT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    TEXT.get_or_init(|| {
+        let mut document: serde_json::Value =
+            serde_json::from_str(OPENAPI_JSON).expect("openapi.json is valid JSON");
+        document["security"] = serde_json::json!([]);
+        document.to_string()
+    })
+    .clone()
 }
 
 /// Reads and checks a `/run` or `/runsync` body; a rejection is the status and message of the
@@ -369,6 +387,14 @@ pub fn parse_job_request(body: &[u8], submission: Submission) -> Result<NewJob, 
         None => (DEFAULT_EXECUTION_TIMEOUT, DEFAULT_TTL),
         Some(raw) => parse_policy(raw)?,
     };
+    if let Some(s3_config) = request.get("s3Config") {
+        if !(s3_config.get() == "null" || s3_config.get().starts_with('{')) {
+            return Err(format!(
+                r#""s3Config" must be a JSON object, not {}"#,
+                s3_config.get()
+            ));
+        }
+    }
     Ok(NewJob {
         request,
         submission,
@@ -401,8 +427,16 @@ fn parse_policy(raw: &RawValue) -> Result<(Duration, Duration), String> {
         let Some(value) = policy.get(name).filter(|raw| raw.get() != "null") else {
             return Ok(default);
         };
-        match serde_json::from_str::<u64>(value.get()) {
-            Ok(ms) if (low..=MAX_POLICY_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
+        // A whole number, written as an integer or not (`60000.0` is the same number, as JSON
+        // Schema's `integer` says).
+        let whole = serde_json::from_str::<u64>(value.get()).ok().or_else(|| {
+            serde_json::from_str::<f64>(value.get())
+                .ok()
+                .filter(|ms| ms.fract() == 0.0 && (0.0..=MAX_POLICY_MS as f64).contains(ms))
+                .map(|ms| ms as u64)
+        });
+        match whole {
+            Some(ms) if (low..=MAX_POLICY_MS).contains(&ms) => Ok(Duration::from_millis(ms)),
             _ => Err(format!(
                 r#""policy.{name}" must be a whole number of milliseconds from {low} to {MAX_POLICY_MS}, not {}"#,
                 value.get()
@@ -450,6 +484,21 @@ mod tests {
         assert!(message.contains("policy.executionTimeout") && message.contains("5000"));
         assert!(rejection(r#"{"input": 1, "policy": {"ttl": "1h"}}"#).contains("policy.ttl"));
         assert!(rejection(r#"{"input": 1, "policy": {"lowPriority": 1}}"#).contains("lowPriority"));
+        assert!(rejection(r#"{"input": 1, "s3Config": [null]}"#).contains(r#""s3Config""#));
+        assert!(rejection(r#"{"input": 1, "policy": {"ttl": 10000.5}}"#).contains("policy.ttl"));
+    }
+
+    /// A whole number of milliseconds is accepted however it is written, and a null s3Config
+    /// is none, as the OpenAPI description says.
+    #[test]
+    fn whole_numbers_written_as_floats_are_whole_numbers() {
+        let new = parse_job_request(
+            br#"{"input": 1, "policy": {"executionTimeout": 68328717.0, "ttl": 1e5}, "s3Config": null}"#,
+            Submission::Async,
+        )
+        .unwrap();
+        assert_eq!(new.execution_timeout, Duration::from_millis(68_328_717));
+        assert_eq!(new.ttl, Duration::from_millis(100_000));
     }
 
     /// A valid request keeps its policy and webhook, and defaults what it leaves out.

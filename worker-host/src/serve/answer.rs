@@ -467,7 +467,7 @@ mod tests {
         let pretty = "{\n  \"a\": \"x\\ny\"\n}";
         assert_eq!(
             StreamFormat::NdJson.chunk(pretty),
-            "{   \"a\": \"x\\ny\"  }\n"
+            "{   \"a\": \"x\\ny\" }\n"
         );
         assert_eq!(StreamFormat::EventStream.chunk("[1]"), "data: [1]\n\n");
         assert_eq!(

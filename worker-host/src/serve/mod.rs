@@ -291,6 +291,7 @@ async fn cannot_serve(live: &LiveHandler) -> String {
 
 /// The main router: jobs, `/metrics`, and the health check when it shares the port.
 fn router(state: &Arc<ServeState>, with_health: bool) -> Router {
+    // The host's own two paths answer GET only (other methods there get 405).
     let mut router = Router::new().route("/metrics", get(metrics));
     if with_health {
         router = router.route(&state.config.health_path, get(health));
