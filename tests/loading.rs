@@ -255,7 +255,8 @@ fn inspect_prints_the_descriptor() {
     assert_eq!(info["version"], "0.1.0");
     assert_eq!(
         (info["abi_major"].as_u64(), info["abi_minor"].as_u64()),
-        (Some(1), Some(0))
+        (Some(1), Some(1)),
+        "a handler built with this SDK declares ABI 1.1"
     );
     assert_eq!(info["max_concurrency"], 0);
     assert_eq!(info["streaming"], true);
