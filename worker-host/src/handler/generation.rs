@@ -219,12 +219,7 @@ impl Source {
         // dlopen searches the library path for a name without a slash; an operator's path is
         // always a file, so it is made absolute (messages name it so too).
         let original = std::path::absolute(&spec.path).unwrap_or_else(|_| spec.path.clone());
-        if original.is_dir() {
-            return Err(LoadError::IsADirectory { path: original });
-        }
-        if !original.is_file() {
-            return Err(LoadError::NotFound { path: original });
-        }
+        super::error::check_path(&original)?;
         let copy = copies.copy(&original).map_err(|error| match error {
             CopyError::Read { source, .. } => LoadError::Unreadable {
                 path: original.clone(),

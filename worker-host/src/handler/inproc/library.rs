@@ -37,12 +37,7 @@ impl HandlerLibrary {
         // means a file, so make it absolute first.
         let path_buf = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let path = path_buf.as_path();
-        if path.is_dir() {
-            return Err(LoadError::IsADirectory { path: path_buf });
-        }
-        if !path.is_file() {
-            return Err(LoadError::NotFound { path: path_buf });
-        }
+        crate::handler::check_path(path)?;
         // SAFETY: loading a library runs its initialisers. That is the point of a handler
         // library, and the operator chose this file; nothing in this process depends on the
         // library's initialisers not running.
