@@ -128,7 +128,8 @@ typedef struct wh_call wh_call;
  * each length against what the callback accepts before it reads the string, so an absurd length
  * (SIZE_MAX, say) is refused, never read: over the output limit for `set_output` and `progress`
  * and over the stream chunk limit for `emit` (WH_STATUS_TOO_LARGE), over PTRDIFF_MAX for
- * `set_error` (WH_STATUS_INVALID_ARGUMENT) and `log` (the line is dropped).
+ * `set_error` and `set_error_traceback` (WH_STATUS_INVALID_ARGUMENT) and `log` (the line is
+ * dropped).
  */
 typedef struct wh_host_api {
     /** sizeof(wh_host_api) as the host was compiled. Check it (or `abi_minor`) before using a
@@ -239,7 +240,7 @@ typedef struct wh_host_api {
      * Attach a traceback to the call's error (ABI 1.1): where the error was raised and how the
      * code got there, as text (a Python traceback, a Rust panic's location and backtrace, a C++
      * exception's stack). The host reports it as the `error_traceback` of RunPod's error payload,
-     * in process and in a runner alike; for `init` it is printed with the init failure.
+     * in process and in a runner alike; for a failed `init` the host logs it after the failure.
      *
      * When: during `init` or `handle`, before or after `set_error`. Thread: any. Only a handler
      * that checked `host->abi_minor >= 1` may call it. `traceback` is UTF-8 (invalid bytes are

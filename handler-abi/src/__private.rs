@@ -337,6 +337,7 @@ mod tests {
         static ERRORS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
         static LOGS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
         static TRACEBACKS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+        static FEATURES: RefCell<Vec<(u32, u64)>> = const { RefCell::new(Vec::new()) };
     }
 
     fn text(ptr: *const c_char, len: usize) -> String {
@@ -379,8 +380,85 @@ mod tests {
         ffi::WH_STATUS_OK
     }
 
-    extern "C" fn set_features(_: *mut ffi::wh_call, _: u32, _: u64) -> ffi::wh_status {
+    extern "C" fn set_features(
+        _: *mut ffi::wh_call,
+        max_concurrency: u32,
+        features: u64,
+    ) -> ffi::wh_status {
+        FEATURES.with(|reported| reported.borrow_mut().push((max_concurrency, features)));
         ffi::WH_STATUS_OK
+    }
+
+    /// Learns in `init` that it streams and takes one job at a time.
+    struct Bridge;
+
+    impl Handler for Bridge {
+        type Config = serde_json::Value;
+        type Input = serde_json::Value;
+        type Output = ();
+
+        fn init(_config: serde_json::Value) -> Result<Self, HandlerError> {
+            Ok(Bridge)
+        }
+
+        fn handle(&self, _input: serde_json::Value, _job: &Job<'_>) -> Result<(), HandlerError> {
+            Ok(())
+        }
+
+        fn streaming(&self) -> bool {
+            true
+        }
+
+        fn max_concurrency(&self) -> u32 {
+            1
+        }
+    }
+
+    /// Features that differ from the constants are reported with `set_features` after `init`;
+    /// a host without that callback (ABI 1.0) fails the `init`, saying why, and is never given
+    /// a call past its table.
+    #[test]
+    fn features_known_after_init_are_reported() {
+        let config = "{}";
+        let host = host();
+        let instance = OnceLock::new();
+        // SAFETY: `host` and the config live across the call; the fake host never dereferences
+        // `call`.
+        let status = unsafe {
+            run_init::<Bridge>(
+                &instance,
+                std::ptr::null_mut(),
+                &host,
+                config.as_ptr().cast(),
+                2,
+            )
+        };
+        assert_eq!(status, ffi::WH_STATUS_OK);
+        let reported = FEATURES.with(|reported| reported.take());
+        assert_eq!(reported, vec![(1, ffi::WH_FEATURE_STREAMING)]);
+
+        let old_host = ffi::wh_host_api {
+            struct_size: ffi::HOST_API_SIZE_1_0 as u32,
+            abi_minor: 0,
+            ..host
+        };
+        let instance = OnceLock::new();
+        // SAFETY: as above.
+        let status = unsafe {
+            run_init::<Bridge>(
+                &instance,
+                std::ptr::null_mut(),
+                &old_host,
+                config.as_ptr().cast(),
+                2,
+            )
+        };
+        assert_eq!(status, ffi::WH_STATUS_ERROR);
+        assert!(FEATURES.with(|reported| reported.take()).is_empty());
+        let errors = ERRORS.with(|errors| errors.take());
+        assert_eq!(errors.len(), 1);
+        assert_eq!(errors[0].0, "UnsupportedHost");
+        assert!(errors[0].1.contains("ABI 1.1"), "{errors:?}");
     }
 
     fn host() -> ffi::wh_host_api {

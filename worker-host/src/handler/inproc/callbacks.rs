@@ -728,7 +728,8 @@ mod tests {
     }
 
     /// `set_error_traceback` records the last traceback ((NULL, 0) clears it), refuses NULL with
-    /// a length, and cuts one over the cap with a note; `set_features` applies only to `init`.
+    /// a length and a length no buffer can have, and cuts one over the cap with a note;
+    /// `set_features` applies only to `init`.
     #[test]
     fn tracebacks_and_features_are_recorded_where_they_apply() {
         let long = "t".repeat(MAX_TRACEBACK + 10);
@@ -740,6 +741,10 @@ mod tests {
                 assert_eq!(host_set_error_traceback(call, text, len), ffi::WH_STATUS_OK);
                 assert_eq!(
                     host_set_error_traceback(call, std::ptr::null(), 3),
+                    ffi::WH_STATUS_INVALID_ARGUMENT
+                );
+                assert_eq!(
+                    host_set_error_traceback(call, text, usize::MAX),
                     ffi::WH_STATUS_INVALID_ARGUMENT
                 );
                 assert_eq!(
