@@ -1,8 +1,9 @@
 //! Compiles the handler libraries of `fixtures/*.c` with the system C compiler, one shared library
 //! per fixture, into OUT_DIR: the deliberately broken ones of `bad_handlers.c` (loading must fail),
 //! the careless ones of `careless_handlers.c` (the host must survive them), the versions of
-//! `versioned.c` (which the live-swap tests swap for one another), and the C++ handler of
-//! `cpp_throws.cpp`, whose exception escapes. The tests find them through the `FIXTURE_DIR`
+//! `versioned.c` (which the live-swap tests swap for one another), those of `abi_1_1.c` (which use
+//! the callbacks ABI 1.1 appended), the handler of `abi_1_0.c` built against the frozen 1.0 header
+//! in `fixtures/abi-1.0/`, and the C++ handler of `cpp_throws.cpp`, whose exception escapes. The tests find them through the `FIXTURE_DIR`
 //! variable set here.
 
 use std::path::{Path, PathBuf};
@@ -42,6 +43,7 @@ const FIXTURES: &[(&str, &[&str])] = &[
             "VERSIONED_SERIAL_STREAM",
         ],
     ),
+    ("fixtures/abi_1_1.c", &["TRACEBACK", "LATE_FEATURES"]),
 ];
 
 fn main() {
@@ -102,6 +104,22 @@ fn main() {
             ],
         );
     }
+    // Built against the frozen copy of the 1.0 header, not today's: a 1.0 handler as it was
+    // built then, which every later host must run.
+    let frozen = manifest_dir.join("fixtures/abi-1.0");
+    let old = manifest_dir.join("fixtures/abi_1_0.c");
+    println!("cargo:rerun-if-changed={}", old.display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        frozen.join("worker_host.h").display()
+    );
+    compile(
+        &compiler,
+        &old,
+        &frozen,
+        "ABI_1_0",
+        &out_dir.join("libabi_1_0.so"),
+    );
     let cpp = manifest_dir.join("fixtures/cpp_throws.cpp");
     println!("cargo:rerun-if-changed={}", cpp.display());
     let status = cc::Build::new()

@@ -54,6 +54,94 @@ fn a_directory_instead_of_a_file() {
     assert_refused(&run, 3, &["is a directory", "the .so file inside it"]);
 }
 
+/// The fix for a Rust crate built without `cdylib`, as the messages spell it.
+const CDYLIB_FIX: &str = r#"add `crate-type = ["cdylib"]` to [lib] in Cargo.toml"#;
+
+/// A missing `.so` whose crate was built as an `.rlib` only (no `cdylib`): exit 3, naming the
+/// `.rlib` and the line to add to Cargo.toml.
+#[test]
+fn a_missing_library_beside_its_rlib_says_add_cdylib() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("libmy_handler.rlib"), "!<arch>\n").unwrap();
+    let run = run_on(&dir.path().join("libmy_handler.so"));
+    assert_refused(
+        &run,
+        3,
+        &[
+            "libmy_handler.so does not exist",
+            "libmy_handler.rlib",
+            CDYLIB_FIX,
+        ],
+    );
+    // Also under the hyphenated name the user may have typed.
+    let run = run_on(&dir.path().join("libmy-handler.so"));
+    assert_refused(&run, 3, &["libmy_handler.rlib", CDYLIB_FIX]);
+}
+
+/// A hyphen where cargo writes an underscore (or a name without `lib`): exit 3, naming the file
+/// that does exist.
+#[test]
+fn a_hyphenated_name_names_the_library_cargo_wrote() {
+    let dir = tempfile::tempdir().unwrap();
+    let built = dir.path().join("libmy_handler.so");
+    std::fs::copy(artifacts().library(Sample::Echo), &built).unwrap();
+    for typed in ["libmy-handler.so", "my-handler.so", "my_handler.so"] {
+        let run = run_on(&dir.path().join(typed));
+        assert_refused(
+            &run,
+            3,
+            &[
+                &format!("{typed} does not exist, but {} does", built.display()),
+                "underscores",
+            ],
+        );
+    }
+}
+
+/// A crate's directory (it has a Cargo.toml): exit 3, naming the library cargo builds from it,
+/// and the `cdylib` line when the manifest lacks it.
+#[test]
+fn a_crate_directory_names_the_library_to_build() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = "[package]\nname = \"my-handler\"\nversion = \"0.1.0\"\n";
+    std::fs::write(dir.path().join("Cargo.toml"), manifest).unwrap();
+    let run = run_on(dir.path());
+    assert_refused(
+        &run,
+        3,
+        &[
+            "a Rust crate's directory",
+            "libmy_handler.so",
+            "target/release",
+            CDYLIB_FIX,
+        ],
+    );
+    let with_cdylib = format!("{manifest}\n[lib]\ncrate-type = [\"cdylib\"]\n");
+    std::fs::write(dir.path().join("Cargo.toml"), with_cdylib).unwrap();
+    let run = run_on(dir.path());
+    assert_refused(&run, 3, &["a Rust crate's directory", "libmy_handler.so"]);
+    assert!(!run.stderr.contains("crate-type"), "{}", run.stderr);
+}
+
+/// An `.rlib` passed directly: exit 4 (not a loadable library), saying what to add and where the
+/// `.so` will be.
+#[test]
+fn an_rlib_says_add_cdylib() {
+    let dir = tempfile::tempdir().unwrap();
+    let rlib = dir.path().join("libmy_handler.rlib");
+    std::fs::write(&rlib, "!<arch>\n").unwrap();
+    let run = run_on(&rlib);
+    assert_refused(
+        &run,
+        4,
+        &[
+            "libmy_handler.rlib is a Rust library (.rlib)",
+            CDYLIB_FIX,
+            "beside it",
+        ],
+    );
+}
+
 /// A file that is not a shared library: exit 4, with the loader's reason.
 #[test]
 fn not_a_library() {
@@ -255,7 +343,8 @@ fn inspect_prints_the_descriptor() {
     assert_eq!(info["version"], "0.1.0");
     assert_eq!(
         (info["abi_major"].as_u64(), info["abi_minor"].as_u64()),
-        (Some(1), Some(0))
+        (Some(1), Some(1)),
+        "a handler built with this SDK declares ABI 1.1"
     );
     assert_eq!(info["max_concurrency"], 0);
     assert_eq!(info["streaming"], true);

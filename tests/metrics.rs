@@ -112,7 +112,7 @@ fn the_queue_worker_counts_its_jobs_on_the_metrics_port() {
             &[
                 ("name", "faulty-handler"),
                 ("version", "0.1.0"),
-                ("abi", "1.0")
+                ("abi", "1.1")
             ]
         ),
         1.0

@@ -1,5 +1,5 @@
 /*
- * worker_host.h — the handler ABI of worker-host, version 1.0.
+ * worker_host.h — the handler ABI of worker-host, version 1.1.
  *
  * This header is the single source of truth for the contract between `worker-host` (the host)
  * and a handler compiled as a shared library (the handler). Any language that can export a C
@@ -29,6 +29,17 @@
  *   - No unwinding across the boundary: C++ exceptions and Rust panics must be caught inside the
  *     handler and reported with `set_error`.
  *
+ * What each minor appended:
+ *
+ *   - 1.1: two callbacks at the end of `wh_host_api`: `set_error_traceback` (a traceback with a
+ *     call's error, shown as RunPod's `error_traceback`) and `set_features` (`init` reports the
+ *     streaming flag and concurrency it learnt only while it ran). Nothing else changed: a 1.0
+ *     handler runs on a 1.1 host as it is. A handler built against this header that may also run
+ *     on a 1.0 host checks `host->abi_minor >= 1` (or, equivalently, that `host->struct_size`
+ *     reaches past the callback) before calling either; on a 1.0 host the table ends before them.
+ *     The host needs nothing new from the handler: the descriptor is unchanged, so a 1.1 host
+ *     reads exactly the 1.0 fields of every handler's descriptor.
+ *
  * Strings: every string the host passes is UTF-8, given as a pointer and a byte length, and is
  * also NUL-terminated (`ptr[len] == '\0'`) for the convenience of C code. Every string the handler
  * passes to a callback is a pointer and a byte length; it need not be NUL-terminated, and
@@ -48,7 +59,7 @@ extern "C" {
 /** The ABI major version this header describes. Changes only with a breaking change. */
 #define WH_ABI_MAJOR 1
 /** The ABI minor version this header describes. Grows when fields or callbacks are appended. */
-#define WH_ABI_MINOR 0
+#define WH_ABI_MINOR 1
 
 /** The name of the one symbol a handler library exports. */
 #define WH_ENTRY_SYMBOL "wh_handler_entry"
@@ -117,11 +128,12 @@ typedef struct wh_call wh_call;
  * each length against what the callback accepts before it reads the string, so an absurd length
  * (SIZE_MAX, say) is refused, never read: over the output limit for `set_output` and `progress`
  * and over the stream chunk limit for `emit` (WH_STATUS_TOO_LARGE), over PTRDIFF_MAX for
- * `set_error` (WH_STATUS_INVALID_ARGUMENT) and `log` (the line is dropped).
+ * `set_error` and `set_error_traceback` (WH_STATUS_INVALID_ARGUMENT) and `log` (the line is
+ * dropped).
  */
 typedef struct wh_host_api {
-    /** sizeof(wh_host_api) as the host was compiled. Check it before using a callback appended
-     *  after ABI 1.0. */
+    /** sizeof(wh_host_api) as the host was compiled. Check it (or `abi_minor`) before using a
+     *  callback appended after ABI 1.0. */
     uint32_t struct_size;
     /** The host's ABI major version (WH_ABI_MAJOR). */
     uint16_t abi_major;
@@ -221,6 +233,48 @@ typedef struct wh_host_api {
      * `handle` or with an expired `wh_call`.
      */
     void (*request_recycle)(wh_call *call);
+
+    /* Appended in ABI 1.1: check `abi_minor >= 1` before calling the callbacks below. */
+
+    /**
+     * Attach a traceback to the call's error (ABI 1.1): where the error was raised and how the
+     * code got there, as text (a Python traceback, a Rust panic's location and backtrace, a C++
+     * exception's stack). The host reports it as the `error_traceback` of RunPod's error payload,
+     * in process and in a runner alike; for a failed `init` the host logs it after the failure.
+     *
+     * When: during `init` or `handle`, before or after `set_error`. Thread: any. Only a handler
+     * that checked `host->abi_minor >= 1` may call it. `traceback` is UTF-8 (invalid bytes are
+     * replaced), copied before return; `(NULL, 0)` clears an earlier traceback. The last accepted
+     * call wins. A traceback over 64 KiB is cut there (only its first 64 KiB are read), with a
+     * note giving its length.
+     *
+     * It does not fail the call: the traceback is reported only if the call fails with an error
+     * set by `set_error`, and is dropped otherwise (also when the host fails the job for an output
+     * it refused: that refusal has no traceback). Returns WH_STATUS_OK when recorded;
+     * WH_STATUS_INVALID_ARGUMENT when `traceback` is NULL with a non-zero length or its length is
+     * over PTRDIFF_MAX; WH_STATUS_INVALID_STATE during `teardown` or with an expired `wh_call`.
+     * Nothing is recorded unless it returns WH_STATUS_OK.
+     */
+    wh_status (*set_error_traceback)(wh_call *call, const char *traceback, size_t traceback_len);
+
+    /**
+     * Report the handler's features as `init` found them (ABI 1.1), for a handler that learns
+     * them only while it runs (a bridge that loads a script learns only then whether the script
+     * streams, and whether it is thread-safe). They replace the descriptor's `max_concurrency`
+     * and `features` for every job of this loaded handler, once `init` has returned WH_STATUS_OK;
+     * a failed `init` leaves the descriptor's. (`worker-host inspect` runs no `init`: it shows the
+     * descriptor's.)
+     *
+     * When: during `init` only. Thread: any. Only a handler that checked `host->abi_minor >= 1`
+     * may call it. `max_concurrency` means what the descriptor field means (1 for a handler that
+     * is not thread-safe, 0 for no limit; the host runs at most min(this, the operator's
+     * setting)); `features` is WH_FEATURE_* bits, and unknown bits are ignored. The last accepted
+     * call wins; a handler that never calls it keeps its descriptor's values.
+     *
+     * Returns WH_STATUS_OK when recorded; WH_STATUS_INVALID_STATE outside `init` or with an
+     * expired `wh_call` (nothing is recorded).
+     */
+    wh_status (*set_features)(wh_call *call, uint32_t max_concurrency, uint64_t features);
 } wh_host_api;
 
 /**
@@ -299,11 +353,13 @@ typedef struct wh_handler_descriptor {
     /** The handler's version, static, NUL-terminated UTF-8. Never NULL. */
     const char *version;
     /** How many `handle` calls may run at once: 1 for a handler that is not thread-safe,
-     *  0 for no limit. The host runs at most min(this, the operator's setting). */
+     *  0 for no limit. The host runs at most min(this, the operator's setting). `init` may
+     *  replace it with `set_features` (ABI 1.1). */
     uint32_t max_concurrency;
     /** Reserved, must be zero. Keeps `features` 8-byte aligned on every platform. */
     uint32_t reserved0;
-    /** WH_FEATURE_* bits. Unknown bits are ignored by the host. */
+    /** WH_FEATURE_* bits. Unknown bits are ignored by the host. `init` may replace them with
+     *  `set_features` (ABI 1.1). */
     uint64_t features;
     /** Never NULL. */
     wh_init_fn init;

@@ -11,7 +11,7 @@ use std::ffi::c_char;
 /// `WH_ABI_MAJOR`: changes only with a breaking change.
 pub const WH_ABI_MAJOR: u16 = 1;
 /// `WH_ABI_MINOR`: grows when fields or callbacks are appended.
-pub const WH_ABI_MINOR: u16 = 0;
+pub const WH_ABI_MINOR: u16 = 1;
 /// `WH_ENTRY_SYMBOL`, NUL-terminated for `dlsym`.
 pub const WH_ENTRY_SYMBOL: &[u8] = b"wh_handler_entry\0";
 /// `WH_FEATURE_STREAMING`: the handler's result is its stream of `emit`ted chunks.
@@ -68,6 +68,21 @@ pub struct wh_host_api {
     pub progress: unsafe extern "C" fn(*mut wh_call, *const c_char, usize) -> wh_status,
     pub is_cancelled: unsafe extern "C" fn(*mut wh_call) -> bool,
     pub request_recycle: unsafe extern "C" fn(*mut wh_call),
+    /// Appended in ABI 1.1: read only from a table whose `abi_minor >= 1`.
+    pub set_error_traceback: unsafe extern "C" fn(*mut wh_call, *const c_char, usize) -> wh_status,
+    /// Appended in ABI 1.1: read only from a table whose `abi_minor >= 1`.
+    pub set_features: unsafe extern "C" fn(*mut wh_call, u32, u64) -> wh_status,
+}
+
+impl wh_host_api {
+    /// Whether this table has the callbacks of ABI 1.1 (`set_error_traceback`, `set_features`):
+    /// its minor says so and its size reaches past them. A handler must check this before it
+    /// reads either field, since a 1.0 host's table ends before them.
+    pub fn has_1_1(&self) -> bool {
+        self.abi_major == WH_ABI_MAJOR
+            && self.abi_minor >= 1
+            && self.struct_size as usize >= HOST_API_SIZE_1_1
+    }
 }
 
 /// `wh_job`: one job, borrowed for the duration of `handle`.
@@ -121,7 +136,7 @@ unsafe impl Send for wh_handler_descriptor {}
 /// `wh_handler_entry_fn`
 pub type wh_handler_entry_fn = unsafe extern "C" fn() -> *const wh_handler_descriptor;
 
-// The ABI 1.0 sizes. A 1.x reader must accept any `struct_size` at least this large (a 1.0 writer
+// The ABI 1.0 sizes (and, below, what 1.1 appended). A 1.x reader must accept any `struct_size` at least this large (a 1.0 writer
 // fills exactly these bytes) and must not compare against `size_of` of its own struct, which
 // grows whenever a minor appends a field. Each is the end of the struct's last 1.0 field, which
 // later minors never move; today that is also the struct's size (see the tests below).
@@ -134,6 +149,10 @@ pub const DESCRIPTOR_SIZE_1_0: usize = std::mem::offset_of!(wh_handler_descripto
 /// `request_recycle`, the last callback of ABI 1.0.
 pub const HOST_API_SIZE_1_0: usize = std::mem::offset_of!(wh_host_api, request_recycle)
     + std::mem::size_of::<unsafe extern "C" fn(*mut wh_call)>();
+/// The smallest `wh_host_api.struct_size` of a host speaking ABI 1.1: the end of
+/// `set_features`, the last callback that minor appended.
+pub const HOST_API_SIZE_1_1: usize = std::mem::offset_of!(wh_host_api, set_features)
+    + std::mem::size_of::<unsafe extern "C" fn(*mut wh_call, u32, u64) -> wh_status>();
 /// The smallest `wh_job.struct_size` a 1.x handler can be given: the end of `job_json_len`, the
 /// last field of ABI 1.0.
 pub const JOB_SIZE_1_0: usize =
@@ -144,12 +163,13 @@ mod tests {
     use super::*;
     use std::mem::{align_of, size_of};
 
-    /// While this mirror describes ABI 1.0 (WH_ABI_MINOR is 0), each 1.0 size is today's struct
-    /// size. When a minor appends a field, this test fails on purpose: keep the constants and
-    /// change the test to compare them with the previous sizes, which must never change.
+    /// The mirror describes ABI 1.1, which appended two callbacks to `wh_host_api` and nothing
+    /// else: the table's size is its 1.1 size, and the descriptor's and the job's are still their
+    /// 1.0 sizes. When a later minor appends a field, this test fails on purpose: add that minor's
+    /// constant and compare today's size with it; the earlier constants never change.
     #[test]
-    fn one_zero_sizes_are_todays_sizes() {
-        assert_eq!(WH_ABI_MINOR, 0);
+    fn today_sizes_are_the_sizes_of_the_last_minor() {
+        assert_eq!(WH_ABI_MINOR, 1);
         let today = |end: usize, align: usize| end.next_multiple_of(align);
         assert_eq!(
             size_of::<wh_handler_descriptor>(),
@@ -157,7 +177,7 @@ mod tests {
         );
         assert_eq!(
             size_of::<wh_host_api>(),
-            today(HOST_API_SIZE_1_0, align_of::<wh_host_api>())
+            today(HOST_API_SIZE_1_1, align_of::<wh_host_api>())
         );
         assert_eq!(
             size_of::<wh_job>(),
@@ -173,5 +193,6 @@ mod tests {
         assert_eq!(DESCRIPTOR_SIZE_1_0, 64);
         assert_eq!(HOST_API_SIZE_1_0, 64);
         assert_eq!(JOB_SIZE_1_0, 56);
+        assert_eq!(HOST_API_SIZE_1_1, 80);
     }
 }

@@ -19,7 +19,7 @@ pub enum CallbackError {
     #[error("the value is not valid JSON")]
     InvalidJson,
     /// The callback does not apply here (for example `emit` from a handler that does not stream).
-    #[error("the callback does not apply here (emit needs Handler::STREAMING)")]
+    #[error("the callback does not apply here (emit needs a streaming handler: Handler::STREAMING, or Handler::streaming after init)")]
     InvalidState,
     /// The host answered with a status this SDK does not know.
     #[error("the host refused the value with status {0}")]

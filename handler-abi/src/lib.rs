@@ -2,7 +2,7 @@
 //!
 //! This crate owns the contract between `worker-host` and a handler library:
 //!
-//! - `include/worker_host.h`, the C header that defines ABI 1.0 (the source of truth);
+//! - `include/worker_host.h`, the C header that defines ABI 1.1 (the source of truth);
 //! - [`ffi`], its `#[repr(C)]` mirror, used by the host and by this SDK;
 //! - the SDK: implement [`Handler`] and call [`export_handler!`], and your crate (built as a
 //!   `cdylib`) is a handler that `worker-host` can load. No `unsafe` on your side.
@@ -79,6 +79,21 @@ pub trait Handler: Sized + Send + Sync + 'static {
 
     /// Runs once at shutdown, after the last job. The default does nothing.
     fn teardown(&self) {}
+
+    /// How many jobs may run at once, as this value (built by [`Handler::init`]) knows it: for a
+    /// handler that learns it only in `init` (a bridge that loads a script, say). Read once,
+    /// right after `init`; the host then uses it instead of [`Handler::MAX_CONCURRENCY`] (ABI
+    /// 1.1, `set_features`). The default is [`Handler::MAX_CONCURRENCY`].
+    fn max_concurrency(&self) -> u32 {
+        Self::MAX_CONCURRENCY
+    }
+
+    /// Whether the handler streams, as this value knows it; read once, right after `init`, like
+    /// [`Handler::max_concurrency`], and used instead of [`Handler::STREAMING`] from then on.
+    /// The default is [`Handler::STREAMING`].
+    fn streaming(&self) -> bool {
+        Self::STREAMING
+    }
 }
 
 /// Why a job (or `init`) failed: a type, which RunPod shows as `error_type`, and a message.
@@ -90,10 +105,14 @@ pub trait Handler: Sized + Send + Sync + 'static {
 /// chain (`: caused by ...`) where the text does not already include it. Use
 /// [`HandlerError::new`] to choose the type yourself. `HandlerError` deliberately does not
 /// implement `std::error::Error` itself, so that blanket conversion can exist.
+///
+/// An error may carry a traceback ([`HandlerError::with_traceback`]), which RunPod shows as
+/// `error_traceback`. The SDK fills it for a panic, with the panic's location and a backtrace.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HandlerError {
     error_type: String,
     message: String,
+    traceback: Option<String>,
 }
 
 impl HandlerError {
@@ -102,7 +121,16 @@ impl HandlerError {
         Self {
             error_type: error_type.into(),
             message: message.into(),
+            traceback: None,
         }
+    }
+
+    /// The same error with a traceback: where it was raised and how the code got there, as text
+    /// (for example a `std::backtrace::Backtrace` formatted with `to_string`). RunPod shows it as
+    /// the job's `error_traceback`; a host older than ABI 1.1 drops it.
+    pub fn with_traceback(mut self, traceback: impl Into<String>) -> Self {
+        self.traceback = Some(traceback.into());
+        self
     }
 
     /// An error of the generic type `HandlerError` with this message.
@@ -118,6 +146,11 @@ impl HandlerError {
     /// The error's message.
     pub fn message(&self) -> &str {
         &self.message
+    }
+
+    /// The error's traceback, if it has one.
+    pub fn traceback(&self) -> Option<&str> {
+        self.traceback.as_deref()
     }
 }
 
@@ -194,7 +227,10 @@ fn message_with_sources(error: &dyn std::error::Error) -> String {
 /// Call it once, at the top level of a crate built with `crate-type = ["cdylib"]`. It defines
 /// the library's only exported symbol, `wh_handler_entry`, with the crate's name and version
 /// (from Cargo) in the descriptor. Every call into the handler is wrapped in `catch_unwind`, so a
-/// panic becomes a job error carrying the panic message instead of aborting the worker.
+/// panic becomes a job error carrying the panic message instead of aborting the worker, with the
+/// panic's location and a backtrace as its traceback (taken by a panic hook the SDK adds in front
+/// of the one already set, which still prints the panic as before; a handler that replaces the
+/// panic hook itself gets no traceback for its panics).
 ///
 /// # Panic strategy
 ///

@@ -68,6 +68,8 @@ fn rust_structs() -> Vec<StructLayout> {
             progress,
             is_cancelled,
             request_recycle,
+            set_error_traceback,
+            set_features,
         }),
         struct_layout!(wh_job {
             struct_size,
@@ -478,6 +480,9 @@ static wh_status demo_init(wh_call *call, const wh_host_api *host, const char *c
                            size_t config_json_len) {{
     host->log(call, WH_LOG_INFO, config_json, config_json_len);
     host->log(call, WH_LOG_DEBUG, WH_ENTRY_SYMBOL, sizeof(WH_ENTRY_SYMBOL) - 1);
+    if (host->abi_minor >= 1) {{
+        return host->set_features(call, 2, WH_FEATURE_STREAMING);
+    }}
     return WH_STATUS_OK;
 }}
 
@@ -487,6 +492,9 @@ static wh_status demo_handle(wh_call *call, const wh_host_api *host, const wh_jo
         return WH_STATUS_ERROR;
     }}
     if (job->id == NULL || job->job_json_len == 0) {{
+        if (host->abi_minor >= 1) {{
+            host->set_error_traceback(call, "at demo_handle", 14);
+        }}
         return host->set_error(call, "BadJob", 6, NULL, 0);
     }}
     if (host->is_cancelled(call)) {{
@@ -546,6 +554,9 @@ wh_status demo_init(wh_call *call, const wh_host_api *host, const char *config_j
                     size_t config_json_len) {{
     host->log(call, WH_LOG_INFO, config_json, config_json_len);
     host->log(call, WH_LOG_DEBUG, WH_ENTRY_SYMBOL, sizeof(WH_ENTRY_SYMBOL) - 1);
+    if (host->abi_minor >= 1) {{
+        return host->set_features(call, 2, WH_FEATURE_STREAMING);
+    }}
     return WH_STATUS_OK;
 }}
 
@@ -554,6 +565,9 @@ wh_status demo_handle(wh_call *call, const wh_host_api *host, const wh_job *job)
         return WH_STATUS_ERROR;
     }}
     if (job->id == nullptr || job->job_json_len == 0) {{
+        if (host->abi_minor >= 1) {{
+            host->set_error_traceback(call, "at demo_handle", 14);
+        }}
         return host->set_error(call, "BadJob", 6, nullptr, 0);
     }}
     if (host->is_cancelled(call)) {{
@@ -640,5 +654,72 @@ fn header_compiles_as_cpp17() {
         "handler.cpp",
         &cpp_unit(),
         &["-std=c++17", "-Wall", "-Wextra", "-pedantic", "-Werror"],
+    );
+}
+
+/// The frozen copy of the 1.0 header that the ABI 1.0 fixture of the end-to-end tests is built
+/// against (`tests/fixtures/abi-1.0/worker_host.h`).
+fn frozen_1_0_header() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/abi-1.0/worker_host.h")
+}
+
+/// ABI 1.1 only appended: each struct of the frozen 1.0 header has its 1.0 fields at the front
+/// of today's, in the same order, and a C compiler given the 1.0 header puts each at the offset
+/// and size the Rust mirror (today's layout) has it at.
+#[test]
+fn today_s_structs_extend_the_1_0_structs() {
+    let frozen_text = std::fs::read_to_string(frozen_1_0_header()).expect("the frozen header");
+    assert!(
+        frozen_text.contains("#define WH_ABI_MINOR 0"),
+        "the frozen copy is the 1.0 header"
+    );
+    let frozen = strip_comments(&frozen_text);
+    let mut program =
+        String::from("#include <stdio.h>\n#include <worker_host.h>\n\nint main(void) {\n");
+    let mut expected = BTreeMap::new();
+    for layout in rust_structs() {
+        let old_fields = header_fields(&frozen, layout.name);
+        let today: Vec<&str> = layout.fields.iter().map(|f| f.name).collect();
+        assert!(
+            today.starts_with(&old_fields.iter().map(String::as_str).collect::<Vec<_>>()),
+            "{}: the 1.0 fields {old_fields:?} are not the front of today's {today:?}",
+            layout.name
+        );
+        for field in &layout.fields[..old_fields.len()] {
+            let (ty, f) = (layout.name, field.name);
+            writeln!(
+                program,
+                "    printf(\"{ty}.{f} %zu %zu\\n\", (size_t)offsetof({ty}, {f}), (size_t)sizeof((({ty} *)0)->{f}));"
+            )
+            .unwrap();
+            expected.insert(
+                format!("{ty}.{f}"),
+                format!("{} {}", field.offset, field.size),
+            );
+        }
+    }
+    program.push_str("    return 0;\n}\n");
+    let dir = tempfile::tempdir().expect("create a temp dir");
+    let source = write_source(dir.path(), "layout_1_0.c", &program);
+    let binary = dir.path().join("layout_1_0");
+    let mut compile = compiler("CC", "cc");
+    compile
+        .args(["-std=c11", "-Wall", "-Wextra", "-pedantic", "-Werror", "-I"])
+        .arg(frozen_1_0_header().parent().expect("a folder"))
+        .arg(&source)
+        .arg("-o")
+        .arg(&binary);
+    run(compile, "compiling the 1.0 layout program");
+    let printed = run(Command::new(&binary), "running the 1.0 layout program");
+    let from_c: BTreeMap<String, String> = printed
+        .lines()
+        .map(|line| {
+            let (name, value) = line.split_once(' ').expect("name and value");
+            (name.to_owned(), value.to_owned())
+        })
+        .collect();
+    assert_eq!(
+        from_c, expected,
+        "1.0 layout (C, left) against today's (Rust, right)"
     );
 }

@@ -356,6 +356,16 @@ impl WorkerProcess {
         Self::spawn(platform, sample, args, env, true)
     }
 
+    /// [`WorkerProcess::start`] on the handler library at `library` (a fixture, say).
+    pub fn start_library(
+        platform: &platform::Platform,
+        library: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
+        Self::spawn_library(platform, library, args, env, false)
+    }
+
     fn spawn(
         platform: &platform::Platform,
         sample: Sample,
@@ -363,9 +373,19 @@ impl WorkerProcess {
         env: &[(&str, &str)],
         own_group: bool,
     ) -> Self {
+        Self::spawn_library(platform, artifacts().library(sample), args, env, own_group)
+    }
+
+    fn spawn_library(
+        platform: &platform::Platform,
+        library: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+        own_group: bool,
+    ) -> Self {
         let stderr_file = tempfile::NamedTempFile::new().expect("a temporary file");
         let mut command = worker_host();
-        command.arg("--handler").arg(artifacts().library(sample));
+        command.arg("--handler").arg(library);
         command.args(args);
         for (name, value) in platform.worker_env() {
             command.env(name, value);

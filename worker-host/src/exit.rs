@@ -10,9 +10,9 @@ pub const SUCCESS: u8 = 0;
 pub const JOB_FAILED: u8 = 1;
 /// The command line or configuration is wrong.
 pub const USAGE: u8 = 2;
-/// The handler file does not exist.
+/// The handler file does not exist (or is a directory, a crate's included).
 pub const HANDLER_NOT_FOUND: u8 = 3;
-/// The handler file is not a loadable shared library.
+/// The handler file is not a loadable shared library (an `.rlib` included).
 pub const NOT_A_LIBRARY: u8 = 4;
 /// The library does not export `wh_handler_entry`.
 pub const MISSING_ENTRY: u8 = 5;
@@ -26,8 +26,14 @@ pub const INIT_FAILED: u8 = 8;
 /// The exit code for a handler that could not be made ready.
 pub fn for_load_error(error: &LoadError) -> u8 {
     match error {
-        LoadError::NotFound { .. } | LoadError::IsADirectory { .. } => HANDLER_NOT_FOUND,
-        LoadError::NotALibrary { .. } | LoadError::Unreadable { .. } => NOT_A_LIBRARY,
+        LoadError::NotFound { .. }
+        | LoadError::NotFoundButNamedOtherwise { .. }
+        | LoadError::OnlyRustLibraryBuilt { .. }
+        | LoadError::IsADirectory { .. }
+        | LoadError::CrateDirectory { .. } => HANDLER_NOT_FOUND,
+        LoadError::NotALibrary { .. }
+        | LoadError::Unreadable { .. }
+        | LoadError::RustLibrary { .. } => NOT_A_LIBRARY,
         LoadError::MissingEntry { .. } => MISSING_ENTRY,
         LoadError::AbiMismatch { .. } => ABI_MISMATCH,
         LoadError::NullDescriptor { .. }

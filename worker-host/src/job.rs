@@ -321,15 +321,26 @@ pub struct Failure {
     pub error_type: String,
     /// What went wrong.
     pub message: String,
+    /// Where it went wrong, as the handler reported it (ABI 1.1 `set_error_traceback`; a Rust
+    /// panic's location and backtrace): RunPod's `error_traceback`. Empty when there is none.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub traceback: String,
 }
 
 impl Failure {
-    /// A failure with this type and message.
+    /// A failure with this type and message, and no traceback.
     pub fn new(error_type: impl Into<String>, message: impl Into<String>) -> Self {
         Self {
             error_type: error_type.into(),
             message: message.into(),
+            traceback: String::new(),
         }
+    }
+
+    /// The same failure with this traceback.
+    pub fn with_traceback(mut self, traceback: impl Into<String>) -> Self {
+        self.traceback = traceback.into();
+        self
     }
 }
 
@@ -443,10 +454,16 @@ pub fn job_done_body(
             failure,
             streaming: true,
         } => {
-            let text = format!(
+            // The SDK's generator error: its traceback part is the handler's traceback, where
+            // the handler gave one, after the error line.
+            let mut text = format!(
                 "handler: {} \ntraceback: {}: {}",
                 failure.message, failure.error_type, failure.message
             );
+            if !failure.traceback.is_empty() {
+                text.push('\n');
+                text.push_str(&failure.traceback);
+            }
             body.push("error", to_raw(&text));
         }
         Outcome::Failed {
@@ -469,7 +486,7 @@ fn error_payload(failure: &Failure, origin: &Origin) -> RawJson {
     let payload = ErrorPayload {
         error_type: &failure.error_type,
         error_message: &failure.message,
-        error_traceback: "",
+        error_traceback: &failure.traceback,
         hostname: &origin.hostname,
         worker_id: &origin.worker_id,
         runpod_version: RUNPOD_PROTOCOL_VERSION,
@@ -682,6 +699,33 @@ mod tests {
         let payload = value["error"].as_str().unwrap();
         assert!(payload.starts_with(r#"{"error_type":"ValueError","error_message":"boom ✓","error_traceback":"","hostname":"unknown","worker_id":"unknown","runpod_version":"1.12.0"}"#));
         assert_eq!(value["stopPod"], true);
+    }
+
+    /// A failure's traceback becomes `error_traceback`, and follows the error line of a
+    /// streaming handler's error text.
+    #[test]
+    fn a_traceback_reaches_the_error_payload() {
+        let failure = Failure::new("ValueError", "boom").with_traceback("at line 3\nat line 9");
+        for streaming in [false, true] {
+            let body = done(
+                Outcome::Failed {
+                    failure: failure.clone(),
+                    streaming,
+                },
+                false,
+            );
+            let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+            let error = value["error"].as_str().unwrap();
+            if streaming {
+                assert_eq!(
+                    error,
+                    "handler: boom \ntraceback: ValueError: boom\nat line 3\nat line 9"
+                );
+            } else {
+                let payload: serde_json::Value = serde_json::from_str(error).unwrap();
+                assert_eq!(payload["error_traceback"], "at line 3\nat line 9");
+            }
+        }
     }
 
     /// A job without id gets the default one, put first, and keeps its other keys.

@@ -115,7 +115,7 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
             Ok(exit::SUCCESS)
         }
         Mode::OneShot(test) => {
-            if let Err(error) = handler.init(&handler_config) {
+            if let Err(error) = first.init(&handler_config) {
                 handler.shutdown();
                 return Err(error.into());
             }
@@ -153,11 +153,10 @@ struct Serving {
 impl Serving {
     /// Runs the first handler's `init`; on failure it is shut down.
     fn init(&self) -> Result<(), LoadError> {
-        let handler = self.first.handler();
         let started = std::time::Instant::now();
-        handler
+        self.first
             .init(&self.config)
-            .inspect_err(|_| handler.shutdown())?;
+            .inspect_err(|_| self.first.handler().shutdown())?;
         metrics::get().set_init_duration(started.elapsed());
         Ok(())
     }
@@ -367,13 +366,15 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
     let hangups = Serving::listen_for_hangups(&runtime);
     let handler = serving.first.handler().clone();
     let started = std::time::Instant::now();
-    if let Err(error) = handler.init(&serving.config) {
+    if let Err(error) = serving.first.init(&serving.config) {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
         if worker.claim_on_init_failure {
-            let message = match &error {
-                LoadError::InitFailed { failure } => failure.message.clone(),
-                other => other.to_string(),
+            let (message, traceback) = match &error {
+                LoadError::InitFailed { failure } => {
+                    (failure.message.clone(), failure.traceback.clone())
+                }
+                other => (other.to_string(), String::new()),
             };
             let output = handler.recent_output();
             let message = if output.trim().is_empty() {
@@ -384,7 +385,7 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
                     output.trim_end()
                 )
             };
-            let failure = job::Failure::new("HandlerInitFailed", message);
+            let failure = job::Failure::new("HandlerInitFailed", message).with_traceback(traceback);
             runtime.block_on(worker::claim_one(&client, failure, &worker.config.origin));
         }
         handler.shutdown();

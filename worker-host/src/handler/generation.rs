@@ -1,5 +1,6 @@
 //! One generation of the handler: a build of it, loaded from the host's private copy, with the
-//! facts its descriptor declared and the jobs bound to it.
+//! facts its descriptor declared (and, once [`Generation::init`] ran, those its `init` reported)
+//! and the jobs bound to it.
 //!
 //! A live swap ([`super::swap`]) makes a new generation from the file the user names and moves
 //! new jobs to it; the old one keeps running the jobs it started and is shut down once the last
@@ -10,7 +11,7 @@
 use super::private_copy::{CopyError, PrivateCopies, PrivateCopy};
 use super::{Handler, HandlerInfo, HandlerSpec, Isolation, LoadError};
 use std::path::PathBuf;
-use std::sync::{Arc, Condvar, Mutex, PoisonError};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 
 /// A loaded build of the handler.
 #[derive(Debug)]
@@ -28,6 +29,15 @@ pub struct Generation {
     /// `max_concurrency` (the worker's own slots follow the build serving only as running jobs
     /// free them, so jobs taken before a swap would otherwise exceed the new build's limit).
     slots: Option<Arc<tokio::sync::Semaphore>>,
+    /// The facts and slots once `init` succeeded: `init` may report the streaming flag and
+    /// concurrency it learnt (ABI 1.1 `set_features`), and those are what jobs run with.
+    ready: OnceLock<(HandlerInfo, Option<Arc<tokio::sync::Semaphore>>)>,
+}
+
+/// One permit per job that may run at once, for a handler that sets a limit.
+fn slots_for(info: &HandlerInfo) -> Option<Arc<tokio::sync::Semaphore>> {
+    (info.max_concurrency > 0)
+        .then(|| Arc::new(tokio::sync::Semaphore::new(info.max_concurrency as usize)))
 }
 
 impl Generation {
@@ -72,8 +82,7 @@ impl Generation {
             sha256: copy.sha256().to_owned(),
             ..handler.info().clone()
         };
-        let slots = (info.max_concurrency > 0)
-            .then(|| Arc::new(tokio::sync::Semaphore::new(info.max_concurrency as usize)));
+        let slots = slots_for(&info);
         Ok(Arc::new(Self {
             number,
             info,
@@ -82,7 +91,42 @@ impl Generation {
             leases: Mutex::new(0),
             idle: Condvar::new(),
             slots,
+            ready: OnceLock::new(),
         }))
+    }
+
+    /// Runs the handler's `init` with its configuration (JSON text); from then on [`Self::info`]
+    /// and [`Self::slot`] follow the features `init` reported, if it reported any. Call once,
+    /// before any job; on failure, shut the handler down.
+    pub fn init(&self, config_json: &str) -> Result<(), LoadError> {
+        self.handler.init(config_json).inspect_err(|error| {
+            // The sentence the host exits with stays one line; the traceback goes to the log.
+            if let LoadError::InitFailed { failure } = error {
+                if !failure.traceback.is_empty() {
+                    tracing::error!(
+                        "The handler's init failed; its traceback:\n{}",
+                        failure.traceback
+                    );
+                }
+            }
+        })?;
+        let info = HandlerInfo {
+            path: self.info.path.clone(),
+            sha256: self.info.sha256.clone(),
+            ..self.handler.info().clone()
+        };
+        if (info.streaming, info.max_concurrency)
+            != (self.info.streaming, self.info.max_concurrency)
+        {
+            tracing::info!(
+                streaming = info.streaming,
+                max_concurrency = info.max_concurrency,
+                "the handler reported its features after init"
+            );
+        }
+        let slots = slots_for(&info);
+        let _ = self.ready.set((info, slots));
+        Ok(())
     }
 
     /// Where it was loaded from, to load the same build again.
@@ -98,9 +142,10 @@ impl Generation {
         self.number
     }
 
-    /// What its descriptor says, where the user's file is, and the hash of what was loaded.
+    /// What its descriptor says (with the features its `init` reported, once it ran), where the
+    /// user's file is, and the hash of what was loaded.
     pub fn info(&self) -> &HandlerInfo {
-        &self.info
+        self.ready.get().map_or(&self.info, |(info, _)| info)
     }
 
     /// `name version (sha256 1a2b3c4d5e6f, generation 2)`: which build this is, for the log.
@@ -123,7 +168,10 @@ impl Generation {
     /// Waits until one more job may run on it (its `max_concurrency`); `None` when it sets no
     /// limit. Hold the permit while the job's handler call runs.
     pub async fn slot(&self) -> Option<tokio::sync::OwnedSemaphorePermit> {
-        let slots = self.slots.clone()?;
+        let slots = match self.ready.get() {
+            Some((_, slots)) => slots.clone(),
+            None => self.slots.clone(),
+        }?;
         Some(
             slots
                 .acquire_owned()
@@ -171,12 +219,7 @@ impl Source {
         // dlopen searches the library path for a name without a slash; an operator's path is
         // always a file, so it is made absolute (messages name it so too).
         let original = std::path::absolute(&spec.path).unwrap_or_else(|_| spec.path.clone());
-        if original.is_dir() {
-            return Err(LoadError::IsADirectory { path: original });
-        }
-        if !original.is_file() {
-            return Err(LoadError::NotFound { path: original });
-        }
+        super::error::check_path(&original)?;
         let copy = copies.copy(&original).map_err(|error| match error {
             CopyError::Read { source, .. } => LoadError::Unreadable {
                 path: original.clone(),

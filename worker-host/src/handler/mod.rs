@@ -34,6 +34,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
+pub(crate) use error::check_path;
 pub use error::LoadError;
 pub use generation::{Generation, Lease};
 pub use private_copy::{sha256_of, CopyError, PrivateCopies, PrivateDir};

@@ -244,7 +244,7 @@ impl LiveHandler {
         tracing::info!("Handler swap: {} loaded; running its init.", new.label());
         match self.policy {
             SwapPolicy::Overlap => {
-                if let Err(error) = new.handler().init(&self.config) {
+                if let Err(error) = new.init(&self.config) {
                     new.handler().shutdown();
                     return swap_failed(&error, &old);
                 }
@@ -265,7 +265,7 @@ impl LiveHandler {
                     "{} has finished its jobs and stopped; running the new handler's init.",
                     old.label()
                 );
-                if let Err(error) = new.handler().init(&self.config) {
+                if let Err(error) = new.init(&self.config) {
                     new.handler().shutdown();
                     tracing::error!(
                         "Handler swap failed: {error}; starting {} again.",
@@ -310,7 +310,6 @@ impl LiveHandler {
     fn restore(&self, old: &Generation, started: Instant) {
         let again = Generation::start(&self.spec, old.source(), old.number()).and_then(|again| {
             again
-                .handler()
                 .init(&self.config)
                 .map(|()| again.clone())
                 .inspect_err(|_| {

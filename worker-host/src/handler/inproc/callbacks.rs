@@ -24,6 +24,8 @@ pub(super) static HOST_API: ffi::wh_host_api = ffi::wh_host_api {
     progress: host_progress,
     is_cancelled: host_is_cancelled,
     request_recycle: host_request_recycle,
+    set_error_traceback: host_set_error_traceback,
+    set_features: host_set_features,
 };
 
 /// The longest length of a string that could be in memory: no buffer is larger than
@@ -169,6 +171,66 @@ unsafe extern "C" fn host_set_error(
         };
         let message = String::from_utf8_lossy(message).into_owned();
         state.record().error = Some(Failure::new(error_type, message));
+        ffi::WH_STATUS_OK
+    })
+    .unwrap_or(ffi::WH_STATUS_INVALID_STATE)
+}
+
+/// The longest traceback kept whole, in bytes; a longer one is cut here, with a note.
+const MAX_TRACEBACK: usize = 64 * 1024;
+
+/// `wh_host_api.set_error_traceback` (ABI 1.1).
+///
+/// # Safety
+/// The header's rules: a non-NULL `traceback` points to `traceback_len` readable bytes (the host
+/// reads at most [`MAX_TRACEBACK`] of them, and none for a length over `isize::MAX`).
+unsafe extern "C" fn host_set_error_traceback(
+    call: *mut ffi::wh_call,
+    traceback: *const c_char,
+    traceback_len: usize,
+) -> ffi::wh_status {
+    with_call(call, |state| {
+        if state.phase == Phase::Teardown {
+            return ffi::WH_STATUS_INVALID_STATE;
+        }
+        if traceback_len > MAX_SLICE_LEN {
+            return ffi::WH_STATUS_INVALID_ARGUMENT;
+        }
+        let shown = traceback_len.min(MAX_TRACEBACK);
+        // SAFETY: per the header, `traceback` is NULL or has `traceback_len >= shown` readable
+        // bytes.
+        let Ok(bytes) = (unsafe { handler_bytes(traceback, shown, MAX_TRACEBACK) }) else {
+            return ffi::WH_STATUS_INVALID_ARGUMENT;
+        };
+        let text = if shown == traceback_len {
+            String::from_utf8_lossy(bytes).into_owned()
+        } else {
+            format!(
+                "{}... [traceback cut: the first {shown} of {traceback_len} bytes]",
+                String::from_utf8_lossy(bytes)
+            )
+        };
+        state.record().traceback = (!text.is_empty()).then_some(text);
+        ffi::WH_STATUS_OK
+    })
+    .unwrap_or(ffi::WH_STATUS_INVALID_STATE)
+}
+
+/// `wh_host_api.set_features` (ABI 1.1): recorded for the `init` call; the library applies it
+/// when `init` returns OK.
+///
+/// # Safety
+/// None beyond the header's: `call` is only looked up, never dereferenced.
+unsafe extern "C" fn host_set_features(
+    call: *mut ffi::wh_call,
+    max_concurrency: u32,
+    features: u64,
+) -> ffi::wh_status {
+    with_call(call, |state| {
+        if state.phase != Phase::Init {
+            return ffi::WH_STATUS_INVALID_STATE;
+        }
+        state.record().features = Some((max_concurrency, features));
         ffi::WH_STATUS_OK
     })
     .unwrap_or(ffi::WH_STATUS_INVALID_STATE)
@@ -423,9 +485,11 @@ mod tests {
                     host_emit(call, json, len),
                     host_progress(call, json, len),
                     host_set_error(call, json, len, json, len),
+                    host_set_error_traceback(call, json, len),
+                    host_set_features(call, 1, 0),
                 ]
             };
-            assert_eq!(statuses, [ffi::WH_STATUS_INVALID_STATE; 4]);
+            assert_eq!(statuses, [ffi::WH_STATUS_INVALID_STATE; 6]);
             // SAFETY: as above.
             unsafe {
                 host_log(call, ffi::WH_LOG_INFO, json, len);
@@ -661,6 +725,61 @@ mod tests {
         });
         assert_eq!(record.output.as_ref().map(|json| json.get()), Some("2"));
         assert!(record.output_rejection.is_none(), "a later value clears it");
+    }
+
+    /// `set_error_traceback` records the last traceback ((NULL, 0) clears it), refuses NULL with
+    /// a length and a length no buffer can have, and cuts one over the cap with a note;
+    /// `set_features` applies only to `init`.
+    #[test]
+    fn tracebacks_and_features_are_recorded_where_they_apply() {
+        let long = "t".repeat(MAX_TRACEBACK + 10);
+        let record = job_call(false, &DiscardEvents, |call| {
+            let (text, len) = arg("first");
+            let (long, long_len) = arg(&long);
+            // SAFETY: each string is NULL or as long as its length.
+            unsafe {
+                assert_eq!(host_set_error_traceback(call, text, len), ffi::WH_STATUS_OK);
+                assert_eq!(
+                    host_set_error_traceback(call, std::ptr::null(), 3),
+                    ffi::WH_STATUS_INVALID_ARGUMENT
+                );
+                assert_eq!(
+                    host_set_error_traceback(call, text, usize::MAX),
+                    ffi::WH_STATUS_INVALID_ARGUMENT
+                );
+                assert_eq!(
+                    host_set_error_traceback(call, long, long_len),
+                    ffi::WH_STATUS_OK
+                );
+                assert_eq!(host_set_features(call, 1, 0), ffi::WH_STATUS_INVALID_STATE);
+            }
+        });
+        let traceback = record.traceback.expect("recorded");
+        assert!(traceback.ends_with(&format!(
+            "... [traceback cut: the first {MAX_TRACEBACK} of {} bytes]",
+            MAX_TRACEBACK + 10
+        )));
+        assert!(record.features.is_none());
+        let record = job_call(false, &DiscardEvents, |call| {
+            let (text, len) = arg("first");
+            // SAFETY: each string is NULL or as long as its length.
+            unsafe {
+                host_set_error_traceback(call, text, len);
+                host_set_error_traceback(call, std::ptr::null(), 0);
+            }
+        });
+        assert!(record.traceback.is_none(), "(NULL, 0) clears it");
+        let span = TracingLog(Span::none());
+        let state = CallState::new(Phase::Init, &span, false, Limits::default(), None, None);
+        let call = LiveCall::open(&state);
+        // SAFETY: `call` is only looked up.
+        let status = unsafe { host_set_features(call.id(), 2, ffi::WH_FEATURE_STREAMING) };
+        assert_eq!(status, ffi::WH_STATUS_OK);
+        drop(call);
+        assert_eq!(
+            state.into_record().features,
+            Some((2, ffi::WH_FEATURE_STREAMING))
+        );
     }
 
     /// A log line over the cap is cut, with a note of its length; a shorter one is kept whole.

@@ -32,6 +32,21 @@ pub(super) struct CallRecord {
     /// after (a chunk the platform would not take must not go missing without a word).
     pub(super) chunk_rejection: Option<Failure>,
     pub(super) error: Option<Failure>,
+    /// The traceback given with `set_error_traceback` (ABI 1.1), for `error`.
+    pub(super) traceback: Option<String>,
+    /// `(max_concurrency, features)` as `init` reported them with `set_features` (ABI 1.1).
+    pub(super) features: Option<(u32, u64)>,
+}
+
+impl CallRecord {
+    /// The handler's error, with its traceback when it gave one.
+    pub(super) fn handler_error(&mut self) -> Option<Failure> {
+        let error = self.error.take()?;
+        Some(match self.traceback.take() {
+            Some(traceback) => error.with_traceback(traceback),
+            None => error,
+        })
+    }
 }
 
 /// The state of one call. Lives on the stack of the function that calls into the handler, which

@@ -14,6 +14,7 @@ use handler_abi::ffi;
 use std::ffi::{c_char, CStr};
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::OnceLock;
 
 /// A handler library loaded into this process.
 #[derive(Debug)]
@@ -21,7 +22,11 @@ pub struct HandlerLibrary {
     /// A copy of the handler's descriptor, as this host's ABI minor lays it out (see
     /// `read_descriptor`). Its strings and functions are static: the library is never unloaded.
     descriptor: ffi::wh_handler_descriptor,
+    /// What the descriptor says.
     info: HandlerInfo,
+    /// What holds once `init` succeeded: the descriptor's facts with the features `init`
+    /// reported (ABI 1.1 `set_features`), if it did.
+    after_init: OnceLock<HandlerInfo>,
     limits: Limits,
 }
 
@@ -32,12 +37,7 @@ impl HandlerLibrary {
         // means a file, so make it absolute first.
         let path_buf = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
         let path = path_buf.as_path();
-        if path.is_dir() {
-            return Err(LoadError::IsADirectory { path: path_buf });
-        }
-        if !path.is_file() {
-            return Err(LoadError::NotFound { path: path_buf });
-        }
+        crate::handler::check_path(path)?;
         // SAFETY: loading a library runs its initialisers. That is the point of a handler
         // library, and the operator chose this file; nothing in this process depends on the
         // library's initialisers not running.
@@ -117,13 +117,15 @@ impl HandlerLibrary {
         Ok(Self {
             descriptor,
             info,
+            after_init: OnceLock::new(),
             limits,
         })
     }
 
-    /// What the handler says about itself.
+    /// What the handler says about itself: its descriptor, and once `init` succeeded, with the
+    /// features `init` reported.
     pub fn info(&self) -> &HandlerInfo {
-        &self.info
+        self.after_init.get().unwrap_or(&self.info)
     }
 
     /// Runs the handler's `init` with its configuration (JSON text), on this thread; its log
@@ -145,9 +147,18 @@ impl HandlerLibrary {
         };
         // Ends the call before its state goes: waits for callbacks still running elsewhere.
         drop(call);
-        let record = state.into_record();
-        match (record.error, status) {
-            (None, ffi::WH_STATUS_OK) => Ok(()),
+        let mut record = state.into_record();
+        match (record.handler_error(), status) {
+            (None, ffi::WH_STATUS_OK) => {
+                let mut info = self.info.clone();
+                if let Some((max_concurrency, features)) = record.features {
+                    info.max_concurrency = max_concurrency;
+                    info.streaming = features & ffi::WH_FEATURE_STREAMING != 0;
+                }
+                // A second `init` (which the host never makes) keeps the first one's features.
+                let _ = self.after_init.set(info);
+                Ok(())
+            }
             (Some(failure), _) => Err(LoadError::InitFailed { failure }),
             (None, status) => Err(LoadError::InitFailed {
                 failure: Failure::new(
@@ -176,10 +187,11 @@ impl HandlerLibrary {
             job_json: job.job_json.as_ptr().cast::<c_char>(),
             job_json_len: job.job_json.len() - 1,
         };
+        let streaming = self.info().streaming;
         let state = CallState::new(
             Phase::Job,
             log,
-            self.info.streaming,
+            streaming,
             self.limits,
             Some(events),
             Some(cancel),
@@ -192,11 +204,11 @@ impl HandlerLibrary {
         // Ends the call before its state goes: waits for callbacks still running elsewhere.
         drop(call);
         let recycle = state.recycle.load(Ordering::Acquire);
-        let record = state.into_record();
-        let streaming = self.info.streaming;
+        let mut record = state.into_record();
         let failed = |failure| Outcome::Failed { failure, streaming };
+        let error = record.handler_error();
         let rejection = record.chunk_rejection.or(record.output_rejection);
-        let outcome = match (rejection, record.error, status) {
+        let outcome = match (rejection, error, status) {
             // A refused output or chunk is the root cause; the handler's own error usually just
             // echoes it.
             (Some(rejection), _, _) => failed(rejection),
@@ -231,7 +243,7 @@ impl HandlerLibrary {
 impl HandlerLibrary {
     /// The state of an `init` or `teardown` call: no job, so no events and no cancel.
     fn lifecycle_call<'a>(&self, phase: Phase, log: &'a dyn HandlerLog) -> CallState<'a> {
-        CallState::new(phase, log, self.info.streaming, self.limits, None, None)
+        CallState::new(phase, log, self.info().streaming, self.limits, None, None)
     }
 }
 

@@ -219,7 +219,8 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
                 };
                 match library.init(&config, &log) {
                     Ok(()) => {
-                        sender.send(Kind::Ready, 0, 0, &[]);
+                        // The facts after init: the features it reported (ABI 1.1), if any.
+                        sender.send_json(Kind::Ready, library.info());
                         break;
                     }
                     Err(error) => sender.send_json(Kind::Failed, &error),

@@ -22,11 +22,12 @@
 //!      <── Loaded {descriptor facts}     (or Failed {load error}, then it exits)
 //! Init {config} ──>
 //!      <── Log {call 0}...               init runs
-//!      <── Ready                         (or Failed {init error}, then it waits for Shutdown)
+//!      <── Ready {facts after init}      (or Failed {init error}, then it waits for Shutdown)
 //! Job {call, id, input, job JSON} ──>    one thread per running job
 //! Cancel {call} ──>                      (any time; the handler sees is_cancelled)
 //!      <── Log / Chunk / Progress {call} (any number, in order)
-//!      <── Done {call, outcome, recycle} (exactly one per job, after its other frames)
+//!      <── Done {call, outcome, recycle} (exactly one per job, after its other frames; a
+//!                                         failure carries the handler's traceback, ABI 1.1)
 //! Shutdown ──>                           waits for its running jobs, runs teardown
 //!      <── TornDown                      then exits
 //! ```
@@ -66,7 +67,11 @@ const MAX_SEND_TRIES: u32 = 1000;
 #[derive(Debug)]
 pub struct Supervised {
     shared: Arc<Shared>,
+    /// What the descriptor says (the runner's Loaded frame).
     info: HandlerInfo,
+    /// What the first `init` reported (its Ready frame): the descriptor's facts with the
+    /// features `init` set (ABI 1.1), used from then on.
+    after_init: std::sync::OnceLock<HandlerInfo>,
     events: mpsc::Sender<Event>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
 }
@@ -88,6 +93,7 @@ impl Supervised {
             Ok(Ok(info)) => Ok(Self {
                 shared,
                 info,
+                after_init: std::sync::OnceLock::new(),
                 events,
                 thread: Mutex::new(Some(thread)),
             }),
@@ -104,7 +110,7 @@ impl Supervised {
 
 impl Handler for Supervised {
     fn info(&self) -> &HandlerInfo {
-        &self.info
+        self.after_init.get().unwrap_or(&self.info)
     }
 
     fn init(&self, config_json: &str) -> Result<(), LoadError> {
@@ -114,7 +120,9 @@ impl Handler for Supervised {
             reply,
         });
         match sent.ok().and_then(|()| answer.recv().ok()) {
-            Some(result) => result,
+            Some(result) => result.map(|info| {
+                let _ = self.after_init.set(info);
+            }),
             None => Err(LoadError::RunnerStart {
                 reason: "its supervisor thread ended".into(),
             }),
@@ -122,7 +130,7 @@ impl Handler for Supervised {
     }
 
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult {
-        let streaming = self.info.streaming;
+        let streaming = self.info().streaming;
         let failed = |failure| JobResult {
             outcome: Outcome::Failed { failure, streaming },
             recycle: false,

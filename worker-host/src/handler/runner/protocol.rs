@@ -15,7 +15,8 @@
 //! Bodies are raw bytes, not an encoding of them: a job's JSON text goes into the channel as it
 //! is (written with one vectored write straight from the job's own buffers) and comes out as one
 //! buffer the handler's strings point into, so a 20 MiB input is copied by the kernel and by no
-//! one else. Small structured bodies (the descriptor, a load error, a failure) are JSON.
+//! one else. Small structured bodies (the descriptor, the facts
+//! after `init`, a load error, a failure with its traceback) are JSON.
 //!
 //! The framing is written here rather than taken from a codec crate because both ends are
 //! blocking threads and the point is to avoid assembling a frame in a buffer of its own.
@@ -43,7 +44,9 @@ pub(crate) enum Kind {
     Loaded = 10,
     /// The library could not be loaded, or `init` failed; body: the `LoadError` (JSON).
     Failed = 11,
-    /// `init` succeeded; no body.
+    /// `init` succeeded; body: the handler's facts after `init` (`HandlerInfo`, JSON): the
+    /// descriptor's, with the streaming flag and concurrency `init` reported (ABI 1.1
+    /// `set_features`), which are what the host serves with.
     Ready = 12,
     /// A log line of the handler's; flags: the `wh_log_level`; body: the text.
     Log = 13,
@@ -52,7 +55,9 @@ pub(crate) enum Kind {
     /// A progress report of the job `call`; body: JSON text.
     Progress = 15,
     /// The job `call` ended; flags: [`Outcome`] | [`RECYCLE`]; body: the output's JSON text, or
-    /// for a failure the `Failure` (JSON), or nothing for a finished stream.
+    /// for a failure the `Failure` (JSON: `error_type`, `message`, and `traceback` when the
+    /// handler gave one, ABI 1.1), or nothing for a finished stream. A failed `init`'s `Failed`
+    /// frame carries its traceback the same way, inside the `LoadError`.
     Done = 16,
     /// `teardown` ran; the runner exits next. No body.
     TornDown = 17,

@@ -165,7 +165,7 @@ pub(super) enum Event {
     /// Run `init` (once, after the first load).
     Init {
         config: String,
-        reply: mpsc::Sender<Result<(), LoadError>>,
+        reply: mpsc::Sender<Result<HandlerInfo, LoadError>>,
     },
     /// Shut down: tear down, stop the runner, end the thread.
     Shutdown { reply: mpsc::Sender<()> },
@@ -176,7 +176,8 @@ pub(super) enum Event {
 pub(super) enum Control {
     Loaded(HandlerInfo),
     Failed(LoadError),
-    Ready,
+    /// `init` succeeded; the handler's facts after it (with the features it reported).
+    Ready(HandlerInfo),
     TornDown,
     Ended(EndReport),
 }
@@ -424,6 +425,7 @@ pub(super) fn supervise(
         generation: 0,
         current: None,
         config: None,
+        ready_info: None,
         shutdown: None,
         ended_early: None,
     };
@@ -448,9 +450,10 @@ pub(super) fn supervise(
         match event {
             Event::Init { config, reply } => {
                 let result = match supervisor.init_current(&config) {
-                    Ok(()) => {
+                    Ok(info) => {
                         supervisor.config = Some(config);
-                        Ok(())
+                        supervisor.ready_info = Some(info.clone());
+                        Ok(info)
                     }
                     Err(Halt::Failed(error)) => Err(error),
                     Err(Halt::Shutdown) => Err(LoadError::InitFailed {
@@ -492,6 +495,9 @@ struct Supervisor {
     current: Option<Arc<Runner>>,
     /// The configuration `init` ran with, for restarts.
     config: Option<String>,
+    /// The handler's facts after its first `init`: what the host serves with, whatever a
+    /// restarted runner's `init` reports.
+    ready_info: Option<HandlerInfo>,
     /// Set once shutdown was asked for: answered when the runner is gone.
     shutdown: Option<mpsc::Sender<()>>,
     /// How the first runner ended, when it ended between its load and `init`.
@@ -566,8 +572,9 @@ impl Supervisor {
         }
     }
 
-    /// Runs `init` on the current runner; on success the handler is ready.
-    fn init_current(&mut self, config: &str) -> Result<(), Halt> {
+    /// Runs `init` on the current runner; on success the handler is ready, with the facts it
+    /// reported after `init`.
+    fn init_current(&mut self, config: &str) -> Result<HandlerInfo, Halt> {
         let Some(runner) = self.current.clone() else {
             let description = self
                 .ended_early
@@ -590,8 +597,8 @@ impl Supervisor {
                 while !matches!(self.next_control(None)?, Some(Control::Ended(_))) {}
                 Err(Halt::Failed(init_timed_out(timeout)))
             }
-            Some(Control::Ready) if self.shared.set_ready(runner) => Ok(()),
-            Some(Control::Ready) => {
+            Some(Control::Ready(info)) if self.shared.set_ready(runner) => Ok(info),
+            Some(Control::Ready(_)) => {
                 // It ended right after init: its end, which is on its way, says how.
                 let description = loop {
                     if let Some(Control::Ended(report)) = self.next_control(None)? {
@@ -666,7 +673,21 @@ impl Supervisor {
             let config = self.config.clone().unwrap_or_else(|| "{}".into());
             let started = self.start_runner().and_then(|_| self.init_current(&config));
             match started {
-                Ok(()) => {
+                Ok(info) => {
+                    let features = |info: &HandlerInfo| (info.streaming, info.max_concurrency);
+                    if let Some(first) = self
+                        .ready_info
+                        .as_ref()
+                        .filter(|first| features(first) != features(&info))
+                    {
+                        tracing::warn!(
+                            "The handler's new runner reported other features after init (streaming {}, max concurrency {}) than the first (streaming {}, max concurrency {}); the worker goes on with the first.",
+                            info.streaming,
+                            info.max_concurrency,
+                            first.streaming,
+                            first.max_concurrency
+                        );
+                    }
                     tracing::info!("The handler's new runner process is ready.");
                     return;
                 }
@@ -896,7 +917,9 @@ fn dispatch(shared: &Shared, runner: &Runner, frame: Frame) -> Result<(), String
             serde_json::from_slice(&body)
                 .map_err(|error| format!("a bad Failed frame: {error}"))?,
         ),
-        Kind::Ready => Control::Ready,
+        Kind::Ready => Control::Ready(
+            serde_json::from_slice(&body).map_err(|error| format!("a bad Ready frame: {error}"))?,
+        ),
         Kind::TornDown => Control::TornDown,
         Kind::Log => {
             let text = String::from_utf8_lossy(&body);
