@@ -6,6 +6,7 @@
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
 pub mod dev_api;
+pub mod foreign;
 pub mod platform;
 
 use serde_json::Value;
@@ -21,6 +22,7 @@ const PACKAGES: &[&str] = &[
     "stream-handler",
     "faulty-handler",
     "c-echo-handler",
+    "cpp-echo-handler",
 ];
 
 /// A handler library the tests can load.
@@ -34,6 +36,12 @@ pub enum Sample {
     Faulty,
     /// The echo handler written in C.
     CEcho,
+    /// The echo handler written in C++ on `worker_host.hpp` (the input `"throw"` throws).
+    CppEcho,
+    /// The echo handler written in Go, built by [`foreign`] with `go build -buildmode=c-shared`.
+    GoEcho,
+    /// The echo handler written in Zig, built by [`foreign`] with `zig build-lib -dynamic`.
+    ZigEcho,
 }
 
 /// Where the build put the binary and each handler.
@@ -52,6 +60,8 @@ impl Artifacts {
             Sample::Stream => "stream-handler",
             Sample::Faulty => "faulty-handler",
             Sample::CEcho => "c-echo-handler",
+            Sample::CppEcho => "cpp-echo-handler",
+            Sample::GoEcho | Sample::ZigEcho => return foreign::library(sample),
         };
         &self.libraries[package]
     }
@@ -136,12 +146,15 @@ fn build_artifacts() -> Artifacts {
                     libraries.insert(package, PathBuf::from(path));
                 }
             }
-            // The C handler is linked by its build script into its OUT_DIR.
-            Some("build-script-executed") if package == "c-echo-handler" => {
+            // The C and C++ handlers are linked by their build scripts into their OUT_DIR.
+            Some("build-script-executed")
+                if matches!(package, "c-echo-handler" | "cpp-echo-handler") =>
+            {
                 let out_dir = message["out_dir"]
                     .as_str()
                     .expect("build scripts have an out_dir");
-                libraries.insert(package, Path::new(out_dir).join("libc_echo_handler.so"));
+                let file = format!("lib{}.so", package.replace('-', "_"));
+                libraries.insert(package, Path::new(out_dir).join(file));
             }
             _ => {}
         }
