@@ -29,13 +29,6 @@ impl Toolchain {
         command.args(&self.prefix).arg(subcommand);
         command
     }
-
-    /// The toolchain as one shell word list, for a printed command.
-    pub fn words(&self) -> Vec<String> {
-        let mut words = vec![self.program.display().to_string()];
-        words.extend(self.prefix.iter().cloned());
-        words
-    }
 }
 
 /// Whether `program prefix.. version` runs and succeeds.

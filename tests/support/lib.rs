@@ -86,26 +86,7 @@ fn build_artifacts() -> Artifacts {
         .parent()
         .expect("tests/ has a parent");
     let mut command = Command::new(cargo);
-    // Cargo gives a running test its package's variables (OUT_DIR, CARGO_MANIFEST_DIR, ...). Build
-    // scripts that watch them (ring's does) would see a different environment from the outer
-    // `cargo test`, and the two builds would keep rebuilding each other's dependencies.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name == "OUT_DIR"
-            || name.starts_with("CARGO_PKG_")
-            || matches!(
-                &*name,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-            )
-        {
-            command.env_remove(&*name);
-        }
-    }
+    remove_cargo_test_env(&mut command);
     command
         .current_dir(workspace)
         .args(["build", "--message-format=json-render-diagnostics"])
@@ -168,6 +149,30 @@ fn build_artifacts() -> Artifacts {
     Artifacts {
         worker_host: worker_host.expect("the build produced no worker-host executable"),
         libraries,
+    }
+}
+
+/// Removes the variables cargo gives a running test from `command`'s environment. Cargo gives a
+/// running test its package's variables (OUT_DIR, CARGO_MANIFEST_DIR, ...); build scripts that
+/// watch them (ring's does) would see a different environment from the outer `cargo test`, and
+/// the two builds would keep rebuilding each other's dependencies.
+pub fn remove_cargo_test_env(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "OUT_DIR"
+            || name.starts_with("CARGO_PKG_")
+            || matches!(
+                &*name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            command.env_remove(&*name);
+        }
     }
 }
 

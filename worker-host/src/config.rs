@@ -72,6 +72,9 @@ pub enum ConfigError {
     /// The job-take URL is set but the job-done URL is not: every result would be lost.
     #[error("RUNPOD_WEBHOOK_GET_JOB is set but RUNPOD_WEBHOOK_POST_OUTPUT is not, so no result could be delivered: set both (the platform does), or unset RUNPOD_WEBHOOK_GET_JOB for a one-shot test run")]
     NoJobDoneUrl,
+    /// `worker-host new` writes a project (`scaffold::run`); it has no settings to run with.
+    #[error("`worker-host new` writes a project and runs no handler")]
+    NotARun,
 }
 
 impl ConfigError {
@@ -226,6 +229,7 @@ impl Settings {
         let worker_id = pod_id.unwrap_or_else(random_worker_id);
         let mode = match cli.command {
             Some(Command::Inspect { json }) => Mode::Inspect { json },
+            Some(Command::New(_)) => return Err(ConfigError::NotARun),
             None => match (
                 cli.test.test_input.clone(),
                 cli.platform.webhook_get_job.clone(),
