@@ -1,9 +1,9 @@
 //! Compiles the handler libraries of `fixtures/*.c` with the system C compiler, one shared library
 //! per fixture, into OUT_DIR: the deliberately broken ones of `bad_handlers.c` (loading must fail),
 //! the careless ones of `careless_handlers.c` (the host must survive them), the versions of
-//! `versioned.c` (which the live-swap tests swap for one another), and the C++ handler of
-//! `cpp_throws.cpp`, whose exception escapes. The tests find them through the `FIXTURE_DIR`
-//! variable set here.
+//! `versioned.c` (which the live-swap tests swap for one another), the C++ handler of
+//! `cpp_throws.cpp`, whose exception escapes, and that of `cpp_layer.cpp`, whose exceptions
+//! `worker_host.hpp` catches. The tests find them through the `FIXTURE_DIR` variable set here.
 
 use std::path::{Path, PathBuf};
 
@@ -102,29 +102,41 @@ fn main() {
             ],
         );
     }
-    let cpp = manifest_dir.join("fixtures/cpp_throws.cpp");
-    println!("cargo:rerun-if-changed={}", cpp.display());
-    let status = cc::Build::new()
+    println!(
+        "cargo:rerun-if-changed={}",
+        include_dir.join("worker_host.hpp").display()
+    );
+    let cpp_compiler = cc::Build::new()
         .cpp(true)
         .cargo_metadata(false)
-        .get_compiler()
-        .to_command()
-        .args([
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-Wall",
-            "-Werror",
-            "-pthread",
-        ])
-        .arg("-I")
-        .arg(&include_dir)
-        .arg("-o")
-        .arg(out_dir.join("libcpp_throws.so"))
-        .arg(&cpp)
-        .status()
-        .expect("the C++ compiler could not be started");
-    assert!(status.success(), "compiling the C++ fixture failed");
+        .get_compiler();
+    // cpp_layer.cpp is written on worker_host.hpp, which must compile warning-free as C++17.
+    for (name, extra_warnings) in [
+        ("cpp_throws", &[][..]),
+        ("cpp_layer", &["-Wextra", "-pedantic"]),
+    ] {
+        let cpp = manifest_dir.join(format!("fixtures/{name}.cpp"));
+        println!("cargo:rerun-if-changed={}", cpp.display());
+        let status = cpp_compiler
+            .to_command()
+            .args([
+                "-std=c++17",
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Werror",
+                "-pthread",
+            ])
+            .args(extra_warnings)
+            .arg("-I")
+            .arg(&include_dir)
+            .arg("-o")
+            .arg(out_dir.join(format!("lib{name}.so")))
+            .arg(&cpp)
+            .status()
+            .expect("the C++ compiler could not be started");
+        assert!(status.success(), "compiling the C++ fixture {name} failed");
+    }
     println!("cargo:rustc-env=FIXTURE_DIR={}", out_dir.display());
 }
 

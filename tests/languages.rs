@@ -8,7 +8,7 @@
 
 use e2e::dev_api::DevApi;
 use e2e::platform::{results_by_id, Platform, Recorded, Route};
-use e2e::{artifacts, foreign, worker_host, Run, Sample, WorkerProcess};
+use e2e::{artifacts, fixture, foreign, worker_host, Run, Sample, WorkerProcess};
 use serde_json::{json, Value};
 use std::time::Duration;
 
@@ -188,6 +188,60 @@ fn cpp_exception_fails_the_dev_api_job_and_the_next_completes() {
     assert_eq!(body["output"], json!({"next": true}), "{body}");
 }
 
+/// Runs the `cpp_layer` fixture (on `worker_host.hpp`) on one job given as text; returns the run.
+fn cpp_layer_job(input: &str, extra: &[&str]) -> Run {
+    Run::of(
+        worker_host()
+            .arg("--handler")
+            .arg(fixture("cpp_layer"))
+            .args(extra)
+            .arg("--test_input")
+            .arg(format!(r#"{{"input": {input}}}"#)),
+    )
+}
+
+/// `worker_host.hpp` turns each kind of exception into the job's error: a `wh::Error` with its
+/// own type, a standard exception with its demangled type name and `what()`, a `bad_alloc`, and
+/// a thrown `int` with a generic message; an input that throws nothing is echoed.
+#[test]
+fn cpp_layer_reports_each_kind_of_exception() {
+    for (input, error_type, message) in [
+        (r#""typed""#, "ValueError", "a typed error"),
+        (r#""std""#, "std::out_of_range", "index 7 is out of range"),
+        (r#""alloc""#, "std::bad_alloc", "std::bad_alloc"),
+        (
+            r#""int""#,
+            "CppException",
+            "a C++ exception that is not a std::exception",
+        ),
+    ] {
+        let run = cpp_layer_job(input, &[]);
+        assert_eq!(run.code, Some(1), "{input}: stderr: {}", run.stderr);
+        let payload = error_payload(&run.result());
+        assert_eq!(payload["error_type"], error_type, "{input}: {payload}");
+        assert_eq!(payload["error_message"], message, "{input}: {payload}");
+    }
+    let run = cpp_layer_job(r#"{"fine": 1}"#, &[]);
+    assert_eq!(run.code, Some(0), "stderr: {}", run.stderr);
+    assert_eq!(run.result(), json!({"output": {"fine": 1}}));
+}
+
+/// A `wh::Error` thrown by the handler's constructor fails `init` with its message: the host
+/// exits 8 (init failed) before running the job.
+#[test]
+fn cpp_layer_constructor_exception_fails_init() {
+    let run = cpp_layer_job(
+        r#""never run""#,
+        &["--handler-config", r#"{"fail_init": true}"#],
+    );
+    assert_eq!(run.code, Some(8), "stderr: {}", run.stderr);
+    assert!(
+        run.stderr.contains("init refused: fail_init is set"),
+        "{}",
+        run.stderr
+    );
+}
+
 /// The Go echo handler (c-shared, one Go runtime in the runner) round-trips through the one-shot
 /// run.
 #[test]
@@ -212,6 +266,25 @@ fn go_echo_dev_api() {
     if foreign::available(Sample::GoEcho, "the Go dev API test") {
         dev_api_round_trip(Sample::GoEcho);
     }
+}
+
+/// With the Go runtime in the host's own process (`--isolation none`), the queue worker still
+/// serves and SIGTERM still reaches the host's shutdown: Go leaves the host's handlers in place.
+#[test]
+fn go_echo_in_the_host_process_stops_on_sigterm() {
+    if !foreign::available(Sample::GoEcho, "the Go in-process test") {
+        return;
+    }
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "in-process", "input": {"go": true}}));
+    let mut worker = WorkerProcess::start(&platform, Sample::GoEcho, &["--isolation", "none"], &[]);
+    let requests = platform.wait_for(WAIT, "a result", |r| !results(r).is_empty());
+    assert_eq!(
+        results_by_id(&requests)["in-process"],
+        json!({"output": {"go": true}})
+    );
+    worker.terminate();
+    assert_eq!(worker.wait(WAIT), Some(0), "stderr: {}", worker.stderr());
 }
 
 /// The Zig echo handler round-trips through the one-shot run.
