@@ -3,8 +3,9 @@
 //! the careless ones of `careless_handlers.c` (the host must survive them), the versions of
 //! `versioned.c` (which the live-swap tests swap for one another), those of `abi_1_1.c` (which use
 //! the callbacks ABI 1.1 appended), the handler of `abi_1_0.c` built against the frozen 1.0 header
-//! in `fixtures/abi-1.0/`, and the C++ handler of `cpp_throws.cpp`, whose exception escapes. The tests find them through the `FIXTURE_DIR`
-//! variable set here.
+//! in `fixtures/abi-1.0/`, the C++ handler of `cpp_throws.cpp`, whose exception escapes, and that
+//! of `cpp_layer.cpp`, whose exceptions `worker_host.hpp` catches. The tests find them through the
+//! `FIXTURE_DIR` variable set here.
 
 use std::path::{Path, PathBuf};
 
@@ -120,29 +121,41 @@ fn main() {
         "ABI_1_0",
         &out_dir.join("libabi_1_0.so"),
     );
-    let cpp = manifest_dir.join("fixtures/cpp_throws.cpp");
-    println!("cargo:rerun-if-changed={}", cpp.display());
-    let status = cc::Build::new()
+    println!(
+        "cargo:rerun-if-changed={}",
+        include_dir.join("worker_host.hpp").display()
+    );
+    let cpp_compiler = cc::Build::new()
         .cpp(true)
         .cargo_metadata(false)
-        .get_compiler()
-        .to_command()
-        .args([
-            "-std=c++17",
-            "-shared",
-            "-fPIC",
-            "-Wall",
-            "-Werror",
-            "-pthread",
-        ])
-        .arg("-I")
-        .arg(&include_dir)
-        .arg("-o")
-        .arg(out_dir.join("libcpp_throws.so"))
-        .arg(&cpp)
-        .status()
-        .expect("the C++ compiler could not be started");
-    assert!(status.success(), "compiling the C++ fixture failed");
+        .get_compiler();
+    // cpp_layer.cpp is written on worker_host.hpp, which must compile warning-free as C++17.
+    for (name, extra_warnings) in [
+        ("cpp_throws", &[][..]),
+        ("cpp_layer", &["-Wextra", "-pedantic"]),
+    ] {
+        let cpp = manifest_dir.join(format!("fixtures/{name}.cpp"));
+        println!("cargo:rerun-if-changed={}", cpp.display());
+        let status = cpp_compiler
+            .to_command()
+            .args([
+                "-std=c++17",
+                "-shared",
+                "-fPIC",
+                "-Wall",
+                "-Werror",
+                "-pthread",
+            ])
+            .args(extra_warnings)
+            .arg("-I")
+            .arg(&include_dir)
+            .arg("-o")
+            .arg(out_dir.join(format!("lib{name}.so")))
+            .arg(&cpp)
+            .status()
+            .expect("the C++ compiler could not be started");
+        assert!(status.success(), "compiling the C++ fixture {name} failed");
+    }
     println!("cargo:rustc-env=FIXTURE_DIR={}", out_dir.display());
 }
 

@@ -6,6 +6,7 @@
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
 pub mod dev_api;
+pub mod foreign;
 pub mod load_balancing;
 pub mod metrics;
 pub mod platform;
@@ -24,6 +25,7 @@ const PACKAGES: &[&str] = &[
     "stream-handler",
     "faulty-handler",
     "c-echo-handler",
+    "cpp-echo-handler",
 ];
 
 /// A handler library the tests can load.
@@ -37,6 +39,12 @@ pub enum Sample {
     Faulty,
     /// The echo handler written in C.
     CEcho,
+    /// The echo handler written in C++ on `worker_host.hpp` (the input `"throw"` throws).
+    CppEcho,
+    /// The echo handler written in Go, built by [`foreign`] with `go build -buildmode=c-shared`.
+    GoEcho,
+    /// The echo handler written in Zig, built by [`foreign`] with `zig build-lib -dynamic`.
+    ZigEcho,
 }
 
 /// Where the build put the binary and each handler.
@@ -55,6 +63,8 @@ impl Artifacts {
             Sample::Stream => "stream-handler",
             Sample::Faulty => "faulty-handler",
             Sample::CEcho => "c-echo-handler",
+            Sample::CppEcho => "cpp-echo-handler",
+            Sample::GoEcho | Sample::ZigEcho => return foreign::library(sample),
         };
         &self.libraries[package]
     }
@@ -79,26 +89,7 @@ fn build_artifacts() -> Artifacts {
         .parent()
         .expect("tests/ has a parent");
     let mut command = Command::new(cargo);
-    // Cargo gives a running test its package's variables (OUT_DIR, CARGO_MANIFEST_DIR, ...). Build
-    // scripts that watch them (ring's does) would see a different environment from the outer
-    // `cargo test`, and the two builds would keep rebuilding each other's dependencies.
-    for (name, _) in std::env::vars_os() {
-        let name = name.to_string_lossy();
-        if name == "OUT_DIR"
-            || name.starts_with("CARGO_PKG_")
-            || matches!(
-                &*name,
-                "CARGO_MANIFEST_DIR"
-                    | "CARGO_MANIFEST_PATH"
-                    | "CARGO_CRATE_NAME"
-                    | "CARGO_PRIMARY_PACKAGE"
-                    | "CARGO_TARGET_TMPDIR"
-                    | "CARGO_RUSTC_CURRENT_DIR"
-            )
-        {
-            command.env_remove(&*name);
-        }
-    }
+    remove_cargo_test_env(&mut command);
     command
         .current_dir(workspace)
         .args(["build", "--message-format=json-render-diagnostics"])
@@ -139,12 +130,15 @@ fn build_artifacts() -> Artifacts {
                     libraries.insert(package, PathBuf::from(path));
                 }
             }
-            // The C handler is linked by its build script into its OUT_DIR.
-            Some("build-script-executed") if package == "c-echo-handler" => {
+            // The C and C++ handlers are linked by their build scripts into their OUT_DIR.
+            Some("build-script-executed")
+                if matches!(package, "c-echo-handler" | "cpp-echo-handler") =>
+            {
                 let out_dir = message["out_dir"]
                     .as_str()
                     .expect("build scripts have an out_dir");
-                libraries.insert(package, Path::new(out_dir).join("libc_echo_handler.so"));
+                let file = format!("lib{}.so", package.replace('-', "_"));
+                libraries.insert(package, Path::new(out_dir).join(file));
             }
             _ => {}
         }
@@ -158,6 +152,30 @@ fn build_artifacts() -> Artifacts {
     Artifacts {
         worker_host: worker_host.expect("the build produced no worker-host executable"),
         libraries,
+    }
+}
+
+/// Removes the variables cargo gives a running test from `command`'s environment. Cargo gives a
+/// running test its package's variables (OUT_DIR, CARGO_MANIFEST_DIR, ...); build scripts that
+/// watch them (ring's does) would see a different environment from the outer `cargo test`, and
+/// the two builds would keep rebuilding each other's dependencies.
+pub fn remove_cargo_test_env(command: &mut Command) {
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name == "OUT_DIR"
+            || name.starts_with("CARGO_PKG_")
+            || matches!(
+                &*name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+            )
+        {
+            command.env_remove(&*name);
+        }
     }
 }
 

@@ -63,6 +63,9 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Write a new handler project in DIR (an echo handler, test_input.json, a build command and
+    /// a README) that builds outside this repository, and print how to build and run it.
+    New(crate::scaffold::NewArgs),
 }
 
 /// Which handler to load and how to configure it.

@@ -80,6 +80,9 @@ pub enum ConfigError {
     /// The health check path does not start with `/` (or holds a query).
     #[error("the health check path must be a path such as /ping, not {0:?} (--health-path, HEALTH_CHECK_PATH)")]
     InvalidHealthPath(String),
+    /// `worker-host new` writes a project (`scaffold::run`); it has no settings to run with.
+    #[error("`worker-host new` writes a project and runs no handler")]
+    NotARun,
 }
 
 impl ConfigError {
@@ -271,6 +274,7 @@ impl Settings {
                     },
                 }))
             }
+            Some(Command::New(_)) => return Err(ConfigError::NotARun),
             None => match (
                 cli.test.test_input.clone(),
                 cli.platform.webhook_get_job.clone(),

@@ -4,6 +4,7 @@
 //! [`oneshot`] (one test job), [`worker`] (the RunPod queue worker, over [`runpod`]) or
 //! [`dev_api`] (RunPod's public API on localhost, with the same worker behind it). `main` only
 //! parses, sets up logging, calls [`run`] and maps the result to an exit code ([`exit`]).
+//! [`scaffold`] is apart from that flow: `worker-host new` writes a handler project and runs none.
 
 pub mod cli;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod logging;
 pub mod metrics;
 pub mod oneshot;
 pub mod runpod;
+pub mod scaffold;
 pub mod serve;
 pub mod worker;
 

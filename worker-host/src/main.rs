@@ -3,7 +3,7 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use worker_host::cli::Cli;
+use worker_host::cli::{Cli, Command};
 use worker_host::config::Settings;
 use worker_host::{exit, logging};
 
@@ -17,6 +17,15 @@ fn main() -> ExitCode {
         return worker_host::handler::runner::child::main(&arguments[2..]);
     }
     let cli = Cli::parse();
+    if let Some(Command::New(args)) = &cli.command {
+        return match worker_host::scaffold::run(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("worker-host: {error}");
+                ExitCode::from(error.exit_code())
+            }
+        };
+    }
     let working_dir = std::env::current_dir().unwrap_or_else(|_| ".".into());
     let settings = match Settings::from_cli(cli, &working_dir) {
         Ok(settings) => settings,

@@ -1,0 +1,3 @@
+module worker-host/sample-handlers/go-echo
+
+go 1.19
