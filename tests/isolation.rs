@@ -381,13 +381,22 @@ fn the_runner_hides_the_worker_key_and_its_output_is_logged() {
         json!({"output": {"value": std::env::var("HOME").ok()}}),
         "the rest of the environment is the host's"
     );
+    // The runner's output is read on its own thread, so its lines may be logged just after the
+    // job's result went out.
+    let talk_lines = |stderr: &str| {
+        stderr
+            .lines()
+            .filter(|line| line.contains("job_id=talk") && line.contains("hello from printf"))
+            .count()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while talk_lines(&worker.stderr()) < 2 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let stderr = worker.stderr();
-    let logged = stderr
-        .lines()
-        .filter(|line| line.contains("job_id=talk") && line.contains("hello from printf"))
-        .count();
     assert_eq!(
-        logged, 2,
+        talk_lines(&stderr),
+        2,
         "one line from stdout, one from stderr:\n{stderr}"
     );
 }
