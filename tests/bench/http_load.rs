@@ -17,6 +17,9 @@ pub struct Request {
     pub expect: String,
     /// The answer's status.
     pub status: u16,
+    /// A status that refuses the request without failing the run (Cog's 409 "at capacity"):
+    /// counted apart, not as an answer.
+    pub refusal: Option<u16>,
 }
 
 impl Request {
@@ -42,6 +45,7 @@ impl Request {
             wire: wire.into_bytes(),
             expect: expect.to_owned(),
             status,
+            refusal: None,
         }
     }
 }
@@ -55,6 +59,8 @@ pub struct Measured {
     pub wall: Duration,
     /// Each answer's latency, sorted.
     pub latencies: Vec<Duration>,
+    /// Requests refused with [`Request::refusal`] while measuring.
+    pub refused: usize,
 }
 
 impl Measured {
@@ -93,14 +99,18 @@ pub fn run(
         })
         .collect();
     let mut latencies = Vec::new();
+    let mut refused = 0;
     for thread in threads {
-        latencies.extend(thread.join().map_err(|_| "a client thread panicked")??);
+        let (answered, refusals) = thread.join().map_err(|_| "a client thread panicked")??;
+        latencies.extend(answered);
+        refused += refusals;
     }
     latencies.sort_unstable();
     Ok(Measured {
         requests: latencies.len(),
         wall: duration,
         latencies,
+        refused,
     })
 }
 
@@ -109,19 +119,20 @@ fn connection(
     request: &Request,
     measure_from: Instant,
     end: Instant,
-) -> Result<Vec<Duration>, String> {
+) -> Result<(Vec<Duration>, usize), String> {
     let stream = TcpStream::connect(address).map_err(|e| format!("connect {address}: {e}"))?;
     stream.set_nodelay(true).ok();
     stream.set_read_timeout(Some(Duration::from_secs(30))).ok();
     let mut writer = stream.try_clone().map_err(|e| e.to_string())?;
     let mut reader = BufReader::with_capacity(64 * 1024, stream);
     let mut latencies = Vec::with_capacity(1 << 16);
+    let mut refused = 0;
     let mut body = Vec::new();
     let mut line = String::new();
     loop {
         let sent = Instant::now();
         if sent >= end {
-            return Ok(latencies);
+            return Ok((latencies, refused));
         }
         writer
             .write_all(&request.wire)
@@ -182,6 +193,12 @@ fn connection(
                 .map_err(|e| format!("read: {e}"))?;
         }
         let answered = Instant::now();
+        if Some(status) == request.refusal {
+            if sent >= measure_from {
+                refused += 1;
+            }
+            continue;
+        }
         if status != request.status
             || !String::from_utf8_lossy(&body).contains(request.expect.as_str())
         {

@@ -96,6 +96,17 @@ impl Job {
         })
     }
 
+    /// A job the host made itself (a load-balancing request), from its parts: `job_json` is the
+    /// whole job object, which holds `id` and `input` as given.
+    pub(crate) fn from_parts(id: String, input: RawJson, job_json: RawJson) -> Self {
+        Self {
+            id,
+            batch_id: None,
+            input,
+            job_json,
+        }
+    }
+
     /// The job id.
     pub fn id(&self) -> &str {
         &self.id

@@ -6,7 +6,7 @@
 //! query string (`""` when there is none), `headers` an object of lower-case names (a repeated
 //! header's values joined with `", "`), without `Authorization`, which is the caller's secret.
 
-use crate::job::{InputRule, Job, RawJson};
+use crate::job::{Job, RawJson};
 use axum::http::{header, HeaderMap, Method, Uri};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
@@ -78,14 +78,18 @@ pub fn job(
         "query": query,
         "headers": shown,
     });
-    let text = format!(
-        r#"{{"id":{},"input":{},"http":{}}}"#,
-        serde_json::to_string(id).expect("a string serializes"),
-        input.get(),
-        http
-    );
-    let raw: Box<RawValue> = RawValue::from_string(text).expect("built from JSON parts");
-    Ok(Job::parse(&raw, None, InputRule::Present).expect("the job has an id and an input"))
+    let id_json = serde_json::to_string(id).expect("a string serializes");
+    let http = http.to_string();
+    let mut text = String::with_capacity(id_json.len() + input.get().len() + http.len() + 28);
+    text.push_str(r#"{"id":"#);
+    text.push_str(&id_json);
+    text.push_str(r#","input":"#);
+    text.push_str(input.get());
+    text.push_str(r#","http":"#);
+    text.push_str(&http);
+    text.push('}');
+    let job_json = RawValue::from_string(text).expect("built from JSON parts");
+    Ok(Job::from_parts(id.to_owned(), input, job_json))
 }
 
 fn to_raw(value: &impl serde::Serialize) -> RawJson {
