@@ -29,7 +29,7 @@
 //! stop, as with the platform). The worker asks job-take for as many jobs as it has free slots,
 //! so a take for all its slots shows that every such handler has returned.
 
-use super::webhook::WebhookSender;
+use super::webhook::{WebhookCall, WebhookSender};
 use crate::job::{OrderedRawMap, RawJson};
 use serde::Serialize;
 use serde_json::value::RawValue;
@@ -136,17 +136,6 @@ pub struct NewJob {
     pub execution_timeout: Duration,
     /// `policy.ttl`.
     pub ttl: Duration,
-}
-
-/// A final status object to POST to a job's webhook.
-#[derive(Debug)]
-pub struct WebhookCall {
-    /// The webhook URL.
-    pub url: String,
-    /// The job id (for logs).
-    pub job_id: String,
-    /// The status object, as JSON text.
-    pub body: String,
 }
 
 /// What `/retry` can answer.
