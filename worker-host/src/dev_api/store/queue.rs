@@ -2,6 +2,7 @@
 //! polls that hand them out.
 
 use super::record::Status;
+use super::wait::{wait_until, Check};
 use super::{State, Store};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -88,10 +89,7 @@ impl Store {
     pub async fn take_wait(&self, max: usize, hold: Duration) -> Vec<Arc<str>> {
         let every_slot = max >= self.worker_slots.load(std::sync::atomic::Ordering::Relaxed);
         let deadline = tokio::time::Instant::now() + hold;
-        loop {
-            let notified = self.queued.notified();
-            let mut notified = std::pin::pin!(notified);
-            notified.as_mut().enable();
+        wait_until(&self.queued, deadline, None, || {
             let recheck = {
                 let mut state = self.state();
                 // Valid for as long as this poll is open: the worker holds every slot for it.
@@ -102,18 +100,15 @@ impl Store {
             };
             let taken = self.take(max);
             if !taken.is_empty() {
-                return taken;
-            }
-            let until = if recheck {
-                deadline.min(tokio::time::Instant::now() + STOPPED_HANDLER_RECHECK)
+                Check::Ready(taken)
+            } else if recheck {
+                Check::NotYetGiveUpAt(tokio::time::Instant::now() + STOPPED_HANDLER_RECHECK)
             } else {
-                deadline
-            };
-            tokio::select! {
-                () = notified => {}
-                () = tokio::time::sleep_until(until) => return Vec::new(),
+                Check::NotYet
             }
-        }
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// The worker now runs up to `slots` jobs at once (a swapped-in handler has another limit).

@@ -3,7 +3,7 @@
 //! again, a take the worker never received is queued again, and a retry waits until the
 //! worker has let go of the id's previous attempt (see the store's module docs).
 
-use super::wait::long_poll;
+use super::wait::{wait_until, Check};
 use super::{State, Store};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -29,7 +29,17 @@ impl Store {
 
     /// Waits up to `hold` for jobs the worker must stop, and hands them over (a job-stop poll).
     pub async fn stops_wait(&self, hold: Duration) -> Vec<String> {
-        long_poll(&self.stops, hold, || self.hand_out_stops()).await
+        let deadline = tokio::time::Instant::now() + hold;
+        wait_until(&self.stops, deadline, None, || {
+            let stops = self.hand_out_stops();
+            if stops.is_empty() {
+                Check::NotYet
+            } else {
+                Check::Ready(stops)
+            }
+        })
+        .await
+        .unwrap_or_default()
     }
 
     /// The stops waiting for the worker, now handed to it (noted for [`Store::heartbeat`]).
