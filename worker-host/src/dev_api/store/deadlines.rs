@@ -44,6 +44,7 @@ impl Record {
 }
 
 impl State {
+    /// A key for `at` in the deadline or finished maps, unique by its sequence number.
     pub(super) fn next_key(&mut self, at: Instant) -> DeadlineKey {
         self.sequence += 1;
         (at, self.sequence)

@@ -143,9 +143,13 @@ pub struct Store {
     limits: StoreLimits,
     /// How many jobs the worker runs at once now (the handler serving may lower it).
     worker_slots: std::sync::atomic::AtomicUsize,
+    /// The local worker's id, for status objects.
     worker_id: String,
+    /// Wakes job-take polls: a job was queued, or how long a take holds may have changed.
     queued: Notify,
+    /// Wakes job-stop polls: the worker has stops waiting.
     stops: Notify,
+    /// Wakes the sweeper: an earlier deadline was armed.
     timers: Notify,
     /// Cancelled at shutdown: waiters answer with the current status at once.
     closed: CancellationToken,
@@ -178,7 +182,9 @@ struct State {
     deadlines: BTreeMap<DeadlineKey, String>,
     /// Every finished job, oldest first (for the cap on finished jobs).
     finished: BTreeMap<DeadlineKey, String>,
+    /// The last sequence number of a deadline key.
     sequence: u64,
+    /// Jobs waiting (held-back retries included), for `/health`.
     in_queue: u64,
     completed: u64,
     failed: u64,

@@ -44,19 +44,28 @@ impl Status {
     }
 }
 
+/// What the store knows of one job, from submission until it is forgotten.
 #[derive(Debug)]
 pub(super) struct Record {
     /// The job as the worker receives it: `{"id": ..., <request members>}`.
     pub(super) job_json: Arc<str>,
+    /// `/run` or `/runsync`: how long its result is kept.
     pub(super) submission: Submission,
+    /// Where its final status object goes.
     pub(super) webhook: Option<String>,
+    /// `policy.executionTimeout`.
     pub(super) execution_timeout: Duration,
     pub(super) submitted: Instant,
+    /// Submission plus `policy.ttl`: the job is forgotten then, in any state.
     pub(super) expires: Instant,
+    /// When the worker took it (`None` while queued).
     pub(super) started: Option<Instant>,
+    /// When it reached its final status.
     pub(super) ended: Option<Instant>,
     pub(super) status: Status,
+    /// The result's output, or the latest progress value while running.
     pub(super) output: Option<RawJson>,
+    /// The result's error.
     pub(super) error: Option<RawJson>,
     /// Chunks not yet returned by `/stream`, oldest first.
     pub(super) unread: VecDeque<RawJson>,
@@ -71,8 +80,11 @@ pub(super) struct Record {
     pub(super) output_unread: bool,
     /// Retried while the worker still held the previous attempt: queued once it lets go.
     pub(super) held_back: bool,
+    /// Its armed deadline's key in the store's deadline map.
     pub(super) deadline: Option<DeadlineKey>,
+    /// Once finished, its key in the store's map of finished jobs.
     pub(super) finished_key: Option<DeadlineKey>,
+    /// Woken at every change of the job, for the requests waiting on it.
     pub(super) changed: Arc<Notify>,
 }
 
@@ -92,7 +104,9 @@ struct StatusObject<'a> {
     #[serde(rename = "workerId", skip_serializing_if = "Option::is_none")]
     worker_id: Option<&'a str>,
 }
+
 impl Record {
+    /// The platform's status object of this job (`id`, run by `worker_id`), as JSON text.
     pub(super) fn status_json(&self, id: &str, worker_id: &str) -> String {
         let object = StatusObject {
             delay_time: self

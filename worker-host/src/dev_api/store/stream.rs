@@ -23,10 +23,12 @@ struct StreamAnswer<'a> {
     stream: Vec<ChunkObject<'a>>,
 }
 
+/// One chunk of a `/stream` answer.
 #[derive(Serialize)]
 struct ChunkObject<'a> {
     output: &'a RawValue,
 }
+
 impl Record {
     /// Whether `/stream` has something to hand out now.
     fn has_unread(&self) -> bool {
