@@ -13,7 +13,6 @@
 //! At shutdown the calls already queued are still delivered, within a bounded time (see
 //! [`Webhooks::run`]); what is left then is abandoned, and logged by job id.
 
-use super::store::WebhookCall;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -37,6 +36,18 @@ pub const MAX_PENDING_CALLS: usize = 10_000;
 /// The most bytes of status bodies that may wait or be under way at once: jobs finishing faster
 /// than their webhooks are delivered cannot grow memory past it.
 pub const MAX_PENDING_BYTES: usize = 256 * 1024 * 1024;
+
+/// A final status object to POST to a job's webhook: what the store hands over when a job with a
+/// webhook ends.
+#[derive(Debug)]
+pub struct WebhookCall {
+    /// The webhook URL.
+    pub url: String,
+    /// The job id (for logs).
+    pub job_id: String,
+    /// The status object, as JSON text.
+    pub body: String,
+}
 
 /// A call admitted within the pending bounds; its permits go when its delivery ends.
 #[derive(Debug)]
