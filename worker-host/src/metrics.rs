@@ -33,7 +33,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::Duration;
 
-/// The content type of [`encode`]'s text.
+/// The content type of [`Metrics::encode`]'s text.
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// OpenTelemetry's FaaS invoke-duration buckets (seconds), with a few longer ones for jobs that

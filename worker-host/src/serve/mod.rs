@@ -8,7 +8,7 @@
 //!   take a job**, 503 while it cannot (its runner is being restarted, a drain-first swap, or it
 //!   is shutting down). The listener is up before `init` starts.
 //! - `GET /metrics`: the host's metrics ([`crate::metrics`]).
-//! - every other path and method runs one job ([`request`] says what the job holds, [`answer`]
+//! - every other path and method runs one job ([`request`] says what the job holds, `answer`
 //!   how it is answered, streamed, limited and cancelled).
 //!
 //! Every error is JSON (`{"error": "..."}`); `--api-key` guards everything but the health path.
