@@ -53,7 +53,8 @@ pub enum JobOutcome {
     failed,
     /// It was stopped (by the platform, a client, or a disconnect) before it ended.
     cancelled,
-    /// It ran past its time limit.
+    /// It ran past a time limit the host enforces (none yet: a platform-side timeout reaches
+    /// the worker as a stop, counted as `cancelled`).
     timed_out,
     /// Its result could not be delivered.
     undelivered,
