@@ -429,10 +429,10 @@ fn sigterm_drains_running_jobs_and_refuses_new_ones() {
 fn the_api_key_guards_jobs_and_metrics_but_not_health() {
     let server = LoadBalancer::start(Sample::Echo, &["--api-key", "sekret"]);
     let client = client();
-    assert_eq!(
-        client.get(server.url("/ping")).send().unwrap().status(),
-        StatusCode::OK
-    );
+    // The server listens before init: the health check is 204 until it is done, with no key.
+    wait_for("the health check to turn 200 without a key", || {
+        (client.get(server.url("/ping")).send().ok()?.status() == StatusCode::OK).then_some(())
+    });
     let refused = client.post(server.url("/")).json(&json!(1)).send().unwrap();
     assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
     assert!(refused.json::<Value>().unwrap()["error"].is_string());
