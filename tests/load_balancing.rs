@@ -473,3 +473,116 @@ fn the_health_check_moves_to_its_own_path_and_port() {
     assert_eq!(job.status(), StatusCode::OK);
     assert_eq!(job.json::<Value>().unwrap(), json!({"x": "1"}));
 }
+
+/// A client that goes away cancels only its own job, softly: a sibling running on the same runner
+/// is never failed by it, even when the gone client's handler ignores the cancel past
+/// `--cancel-grace-secs`.
+#[test]
+fn a_disconnect_never_fails_the_jobs_beside_it() {
+    let server = LoadBalancer::start(
+        Sample::Faulty,
+        &["--concurrency", "2", "--cancel-grace-secs", "0.2"],
+    );
+    let sibling = {
+        let url = server.url("/");
+        std::thread::spawn(move || {
+            let answer = client()
+                .post(url)
+                .json(&json!({"mode": "sleep", "ms": 1500, "ignore_cancel": true}))
+                .send()
+                .unwrap();
+            (answer.status(), answer.json::<Value>().unwrap())
+        })
+    };
+    wait_for("the sibling to run", || {
+        (metric(&server, "worker_host_jobs_in_flight") == 1.0).then_some(())
+    });
+    let address = server.base_url().trim_start_matches("http://").to_owned();
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    let body = r#"{"mode": "sleep", "ms": 1000, "ignore_cancel": true}"#;
+    write!(
+        socket,
+        "POST / HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_for("both jobs to run", || {
+        (metric(&server, "worker_host_jobs_in_flight") == 2.0).then_some(())
+    });
+    drop(socket);
+    let (status, output) = sibling.join().unwrap();
+    assert_eq!(status, StatusCode::OK, "{output}");
+    assert_eq!(output["ms"], 1500);
+    assert_eq!(
+        metric(
+            &server,
+            "worker_host_runner_restarts_total{reason=\"hung\"}"
+        ),
+        0.0
+    );
+}
+
+/// A client that sends its body slowly (or never) holds a waiting place, never a slot: with the
+/// only slot free, the next request is served at once.
+#[test]
+fn a_slow_body_does_not_hold_a_slot() {
+    let server = LoadBalancer::start(Sample::Echo, &["--concurrency", "1"]);
+    let address = server.base_url().trim_start_matches("http://").to_owned();
+    let mut stalled = std::net::TcpStream::connect(&address).unwrap();
+    write!(
+        stalled,
+        "POST / HTTP/1.1\r\nHost: {address}\r\nContent-Length: 100\r\n\r\n{{"
+    )
+    .unwrap();
+    wait_for("the stalled request to be admitted", || {
+        (metric(&server, "worker_host_jobs_waiting") == 1.0).then_some(())
+    });
+    let served = client()
+        .post(server.url("/"))
+        .json(&json!({"next": true}))
+        .send()
+        .unwrap();
+    assert_eq!(served.status(), StatusCode::OK);
+    assert_eq!(served.json::<Value>().unwrap(), json!({"next": true}));
+    drop(stalled);
+}
+
+/// Requests held during a failing `init` are answered 503 with the reason, and the host exits
+/// 1, as a queue worker whose init failed does.
+#[test]
+fn requests_held_during_a_failed_init_get_503() {
+    let mut server = LoadBalancer::start(
+        Sample::Faulty,
+        &[
+            "--handler-config",
+            r#"{"init_sleep_ms": 1000, "fail_init": "no model"}"#,
+        ],
+    );
+    let answer = client()
+        .post(server.url("/"))
+        .json(&json!(1))
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::SERVICE_UNAVAILABLE);
+    let error: Value = answer.json().unwrap();
+    assert!(
+        error["error"].as_str().unwrap().contains("init failed"),
+        "{error}"
+    );
+    assert_eq!(server.wait(WAIT), Some(1), "{}", server.stderr());
+}
+
+/// A health path that would be a route pattern, or the metrics' path, is refused with a sentence.
+#[test]
+fn a_health_path_that_is_not_a_plain_path_is_refused() {
+    for path in ["/{x}", "/metrics", "/a/{*rest", "ping"] {
+        let run = e2e::Run::of(
+            e2e::worker_host()
+                .arg("--handler")
+                .arg(e2e::artifacts().library(Sample::Echo))
+                .args(["--load-balancing", "--port", "0", "--health-path", path]),
+        );
+        assert_eq!(run.code, Some(2), "{path}: {}", run.stderr);
+        assert!(run.stderr.contains("plain path"), "{path}: {}", run.stderr);
+    }
+}

@@ -77,8 +77,8 @@ pub enum ConfigError {
     /// The job-take URL is set but the job-done URL is not: every result would be lost.
     #[error("RUNPOD_WEBHOOK_GET_JOB is set but RUNPOD_WEBHOOK_POST_OUTPUT is not, so no result could be delivered: set both (the platform does), or unset RUNPOD_WEBHOOK_GET_JOB for a one-shot test run")]
     NoJobDoneUrl,
-    /// The health check path does not start with `/` (or holds a query).
-    #[error("the health check path must be a path such as /ping, not {0:?} (--health-path, HEALTH_CHECK_PATH)")]
+    /// The health check path is not a plain path (or is `/metrics`).
+    #[error("the health check path must be a plain path such as /ping (no query, no {{ }} or *, not /metrics), not {0:?} (--health-path, HEALTH_CHECK_PATH)")]
     InvalidHealthPath(String),
     /// `worker-host new` writes a project (`scaffold::run`); it has no settings to run with.
     #[error("`worker-host new` writes a project and runs no handler")]
@@ -410,10 +410,12 @@ fn worker_concurrency(worker: &WorkerArgs) -> usize {
         .max(1)
 }
 
-/// A health check path as given: it must start with `/`.
+/// A health check path as given: a plain path (it is matched exactly, never as a pattern), and
+/// not `/metrics`, which the server answers itself.
 fn health_path(path: &str) -> Result<String, ConfigError> {
     let path = path.trim();
-    if path.starts_with('/') && !path.contains(['?', '#', ' ']) {
+    if path.starts_with('/') && !path.contains(['?', '#', ' ', '{', '}', '*']) && path != "/metrics"
+    {
         Ok(path.to_owned())
     } else {
         Err(ConfigError::InvalidHealthPath(path.to_owned()))

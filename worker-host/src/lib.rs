@@ -61,7 +61,7 @@ impl HostError {
             Self::Config(error) if error.is_test_input_error() => exit::JOB_FAILED,
             Self::Config(_) | Self::Url(_) => exit::USAGE,
             Self::DevApi(dev_api::DevApiError::Bind { .. }) => exit::USAGE,
-            Self::Serve(serve::ServeError::Bind { .. }) => exit::USAGE,
+            Self::Serve(_) => exit::USAGE,
             Self::DevApi(_) => exit::JOB_FAILED,
             Self::WorkerInitFailed(_) | Self::HandlerFailed(_) | Self::Runtime(_) => {
                 exit::JOB_FAILED
@@ -230,7 +230,10 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     let hangups = Serving::listen_for_hangups(&runtime);
     // Listening during init: /ping answers 204, other requests wait for the handler.
     let public = dev_api::PublicServer::start(&runtime, listener, dev.api.api_key.clone())?;
-    serving.init()?;
+    if let Err(error) = serving.init() {
+        runtime.block_on(public.init_failed());
+        return Err(error.into());
+    }
     let mut worker = worker_settings(serving.first.info(), dev.worker);
     if worker.refresh_worker {
         tracing::warn!(
@@ -256,13 +259,16 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
 fn run_load_balancing(serving: Serving, config: serve::ServeConfig) -> Result<u8, HostError> {
     let runtime = io_runtime()?;
     let hangups = Serving::listen_for_hangups(&runtime);
-    let slots = worker::WorkerConfig::slots(config.concurrency, serving.first.info());
+    let concurrency = config.concurrency;
     // Listening during init: the health check answers 204, requests wait for the handler.
-    let server = serve::Server::start(&runtime, config, slots)?;
+    let server = serve::Server::start(&runtime, config)?;
     if let Err(error) = serving.init() {
-        server.init_failed();
+        // Requests held during init are answered 503 before the host exits.
+        runtime.block_on(server.init_failed());
         return Err(HostError::WorkerInitFailed(error));
     }
+    // The handler's own limit as init reported it (ABI 1.1 may change the descriptor's).
+    let slots = worker::WorkerConfig::slots(concurrency, serving.first.info());
     tracing::info!(
         handler = %serving.first.info().name,
         version = %serving.first.info().version,
@@ -283,14 +289,17 @@ fn serve_metrics(
     runtime: &tokio::runtime::Runtime,
     (host, port): (String, u16),
 ) -> Result<(), HostError> {
-    let listener = serve::bind(&host, port)?;
-    let _entered = runtime.enter();
+    let bind = || {
+        let listener = std::net::TcpListener::bind((host.as_str(), port))?;
+        listener.set_nonblocking(true)?;
+        let _entered = runtime.enter();
+        tokio::net::TcpListener::from_std(listener)
+    };
+    let listener = bind().map_err(|source| serve::ServeError::MetricsBind {
+        address: format!("{host}:{port}"),
+        source,
+    })?;
     let address = listener.local_addr().ok();
-    let listener =
-        tokio::net::TcpListener::from_std(listener).map_err(|source| serve::ServeError::Bind {
-            address: format!("{host}:{port}"),
-            source,
-        })?;
     let router = axum::Router::new()
         .route(
             "/metrics",

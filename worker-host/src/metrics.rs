@@ -304,8 +304,8 @@ impl Metrics {
     /// This handler serves now (replacing the one before, after a swap).
     pub fn set_handler(&self, info: &crate::handler::HandlerInfo) {
         let labels = HandlerLabels {
-            name: info.name.clone(),
-            version: info.version.clone(),
+            name: label_value(&info.name),
+            version: label_value(&info.version),
             abi: format!("{}.{}", info.abi_major, info.abi_minor),
         };
         let mut now = self
@@ -326,6 +326,22 @@ impl Metrics {
             .expect("writing to a String cannot fail");
         text
     }
+}
+
+/// `text` escaped as a label value (the encoder writes values as they are): a handler's name or
+/// version with a quote, a backslash or a line break must not break the scrape or forge lines.
+fn label_value(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '\\' => escaped.push_str("\\\\"),
+            '"' => escaped.push_str("\\\""),
+            '\n' => escaped.push_str("\\n"),
+            c if c.is_control() => escaped.push(' '),
+            c => escaped.push(c),
+        }
+    }
+    escaped
 }
 
 /// A job running on the handler; dropping it ends it in `jobs_in_flight` and records its
@@ -396,5 +412,15 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    /// A handler's name or version cannot break the text or forge a line.
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(
+            label_value("0.1\"} 1\nworker_host_jobs_total 9\\"),
+            "0.1\\\"} 1\\nworker_host_jobs_total 9\\\\"
+        );
+        assert_eq!(label_value("a\tb"), "a b");
     }
 }

@@ -620,7 +620,13 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
                         None,
                         shared.config.refresh_worker,
                     );
-                    deliver(&shared, Post::Done { is_stream: false }, &id, body.text).await;
+                    let delivered =
+                        deliver(&shared, Post::Done { is_stream: false }, &id, body.text).await;
+                    metrics::get().job_ended(if delivered {
+                        JobOutcome::failed
+                    } else {
+                        JobOutcome::undelivered
+                    });
                 }
                 .instrument(span),
             );

@@ -26,7 +26,7 @@ pub mod worker_facing;
 
 use crate::handler::{Current, LiveHandler};
 use crate::http::connections;
-use crate::http::startup::{StartupGate, PING_PATH};
+use crate::http::startup::{OwnRoute, StartupGate};
 use crate::runpod::{PlatformClient, UrlError};
 use crate::worker::WorkerConfig;
 use std::net::SocketAddr;
@@ -112,7 +112,14 @@ impl PublicServer {
                 address: address.to_string(),
                 source,
             })?;
-        let (gate, router) = StartupGate::new(PING_PATH.to_owned(), api_key);
+        let (gate, router) = StartupGate::new(
+            |path| match public::route_of(path) {
+                Some("ping") => Some(OwnRoute::Ping),
+                Some("metrics") => Some(OwnRoute::Metrics),
+                _ => None,
+            },
+            api_key,
+        );
         let router = router.layer(axum::middleware::map_response(crate::http::json_errors));
         let stop = CancellationToken::new();
         let stopped = stop.clone();
@@ -128,6 +135,20 @@ impl PublicServer {
             stop,
             server,
         })
+    }
+
+    /// The handler's `init` failed: the requests held meanwhile are answered 503 (the gate
+    /// closes for good), then the server stops (bounded).
+    pub async fn init_failed(self) {
+        drop(self.gate);
+        self.stop.cancel();
+        let mut server = self.server;
+        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
+            .await
+            .is_err()
+        {
+            server.abort();
+        }
     }
 }
 

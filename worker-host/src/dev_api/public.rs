@@ -125,14 +125,19 @@ async fn require_key(State(api): State<Arc<PublicApi>>, request: Request, next: 
 /// routes that need no key: a description, and a health check a platform or an orchestrator
 /// polls without one.
 fn is_open_route(path: &str) -> bool {
-    let route = match path.strip_prefix("/v2/") {
+    matches!(route_of(path), Some("openapi.json" | "ping"))
+}
+
+/// The route a path names, with or without the `/v2/{endpoint_id}/` prefix (`ping` for both
+/// `/ping` and `/v2/ep/ping`); `None` for a prefix with no endpoint id.
+pub fn route_of(path: &str) -> Option<&str> {
+    match path.strip_prefix("/v2/") {
         Some(rest) => match rest.split_once('/') {
-            Some((endpoint, route)) if !endpoint.is_empty() => route,
-            _ => return false,
+            Some((endpoint, route)) if !endpoint.is_empty() => Some(route),
+            _ => None,
         },
-        None => path.strip_prefix('/').unwrap_or(path),
-    };
-    matches!(route, "openapi.json" | "ping")
+        None => Some(path.strip_prefix('/').unwrap_or(path)),
+    }
 }
 
 /// The `{job_id}` of a route (an `{endpoint_id}` in front is ignored).

@@ -89,6 +89,8 @@ type Waker = Box<dyn FnOnce() + Send>;
 #[derive(Default)]
 struct CancelState {
     cancelled: bool,
+    /// Cancelled without a hard stop (see [`CancelToken::cancel_softly`]).
+    soft: bool,
     /// Run once, at the cancel: whoever waits on the job is woken.
     wakers: Vec<Waker>,
 }
@@ -120,17 +122,35 @@ impl CancelToken {
     /// Cancels the job, and runs the wakers registered so far (once; a second cancel does
     /// nothing).
     pub fn cancel(&self) {
+        self.cancel_with(false);
+    }
+
+    /// Cancels the job as [`Self::cancel`] does, but asks for no hard stop: the handler sees
+    /// `is_cancelled`, and one that ignores it runs on (its result is dropped) instead of having
+    /// its runner killed, which would fail every other job on it. For a load-balancing client
+    /// that went away: a routine event, not a deliberate stop.
+    pub fn cancel_softly(&self) {
+        self.cancel_with(true);
+    }
+
+    fn cancel_with(&self, soft: bool) {
         let wakers = {
             let mut state = self.state();
             if state.cancelled {
                 return;
             }
             state.cancelled = true;
+            state.soft = soft;
             std::mem::take(&mut state.wakers)
         };
         for wake in wakers {
             wake();
         }
+    }
+
+    /// Whether the cancel asks for no hard stop ([`Self::cancel_softly`]).
+    pub fn is_soft(&self) -> bool {
+        self.state().soft
     }
 
     /// Whether the job was cancelled.

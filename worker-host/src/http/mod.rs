@@ -78,7 +78,20 @@ pub fn check_key(headers: &HeaderMap, key: &str) -> Option<Response> {
                 _ => value,
             }
         });
-    (given != Some(key)).then(|| error_answer(StatusCode::UNAUTHORIZED, WRONG_KEY))
+    let matches = given.is_some_and(|given| same_bytes(given.as_bytes(), key.as_bytes()));
+    (!matches).then(|| error_answer(StatusCode::UNAUTHORIZED, WRONG_KEY))
+}
+
+/// Whether `a` and `b` are equal, in a time that depends on their lengths only (not on where
+/// they first differ), so the key cannot be guessed a byte at a time from answer times.
+fn same_bytes(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter()
+        .zip(b)
+        .fold(0_u8, |differ, (x, y)| differ | (x ^ y))
+        == 0
 }
 
 #[cfg(test)]

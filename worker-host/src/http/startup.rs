@@ -15,8 +15,14 @@ use axum::Router;
 use tokio::sync::watch;
 use tower::ServiceExt;
 
-/// The path RunPod's health checks poll by default.
-pub const PING_PATH: &str = "/ping";
+/// Which of the host's own routes a path is, as the gate answers them during `init`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OwnRoute {
+    /// The health check: 204 during `init`.
+    Ping,
+    /// The metrics.
+    Metrics,
+}
 
 /// Where the router is: not yet, ready, or never.
 #[derive(Clone)]
@@ -43,13 +49,13 @@ impl std::fmt::Debug for Stage {
 }
 
 impl StartupGate {
-    /// A closed gate, and the router to serve meanwhile. `ping_path` answers 204 until the gate
-    /// opens; `/metrics` needs `api_key` when one is set.
-    pub fn new(ping_path: String, api_key: Option<String>) -> (Self, Router) {
+    /// A closed gate, and the router to serve meanwhile. The paths `own_route` names answer at
+    /// once: the health check 204 until the gate opens, the metrics (with `api_key` when one is
+    /// set); every other request waits.
+    pub fn new(own_route: fn(&str) -> Option<OwnRoute>, api_key: Option<String>) -> (Self, Router) {
         let (stage, watched) = watch::channel(Stage::Starting);
         let router = Router::new().fallback(move |request: Request| {
             let mut watched = watched.clone();
-            let ping_path = ping_path.clone();
             let api_key = api_key.clone();
             async move {
                 let now = watched.borrow_and_update().clone();
@@ -58,11 +64,11 @@ impl StartupGate {
                     Stage::Failed => return failed(),
                     Stage::Starting => {}
                 }
-                let path = request.uri().path();
-                if path == ping_path {
+                let route = own_route(request.uri().path());
+                if route == Some(OwnRoute::Ping) {
                     return StatusCode::NO_CONTENT.into_response();
                 }
-                if path == "/metrics" {
+                if route == Some(OwnRoute::Metrics) {
                     if let Some(refused) = api_key
                         .as_deref()
                         .and_then(|key| check_key(request.headers(), key))

@@ -10,10 +10,13 @@
 //!   out as the handler emits it. A failure before the first chunk is a plain 500; one after it
 //!   ends the stream with an `event: error` (SSE) or an `{"error": ...}` line (NDJSON).
 //!
-//! A client that goes away (its connection closes while it waits, or it stops reading a stream)
-//! cancels its job: the handler's `is_cancelled` turns true, and with a runner, one that ignores
-//! it is hard-stopped after `--cancel-grace-secs`. A job's slot stays taken until its handler has
-//! returned, so no more than `--concurrency` handler calls ever run at once.
+//! A client that goes away (its connection closes while it waits or streams) cancels its job
+//! softly: the handler's `is_cancelled` turns true, and one that ignores it runs on, its result
+//! dropped; its runner is never killed for it, which would fail every other job on it. A client
+//! that stops reading a stream has its job cancelled the same way once more than
+//! [`MAX_UNREAD_STREAM_BYTES`] of chunks wait for it, and its stream ends with an error. A job's
+//! slot stays taken until its handler has returned, so no more than `--concurrency` handler calls
+//! ever run at once.
 
 use super::{Phase, ServeState};
 use crate::handler::{CancelToken, JobEvents};
@@ -23,24 +26,48 @@ use crate::metrics::{self, JobOutcome};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 
 /// How long a client told 429 is asked to wait (`Retry-After`, seconds).
 const RETRY_AFTER_SECS: u64 = 1;
 
+/// The most bytes of chunks a stream may hold that its client has not read yet; past that the
+/// job is cancelled (softly) and the stream ends with an error, so a client that stops reading
+/// cannot make the host hold a fast handler's whole output.
+const MAX_UNREAD_STREAM_BYTES: usize = 64 * 1024 * 1024;
+
 /// What the handler thread sends to the request.
 enum Message {
     Chunk(RawJson),
+    /// The client did not read fast enough: [`MAX_UNREAD_STREAM_BYTES`] were waiting.
+    Overflow,
     Done(JobResult),
 }
 
-struct ChannelEvents(mpsc::UnboundedSender<Message>);
+/// Where a job's chunks and result go: the request's channel, with the bytes of chunks sent and
+/// not yet written to the client counted.
+struct ChannelEvents {
+    sender: mpsc::UnboundedSender<Message>,
+    unread: Arc<AtomicUsize>,
+    cancel: CancelToken,
+    overflowed: std::sync::atomic::AtomicBool,
+}
 
 impl JobEvents for ChannelEvents {
     fn chunk(&self, chunk: RawJson) {
-        let _ = self.0.send(Message::Chunk(chunk));
+        if self.overflowed.load(Ordering::Acquire) {
+            return;
+        }
+        let size = chunk.get().len();
+        if self.unread.fetch_add(size, Ordering::AcqRel) + size > MAX_UNREAD_STREAM_BYTES {
+            self.overflowed.store(true, Ordering::Release);
+            self.cancel.cancel_softly();
+            let _ = self.sender.send(Message::Overflow);
+            return;
+        }
+        let _ = self.sender.send(Message::Chunk(chunk));
     }
 
     // Progress has no place in an HTTP answer.
@@ -100,12 +127,25 @@ impl StreamFormat {
     }
 }
 
+/// `json` on one line for any line splitter: raw CR and LF are whitespace in JSON text and become
+/// spaces; U+0085, U+2028 and U+2029 (which some splitters, Python's `str.splitlines` among them,
+/// also break at) can only be inside strings, where their `\u` escapes mean the same.
 fn one_line(json: &str) -> std::borrow::Cow<'_, str> {
-    if json.contains(['\n', '\r']) {
-        json.replace(['\n', '\r'], " ").into()
-    } else {
-        json.into()
+    const BREAKS: [char; 5] = ['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'];
+    if !json.contains(BREAKS) {
+        return json.into();
     }
+    let mut line = String::with_capacity(json.len() + 16);
+    for c in json.chars() {
+        match c {
+            '\n' | '\r' => line.push(' '),
+            '\u{85}' => line.push_str("\\u0085"),
+            '\u{2028}' => line.push_str("\\u2028"),
+            '\u{2029}' => line.push_str("\\u2029"),
+            other => line.push(other),
+        }
+    }
+    line.into()
 }
 
 /// Cancels the job when dropped before it ended (the client went away), and counts how it ended.
@@ -126,26 +166,45 @@ impl JobGuard {
 impl Drop for JobGuard {
     fn drop(&mut self) {
         if !self.ended {
-            self.cancel.cancel();
+            // Softly: a handler that ignores it runs on rather than its runner being killed
+            // with every other job on it.
+            self.cancel.cancel_softly();
             tracing::info!("The client went away: the job is cancelled.");
             metrics::get().job_ended(JobOutcome::cancelled);
         }
     }
 }
 
-/// A place among the running jobs, or a refusal to answer.
-pub(super) async fn admit(state: &Arc<ServeState>) -> Result<OwnedSemaphorePermit, Response> {
-    if let Ok(permit) = state.running.clone().try_acquire_owned() {
-        return Ok(permit);
-    }
+/// A request admitted but not running yet: it reads its body, then waits for a slot. At most
+/// `--max-waiting` are; beyond that a request gets 429 at once. A slot is taken only once the
+/// body is in, so a client that sends its body slowly (or never) holds a waiting place, never a
+/// slot.
+pub(super) struct Admission<'a> {
+    _place: WaitingPlace<'a>,
+    _counted: metrics::WaitingJob,
+    state: &'a ServeState,
+}
+
+/// Admits a request; `None` when every waiting place is taken (answer [`busy`]).
+pub(super) fn admit(state: &ServeState) -> Option<Admission<'_>> {
     let place = WaitingPlace::take(state);
     if place.ahead >= state.config.max_waiting {
-        return Err(busy(state));
+        return None;
     }
-    let _counted = metrics::get().job_waiting();
-    tokio::select! {
-        permit = state.running.clone().acquire_owned() => Ok(permit.expect("the semaphore is never closed")),
-        () = state.stop_jobs.cancelled() => Err(shutting_down()),
+    Some(Admission {
+        _place: place,
+        _counted: metrics::get().job_waiting(),
+        state,
+    })
+}
+
+impl Admission<'_> {
+    /// Waits for a slot (the request leaves the waiting ones then).
+    pub(super) async fn slot(self) -> Result<OwnedSemaphorePermit, Response> {
+        tokio::select! {
+            permit = self.state.running.clone().acquire_owned() => Ok(permit.expect("the semaphore is never closed")),
+            () = self.state.stop_jobs.cancelled() => Err(shutting_down()),
+        }
     }
 }
 
@@ -179,6 +238,12 @@ async fn run_job(
     };
     let live = match started {
         Ok(Phase::Serving(live)) => live,
+        Ok(Phase::Failed) => {
+            return error_answer(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the handler's init failed: this worker cannot serve",
+            )
+        }
         _ => return shutting_down(),
     };
     let lease = tokio::select! {
@@ -205,11 +270,17 @@ async fn run_job(
         ended: false,
     };
     let (sender, mut receiver) = mpsc::unbounded_channel();
+    let unread = Arc::new(AtomicUsize::new(0));
+    let events = ChannelEvents {
+        sender,
+        unread: unread.clone(),
+        cancel: cancel.clone(),
+        overflowed: false.into(),
+    };
     let span = tracing::Span::current();
     tracing::info!("Started.");
     tokio::task::spawn_blocking(move || {
         let _entered = span.enter();
-        let events = ChannelEvents(sender);
         let running = metrics::get().job_started();
         let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
         let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
@@ -224,7 +295,7 @@ async fn run_job(
         drop(lease);
         // The result is on its way before the slot frees (a shutdown waits for the slots, and
         // then ends what is still running), and the slot frees only once the handler returned.
-        let _ = events.0.send(Message::Done(result));
+        let _ = events.sender.send(Message::Done(result));
         drop(permit);
     });
 
@@ -234,7 +305,8 @@ async fn run_job(
         () = state.stop_jobs.cancelled() => {
             guard.cancel.cancel();
             guard.end(JobOutcome::failed);
-            return shutting_down();
+            let text = failure_text(&state, &shutdown_result());
+            return crate::http::json_answer(StatusCode::SERVICE_UNAVAILABLE, text);
         }
     };
     match first {
@@ -254,7 +326,13 @@ async fn run_job(
             });
             finished(&state, result, streaming, format)
         }
-        Some(Message::Chunk(chunk)) => stream(state, guard, receiver, chunk, format),
+        Some(Message::Chunk(chunk)) => stream(state, guard, receiver, unread, chunk, format),
+        // Cannot come first: a chunk over the whole limit is refused by the handler's own
+        // chunk limit (--max-chunk-bytes) long before.
+        Some(Message::Overflow) => {
+            guard.end(JobOutcome::cancelled);
+            failure_answer(&state, overflow_failure())
+        }
     }
 }
 
@@ -331,6 +409,8 @@ struct Streaming {
     state: Arc<ServeState>,
     guard: JobGuard,
     receiver: mpsc::UnboundedReceiver<Message>,
+    /// Bytes of chunks sent and not yet written out.
+    unread: Arc<AtomicUsize>,
     first: Option<RawJson>,
     format: StreamFormat,
     done: bool,
@@ -342,6 +422,7 @@ fn stream(
     state: Arc<ServeState>,
     guard: JobGuard,
     receiver: mpsc::UnboundedReceiver<Message>,
+    unread: Arc<AtomicUsize>,
     first: RawJson,
     format: StreamFormat,
 ) -> Response {
@@ -349,21 +430,26 @@ fn stream(
         state,
         guard,
         receiver,
+        unread,
         first: Some(first),
         format,
         done: false,
     };
     let chunks = futures_util::stream::unfold(streaming, |mut streaming| async move {
         if let Some(first) = streaming.first.take() {
+            streaming
+                .unread
+                .fetch_sub(first.get().len(), Ordering::AcqRel);
             let text = streaming.format.chunk(first.get());
             return Some((Ok::<_, std::convert::Infallible>(text), streaming));
         }
         if streaming.done {
             return None;
         }
+        // The end of the shutdown grace first: a handler that streams without pause would
+        // otherwise keep it waiting.
         let message = tokio::select! {
             biased;
-            message = streaming.receiver.recv() => message,
             () = streaming.state.stop_jobs.cancelled() => {
                 streaming.guard.cancel.cancel();
                 streaming.guard.end(JobOutcome::failed);
@@ -371,11 +457,28 @@ fn stream(
                 let text = failure_text(&streaming.state, &shutdown_result());
                 return Some((Ok(streaming.format.failure(&text)), streaming));
             }
+            message = streaming.receiver.recv() => message,
         };
         match message {
             Some(Message::Chunk(chunk)) => {
+                streaming
+                    .unread
+                    .fetch_sub(chunk.get().len(), Ordering::AcqRel);
                 let text = streaming.format.chunk(chunk.get());
                 Some((Ok(text), streaming))
+            }
+            Some(Message::Overflow) => {
+                streaming.guard.end(JobOutcome::cancelled);
+                streaming.done = true;
+                let failure = JobResult {
+                    outcome: Outcome::Failed {
+                        failure: overflow_failure(),
+                        streaming: false,
+                    },
+                    recycle: false,
+                };
+                let text = failure_text(&streaming.state, &failure);
+                Some((Ok(streaming.format.failure(&text)), streaming))
             }
             Some(Message::Done(result)) if result.is_failure() => {
                 streaming.guard.end(JobOutcome::failed);
@@ -394,6 +497,16 @@ fn stream(
         }
     });
     stream_answer(format, Body::from_stream(chunks))
+}
+
+fn overflow_failure() -> Failure {
+    Failure::new(
+        "StreamNotRead",
+        format!(
+            "the client read the stream too slowly: over {} MiB of chunks were waiting for it, so the job was cancelled",
+            MAX_UNREAD_STREAM_BYTES / (1024 * 1024)
+        ),
+    )
 }
 
 fn shutdown_result() -> JobResult {
@@ -415,12 +528,12 @@ pub(super) fn shutting_down() -> Response {
 }
 
 /// The 429 of a worker whose slots and waiting places are all taken.
-fn busy(state: &ServeState) -> Response {
+pub(super) fn busy(state: &ServeState) -> Response {
     let mut response = error_answer(
         StatusCode::TOO_MANY_REQUESTS,
         format!(
             "the worker is busy: {} job(s) running and {} waiting, its limits (--concurrency, --max-waiting); retry later",
-            state.slots, state.config.max_waiting
+            state.slots.load(Ordering::Acquire), state.config.max_waiting
         ),
     );
     response

@@ -25,7 +25,7 @@ pub mod request;
 use crate::handler::{Current, LiveHandler, Readiness};
 use crate::http::{check_key, connections, error_answer, json_errors};
 use crate::job::Origin;
-use crate::worker::WorkerExit;
+use crate::worker::{WorkerConfig, WorkerExit};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -40,6 +40,10 @@ use tracing::Instrument;
 
 /// The platform's limit on a load-balancing request or answer: 30 MB each way.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 30_000_000;
+
+/// How long a request's body may take to arrive (it holds a waiting place meanwhile, never a
+/// slot); then 408.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long open connections may take to finish their answers once the jobs are over at
 /// shutdown.
@@ -81,6 +85,14 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+    /// The queue worker's `--metrics-port` could not be bound.
+    #[error("cannot listen on {address} for /metrics: {source}; pick another --metrics-port")]
+    MetricsBind {
+        /// The address.
+        address: String,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Where the worker is in its life, as requests and the health check see it.
@@ -100,10 +112,12 @@ pub(crate) enum Phase {
 #[derive(Debug)]
 pub(crate) struct ServeState {
     phase: watch::Receiver<Phase>,
-    /// One permit per slot; a job holds one until its handler returns.
+    /// One permit per slot the operator asked for (`--concurrency`); a job holds one until its
+    /// handler returns. Those beyond what the handler serving allows are held back
+    /// ([`follow_the_handler`]).
     running: Arc<Semaphore>,
-    /// How many slots there are.
-    slots: usize,
+    /// How many slots there are now.
+    slots: AtomicUsize,
     /// How many admitted requests wait for a slot.
     waiting: AtomicUsize,
     /// Cancelled at the end of the shutdown grace: jobs still running are ended.
@@ -133,12 +147,12 @@ pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, ServeError> 
 
 impl Server {
     /// Binds and starts serving on `runtime`: the health check says 204 and requests wait until
-    /// [`Server::serve`]. `slots` is how many jobs may run at once.
+    /// [`Server::serve`].
     pub fn start(
         runtime: &tokio::runtime::Runtime,
         config: ServeConfig,
-        slots: usize,
     ) -> Result<Self, ServeError> {
+        let slots = config.concurrency.max(1);
         let main = bind(&config.host, config.port)?;
         let health = match config.health_port {
             Some(port) if port != config.port => Some(bind(&config.host, port)?),
@@ -147,13 +161,12 @@ impl Server {
         let (phase, watched) = watch::channel(Phase::Starting);
         let state = Arc::new(ServeState {
             phase: watched,
-            running: Arc::new(Semaphore::new(slots.max(1))),
-            slots: slots.max(1),
+            running: Arc::new(Semaphore::new(slots)),
+            slots: AtomicUsize::new(slots),
             waiting: AtomicUsize::new(0),
             stop_jobs: CancellationToken::new(),
             config,
         });
-        crate::metrics::get().set_concurrency(slots.max(1));
         let stop_accepting = CancellationToken::new();
         let timeout = Some(connections::header_read_timeout());
         let _entered = runtime.enter();
@@ -207,9 +220,19 @@ impl Server {
         })
     }
 
-    /// `init` failed: the health check and waiting requests answer 503 until the host exits.
-    pub fn init_failed(&self) {
+    /// `init` failed: the health check and the requests held during `init` answer 503, and
+    /// the server closes (bounded).
+    pub async fn init_failed(self) {
         self.phase.send_replace(Phase::Failed);
+        self.stop_accepting.cancel();
+        for mut server in self.servers {
+            if tokio::time::timeout(CLOSE_GRACE, &mut server)
+                .await
+                .is_err()
+            {
+                server.abort();
+            }
+        }
     }
 
     /// Serves jobs on `live` until `shutdown` resolves (or the handler cannot serve any more),
@@ -219,6 +242,8 @@ impl Server {
         live: Arc<LiveHandler>,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> WorkerExit {
+        // The slots follow the handler serving: its limit after init, then each swap's.
+        let follower = tokio::spawn(follow_the_handler(self.state.clone(), live.clone()));
         self.phase.send_replace(Phase::Serving(live.clone()));
         let exit = tokio::select! {
             () = shutdown => {
@@ -231,7 +256,10 @@ impl Server {
             }
         };
         self.phase.send_replace(Phase::Draining);
-        let slots = u32::try_from(self.state.slots).unwrap_or(u32::MAX);
+        // Its held-back permits come back, so the drain below waits for the jobs alone.
+        follower.abort();
+        let _ = follower.await;
+        let slots = u32::try_from(self.state.config.concurrency.max(1)).unwrap_or(u32::MAX);
         // The semaphore is fair: every admitted request (running or waiting) is ahead of this.
         let drained = tokio::time::timeout(
             self.state.config.shutdown_grace,
@@ -255,6 +283,50 @@ impl Server {
             }
         }
         exit
+    }
+}
+
+/// Keeps the number of slots at what the handler serving allows (`--concurrency`, lowered to its
+/// `max_concurrency` as `init` reported it): permits beyond that are held back here, and given
+/// back or held as swaps change the limit.
+async fn follow_the_handler(state: Arc<ServeState>, live: Arc<LiveHandler>) {
+    let asked = state.config.concurrency.max(1);
+    let mut held_back: Option<tokio::sync::OwnedSemaphorePermit> = None;
+    let mut current = live.subscribe();
+    loop {
+        let limit = match &*current.borrow_and_update() {
+            Current::Serving(generation) => Some(WorkerConfig::slots(asked, generation.info())),
+            Current::Swapping | Current::Failed(_) => None,
+        };
+        if let Some(slots) = limit {
+            let beyond = asked - slots;
+            let held = held_back
+                .as_ref()
+                .map_or(0, |permits| permits.num_permits());
+            if beyond < held {
+                if let Some(permits) = held_back.as_mut() {
+                    drop(permits.split(held - beyond));
+                }
+            } else if beyond > held {
+                let more = state
+                    .running
+                    .clone()
+                    .acquire_many_owned(u32::try_from(beyond - held).unwrap_or(u32::MAX))
+                    .await
+                    .expect("the semaphore is never closed");
+                match held_back.as_mut() {
+                    Some(permits) => permits.merge(more),
+                    None => held_back = Some(more),
+                }
+            }
+            state
+                .slots
+                .store(slots, std::sync::atomic::Ordering::Release);
+            crate::metrics::get().set_concurrency(slots);
+        }
+        if current.changed().await.is_err() {
+            return std::future::pending().await;
+        }
     }
 }
 
@@ -373,21 +445,31 @@ async fn job(State(state): State<Arc<ServeState>>, request: Request) -> Response
     let format = answer::StreamFormat::for_accept(request.headers().get(header::ACCEPT));
     let span = tracing::info_span!("job", job_id = %id);
     async move {
-        let permit = match answer::admit(&state).await {
-            Ok(permit) => permit,
-            Err(refusal) => return refusal,
+        let Some(admission) = answer::admit(&state) else {
+            return answer::busy(&state);
         };
         let limit = state.config.max_input_bytes;
         let (parts, body) = request.into_parts();
-        let body = match axum::body::to_bytes(body, limit).await {
-            Ok(body) => body,
-            Err(error) => return body_error(&error, limit),
+        let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+        let body = match read.await {
+            Ok(Ok(body)) => body,
+            Ok(Err(error)) => return body_error(&error, limit),
+            Err(_) => {
+                return error_answer(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+                )
+            }
         };
         let job = match request::job(&id, &parts.method, &parts.uri, &parts.headers, &body) {
             Ok(job) => job,
             Err(error) => return error_answer(StatusCode::BAD_REQUEST, error.to_string()),
         };
         drop(body);
+        let permit = match admission.slot().await {
+            Ok(permit) => permit,
+            Err(refusal) => return refusal,
+        };
         answer::run(state, job, permit, format).await
     }
     .instrument(span)

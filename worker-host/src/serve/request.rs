@@ -11,8 +11,9 @@ use axum::http::{header, HeaderMap, Method, Uri};
 use serde_json::value::RawValue;
 use std::collections::BTreeMap;
 
-/// The longest `X-Request-ID` taken as the job id; a longer or empty one (or one with control
-/// characters) is replaced by a new id.
+/// The longest `X-Request-ID` taken as the job id. A longer or empty one, or one with a character
+/// other than ASCII letters, digits and `-_.:` (which keeps ids safe in log lines and URLs), is
+/// replaced by a new id.
 const MAX_REQUEST_ID_CHARS: usize = 256;
 
 /// Why a request is not a job (it answers 400).
@@ -31,8 +32,10 @@ pub fn job_id(headers: &HeaderMap) -> String {
         .map(str::trim)
         .filter(|id| {
             !id.is_empty()
-                && id.chars().count() <= MAX_REQUEST_ID_CHARS
-                && !id.chars().any(char::is_control)
+                && id.len() <= MAX_REQUEST_ID_CHARS
+                && id
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
         })
         .map_or_else(|| uuid::Uuid::new_v4().to_string(), str::to_owned)
 }
@@ -60,14 +63,18 @@ pub fn job(
     };
     let mut shown: BTreeMap<String, String> = BTreeMap::new();
     for (name, value) in headers {
-        if name == header::AUTHORIZATION {
+        // The caller's credentials for this host (or a proxy in front of it) are not the
+        // handler's business.
+        if name == header::AUTHORIZATION || name == header::PROXY_AUTHORIZATION {
             continue;
         }
+        // Repeated Cookie headers join as one cookie list does; others as HTTP joins them.
+        let separator = if name == header::COOKIE { "; " } else { ", " };
         let value = String::from_utf8_lossy(value.as_bytes());
         shown
             .entry(name.as_str().to_owned())
             .and_modify(|joined| {
-                joined.push_str(", ");
+                joined.push_str(separator);
                 joined.push_str(&value);
             })
             .or_insert_with(|| value.into_owned());
@@ -187,5 +194,11 @@ mod tests {
         assert_ne!(fresh, job_id(&HeaderMap::new()));
         let long = "x".repeat(MAX_REQUEST_ID_CHARS + 1);
         assert_ne!(job_id(&headers(&[("x-request-id", &long)])), long);
+        let odd = job_id(&headers(&[("x-request-id", "x}: fake")]));
+        assert_ne!(odd, "x}: fake");
+        assert_eq!(
+            job_id(&headers(&[("x-request-id", "a.b:c_d-1")])),
+            "a.b:c_d-1"
+        );
     }
 }

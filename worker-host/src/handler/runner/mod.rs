@@ -221,8 +221,11 @@ impl Handler for Supervised {
                 }
                 Some(ToJob::Died(failure)) => return failed(failure),
                 Some(ToJob::Cancel) => {
-                    // The clock starts before the write, which may wait for the channel.
-                    hard_stop_at.get_or_insert(Instant::now() + grace);
+                    // The clock starts before the write, which may wait for the channel. A soft
+                    // cancel (a load-balancing client gone) never kills the runner.
+                    if !cancel.is_soft() {
+                        hard_stop_at.get_or_insert(Instant::now() + grace);
+                    }
                     let _ = runner.send(Kind::Cancel, call, &[]);
                 }
                 // The channel always ends a call with Done or Died before it drops the sender.
