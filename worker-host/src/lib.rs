@@ -290,8 +290,7 @@ fn serve_metrics(
     (host, port): (String, u16),
 ) -> Result<(), HostError> {
     let bind = || {
-        let listener = std::net::TcpListener::bind((host.as_str(), port))?;
-        listener.set_nonblocking(true)?;
+        let listener = http::connections::bind(&host, port)?;
         let _entered = runtime.enter();
         tokio::net::TcpListener::from_std(listener)
     };

@@ -76,13 +76,10 @@ pub enum DevApiError {
 
 /// Binds the public address (before the handler's init, so a taken port is reported at once).
 pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, DevApiError> {
-    let address = format!("{host}:{port}");
-    let bind = || {
-        let listener = std::net::TcpListener::bind((host, port))?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    };
-    bind().map_err(|source| DevApiError::Bind { address, source })
+    connections::bind(host, port).map_err(|source| DevApiError::Bind {
+        address: format!("{host}:{port}"),
+        source,
+    })
 }
 
 /// The public half's server, listening from before the handler's `init`: until [`serve`] opens
@@ -142,13 +139,7 @@ impl PublicServer {
     pub async fn init_failed(self) {
         drop(self.gate);
         self.stop.cancel();
-        let mut server = self.server;
-        if tokio::time::timeout(SHUTDOWN_GRACE, &mut server)
-            .await
-            .is_err()
-        {
-            server.abort();
-        }
+        connections::close_within(vec![self.server], SHUTDOWN_GRACE).await;
     }
 }
 
@@ -225,7 +216,7 @@ pub async fn serve(
         live: live.clone(),
     })));
     let stop_accepting = public.stop;
-    let mut public_server = public.server;
+    let public_server = public.server;
     announce(public_address, config.api_key.is_some());
 
     // At the signal new jobs are refused, while running ones finish (or are failed at the end of
@@ -238,12 +229,7 @@ pub async fn serve(
     // Waiting /runsync and /stream requests answer with the current status, then the servers go.
     store.close();
     stop_accepting.cancel();
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut public_server)
-        .await
-        .is_err()
-    {
-        public_server.abort();
-    }
+    connections::close_within(vec![public_server], SHUTDOWN_GRACE).await;
     worker_done.cancel();
     let _ = tokio::time::timeout(SHUTDOWN_GRACE, facing_server).await;
     // Jobs no longer end (a straggling request's webhook would be dropped, and logged): the

@@ -122,6 +122,23 @@ pub async fn serve(
     graceful.shutdown().await;
 }
 
+/// A non-blocking listener on `host:port`, for [`serve`] to take over once a runtime runs.
+pub fn bind(host: &str, port: u16) -> io::Result<std::net::TcpListener> {
+    let listener = std::net::TcpListener::bind((host, port))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Waits up to `grace` for each of `servers` (tasks running [`serve`], told to stop) to end, and
+/// aborts those still running then.
+pub async fn close_within(servers: Vec<tokio::task::JoinHandle<()>>, grace: Duration) {
+    for mut server in servers {
+        if tokio::time::timeout(grace, &mut server).await.is_err() {
+            server.abort();
+        }
+    }
+}
+
 /// Whether an accept error is about the one connection (gone before it was accepted), not the
 /// listener.
 fn is_connection_error(error: &io::Error) -> bool {

@@ -135,14 +135,11 @@ pub struct Server {
 }
 
 /// Binds one address (before `init`, so a taken port is reported at once).
-pub fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, ServeError> {
-    let address = format!("{host}:{port}");
-    let bind = || {
-        let listener = std::net::TcpListener::bind((host, port))?;
-        listener.set_nonblocking(true)?;
-        Ok(listener)
-    };
-    bind().map_err(|source| ServeError::Bind { address, source })
+fn bind(host: &str, port: u16) -> Result<std::net::TcpListener, ServeError> {
+    connections::bind(host, port).map_err(|source| ServeError::Bind {
+        address: format!("{host}:{port}"),
+        source,
+    })
 }
 
 impl Server {
@@ -225,14 +222,7 @@ impl Server {
     pub async fn init_failed(self) {
         self.phase.send_replace(Phase::Failed);
         self.stop_accepting.cancel();
-        for mut server in self.servers {
-            if tokio::time::timeout(CLOSE_GRACE, &mut server)
-                .await
-                .is_err()
-            {
-                server.abort();
-            }
-        }
+        connections::close_within(self.servers, CLOSE_GRACE).await;
     }
 
     /// Serves jobs on `live` until `shutdown` resolves (or the handler cannot serve any more),
@@ -274,14 +264,7 @@ impl Server {
         }
         self.state.stop_jobs.cancel();
         self.stop_accepting.cancel();
-        for mut server in self.servers {
-            if tokio::time::timeout(CLOSE_GRACE, &mut server)
-                .await
-                .is_err()
-            {
-                server.abort();
-            }
-        }
+        connections::close_within(self.servers, CLOSE_GRACE).await;
         exit
     }
 }
