@@ -6,6 +6,7 @@
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
 pub mod dev_api;
+pub mod embed;
 pub mod foreign;
 pub mod load_balancing;
 pub mod metrics;
@@ -45,6 +46,8 @@ pub enum Sample {
     GoEcho,
     /// The echo handler written in Zig, built by [`foreign`] with `zig build-lib -dynamic`.
     ZigEcho,
+    /// The sentence-embedding handler (a real model), built on demand by [`embed`].
+    Embed,
 }
 
 /// Where the build put the binary and each handler.
@@ -65,6 +68,7 @@ impl Artifacts {
             Sample::CEcho => "c-echo-handler",
             Sample::CppEcho => "cpp-echo-handler",
             Sample::GoEcho | Sample::ZigEcho => return foreign::library(sample),
+            Sample::Embed => return embed::library(),
         };
         &self.libraries[package]
     }
