@@ -149,7 +149,7 @@ def load(script):
         if not os.environ.get("WORKER_HOST_RETURN_AGGREGATE_STREAM"):
             print(
                 "the script sets return_aggregate_stream: run worker-host with "
-                "--return_aggregate_stream (or WORKER_HOST_RETURN_AGGREGATE_STREAM=1), which "
+                "--return-aggregate-stream (or WORKER_HOST_RETURN_AGGREGATE_STREAM=true), which "
                 "puts the chunks in the final result",
                 file=sys.stderr,
             )
