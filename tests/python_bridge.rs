@@ -273,6 +273,31 @@ fn a_segfault_in_c_code_fails_only_its_job() {
     assert!(worker.stderr().contains("SIGSEGV"), "{}", worker.stderr());
 }
 
+/// An async handler's `concurrency_modifier` gives real concurrency on the one event loop: three
+/// jobs that each wait for the other two all meet (the host's `--concurrency`, 1 by default,
+/// caps what the script asks for).
+#[test]
+fn concurrency_modifier_runs_async_jobs_at_once() {
+    if !ready("the bridge's concurrency test") {
+        return;
+    }
+    let platform = Platform::start();
+    for id in ["m-1", "m-2", "m-3"] {
+        platform.push_job(json!({"id": id, "input": {"meet": 3}}));
+    }
+    let script = python_bridge::script("concurrent_async.py");
+    let mut args = python_bridge::args(&script);
+    args.extend(["--concurrency".to_owned(), "8".to_owned()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let _worker = WorkerProcess::start_library(&platform, python_bridge::library(), &args, &[]);
+    let requests = platform.wait_for(WAIT, "three results", |requests| {
+        results_by_id(requests).len() == 3
+    });
+    for (id, result) in results_by_id(&requests) {
+        assert_eq!(result, json!({"output": {"met": true}}), "job {id}");
+    }
+}
+
 /// Runs `tests/python/bridge/client.py SCENARIO` against `host`; returns the JSON line it printed.
 fn client(host: &DevApi, scenario: &str) -> Value {
     let mut command = Command::new("python3");

@@ -153,6 +153,15 @@ def load(script):
                 "puts the chunks in the final result",
                 file=sys.stderr,
             )
+    if concurrency > 1 and not (
+        os.environ.get("WORKER_HOST_CONCURRENCY") or os.environ.get("RUNPOD_MAX_CONCURRENCY")
+    ):
+        print(
+            f"the script's concurrency_modifier asks for {concurrency} jobs at once: run "
+            "worker-host with --concurrency (or WORKER_HOST_CONCURRENCY), which caps it and is "
+            "1 by default",
+            file=sys.stderr,
+        )
     refresh = bool(_config.get("refresh_worker", False))
     return ("ok", kind, concurrency, aggregate, refresh)
 

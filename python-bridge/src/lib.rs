@@ -1,11 +1,11 @@
 //! worker-host's Python bridge: a handler library that embeds Python and runs a RunPod
 //! `handler.py` as it is.
 //!
-//! `init` starts the interpreter ([`interpreter`]), runs the script named by the handler config
+//! `init` starts the interpreter (`interpreter.rs`), runs the script named by the handler config
 //! (`{"script": "handler.py"}`, relative to the working directory) or by
 //! `WORKER_HOST_PYTHON_SCRIPT`, with `runpod.serverless.start` captured, and reports what the
 //! script's config says (streaming for a generator handler, the concurrency of an async one) as
-//! ABI 1.1 post-init features. Each job then runs in Python ([`job`]); the Python half lives in
+//! ABI 1.1 post-init features. Each job then runs in Python (`job.rs`); the Python half lives in
 //! `bridge.py`.
 
 mod interpreter;

@@ -1,26 +1,22 @@
-"""async_handler.py with concurrency_modifier 4: up to four jobs at once on the one event loop."""
+"""An async handler with concurrency_modifier 4. Given {"meet": N}, each job waits (up to 30 s)
+until N jobs have arrived, then says whether they all did: only jobs that run at once meet."""
 
 import asyncio
+import time
 
 import runpod
 
+ARRIVED = 0
+
 
 async def handler(job):
-    data = job["input"]
-    await asyncio.sleep(0)
-    if isinstance(data, dict):
-        for value in data.get("progress", []):
-            runpod.serverless.progress_update(job, value)
-            await asyncio.sleep(0)
-        if "raise" in data:
-            raise ValueError(data["raise"])
-        if "sleep" in data:
-            try:
-                await asyncio.sleep(data["sleep"])
-            except asyncio.CancelledError:
-                print("the async handler saw CancelledError", flush=True)
-                raise
-    return data
+    global ARRIVED
+    wanted = job["input"]["meet"]
+    ARRIVED += 1
+    deadline = time.monotonic() + 30
+    while ARRIVED < wanted and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+    return {"met": ARRIVED >= wanted}
 
 
 def concurrency(current):
