@@ -44,27 +44,7 @@ impl Handler for PythonBridge {
     const MAX_CONCURRENCY: u32 = 1;
 
     fn init(config: Option<BridgeConfig>) -> Result<Self, HandlerError> {
-        let script = config
-            .and_then(|config| config.script)
-            .or_else(|| std::env::var(SCRIPT_VARIABLE).ok().filter(|s| !s.is_empty()))
-            .ok_or_else(|| {
-                HandlerError::new(
-                    "NoScript",
-                    format!(
-                        "no Python script to run: give --handler-config '{{\"script\": \"handler.py\"}}' or set {SCRIPT_VARIABLE}"
-                    ),
-                )
-            })?;
-        if !Path::new(&script).is_file() {
-            let cwd = std::env::current_dir().unwrap_or_default();
-            return Err(HandlerError::new(
-                "ScriptNotFound",
-                format!(
-                    "the Python script {script} does not exist (relative paths start at {})",
-                    cwd.display()
-                ),
-            ));
-        }
+        let script = script_path(config, std::env::var(SCRIPT_VARIABLE).ok())?;
         let bridge = interpreter::start()
             .map_err(|error| HandlerError::new("BridgeError", error.to_string()))?;
         Python::attach(|py| {
@@ -116,4 +96,66 @@ impl Handler for PythonBridge {
     }
 }
 
+/// The script to run: the config's, else the variable's (`env`), which must be an existing file.
+fn script_path(config: Option<BridgeConfig>, env: Option<String>) -> Result<String, HandlerError> {
+    let script = config
+        .and_then(|config| config.script)
+        .or_else(|| env.filter(|value| !value.is_empty()))
+        .ok_or_else(|| {
+            HandlerError::new(
+                "NoScript",
+                format!(
+                    "no Python script to run: give --handler-config '{{\"script\": \"handler.py\"}}' or set {SCRIPT_VARIABLE}"
+                ),
+            )
+        })?;
+    if !Path::new(&script).is_file() {
+        let cwd = std::env::current_dir().unwrap_or_default();
+        return Err(HandlerError::new(
+            "ScriptNotFound",
+            format!(
+                "the Python script {script} does not exist (relative paths start at {})",
+                cwd.display()
+            ),
+        ));
+    }
+    Ok(script)
+}
+
 export_handler!(PythonBridge);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(json: &str) -> Option<BridgeConfig> {
+        serde_json::from_str(json).expect("the config parses")
+    }
+
+    /// The config's script wins over the variable, which stands in when the config has none.
+    #[test]
+    fn the_config_names_the_script_before_the_variable() {
+        let this = file!().to_owned();
+        let here = format!("{}/Cargo.toml", env!("CARGO_MANIFEST_DIR"));
+        let given = config(&serde_json::json!({ "script": here }).to_string());
+        assert_eq!(script_path(given, Some(this.clone())).unwrap(), here);
+        assert_eq!(script_path(config("{}"), Some(here.clone())).unwrap(), here);
+        assert_eq!(script_path(None, Some(here.clone())).unwrap(), here);
+    }
+
+    /// No script at all, or one that does not exist, fails `init` saying what to do.
+    #[test]
+    fn a_missing_script_says_how_to_name_one() {
+        let error = script_path(config("{}"), Some(String::new())).unwrap_err();
+        assert_eq!(error.error_type(), "NoScript");
+        assert!(error.message().contains(SCRIPT_VARIABLE), "{error}");
+        let error = script_path(None, Some("no/such/handler.py".to_owned())).unwrap_err();
+        assert_eq!(error.error_type(), "ScriptNotFound");
+    }
+
+    /// A misspelt config key is refused rather than ignored.
+    #[test]
+    fn unknown_config_keys_are_refused() {
+        assert!(serde_json::from_str::<Option<BridgeConfig>>(r#"{"scrpit": "a.py"}"#).is_err());
+    }
+}
