@@ -1,5 +1,5 @@
-"""An async generator handler: yields each of its input's chunks, with a progress update before
-each, awaiting between them; the SDK's return_aggregate_stream is set."""
+"""An async generator handler: yields each of its input's chunks after one progress update,
+awaiting between them; the SDK's return_aggregate_stream is set."""
 
 import asyncio
 
@@ -8,8 +8,8 @@ import runpod
 
 async def handler(job):
     chunks = job["input"]["chunks"]
-    for done, chunk in enumerate(chunks):
-        runpod.serverless.progress_update(job, {"done": done, "total": len(chunks)})
+    runpod.serverless.progress_update(job, {"total": len(chunks)})
+    for chunk in chunks:
         await asyncio.sleep(0)
         yield chunk
 

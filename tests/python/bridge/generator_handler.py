@@ -1,12 +1,13 @@
-"""A generator handler: yields each of its input's chunks, with a progress update before each."""
+"""A generator handler: yields each of its input's chunks, after one progress update (one per job:
+the host coalesces progress reported faster than it posts it, where the SDK posts each)."""
 
 import runpod
 
 
 def handler(job):
     chunks = job["input"]["chunks"]
-    for done, chunk in enumerate(chunks):
-        runpod.serverless.progress_update(job, {"done": done, "total": len(chunks)})
+    runpod.serverless.progress_update(job, {"total": len(chunks)})
+    for chunk in chunks:
         yield chunk
 
 
