@@ -140,7 +140,8 @@ usage: queue-bench [--jobs N] [--rounds N] [--big-jobs N] [--big-bytes N] [--one
   --python-jobs N   jobs per Python SDK run (default 10: the SDK manages about 1 job/s)
   --skip-big        do not run the big-payload runs (nor the 4 x 15 MiB batch runs)
   --skip-oneshot    do not time the one-shot runs
-  --skip-python     do not run the official Python worker
+  --skip-python     do not run the official Python worker (nor the Python bridge)
+  --bridge-jobs N   jobs per Python bridge run (default 2,000)
   --skip-soak       do not run the memory run";
 
 /// The command line.
@@ -154,6 +155,7 @@ struct Options {
     soak_jobs: usize,
     sample_every: usize,
     python_jobs: usize,
+    bridge_jobs: usize,
     skip_big: bool,
     skip_oneshot: bool,
     skip_python: bool,
@@ -171,6 +173,7 @@ impl Options {
             soak_jobs: 100_000,
             sample_every: 10_000,
             python_jobs: 10,
+            bridge_jobs: 2_000,
             skip_big: false,
             skip_oneshot: false,
             skip_python: false,
@@ -198,6 +201,7 @@ impl Options {
                 "--soak-jobs" => options.soak_jobs = number("--soak-jobs")?,
                 "--sample-every" => options.sample_every = number("--sample-every")?,
                 "--python-jobs" => options.python_jobs = number("--python-jobs")?,
+                "--bridge-jobs" => options.bridge_jobs = number("--bridge-jobs")?,
                 "--skip-big" => options.skip_big = true,
                 "--skip-oneshot" => options.skip_oneshot = true,
                 "--skip-python" => options.skip_python = true,
@@ -664,8 +668,17 @@ enum Subject {
         handler: PathBuf,
         isolation: Isolation,
     },
-    /// The official Python SDK running `python_echo.py`.
-    Python { script: PathBuf },
+    /// The official Python SDK running a script (`python_echo.py`, `python_async_echo.py`).
+    Python {
+        script: PathBuf,
+        label: &'static str,
+    },
+    /// The release `worker-host` with the Python bridge running `python_async_echo.py`.
+    Bridge {
+        binary: PathBuf,
+        bridge: PathBuf,
+        script: PathBuf,
+    },
     /// The floor: this binary's bare loop (see `bare_loop`), concurrency 1 only.
     BareLoop { binary: PathBuf },
 }
@@ -681,7 +694,8 @@ impl Subject {
                 isolation: Isolation::InProcess,
                 ..
             } => "worker-host (none)",
-            Subject::Python { .. } => "python runpod 1.12.0",
+            Subject::Python { label, .. } => label,
+            Subject::Bridge { .. } => "bridge (worker-host)",
             Subject::BareLoop { .. } => "bare loop (floor)",
         }
     }
@@ -698,6 +712,7 @@ impl Subject {
                 ..
             } => "wh-none",
             Subject::Python { .. } => "py",
+            Subject::Bridge { .. } => "wh-py",
             Subject::BareLoop { .. } => "bare",
         }
     }
@@ -712,7 +727,9 @@ impl Subject {
                 handler: handler.clone(),
                 isolation,
             },
-            Subject::Python { .. } | Subject::BareLoop { .. } => self.clone(),
+            Subject::Python { .. } | Subject::Bridge { .. } | Subject::BareLoop { .. } => {
+                self.clone()
+            }
         }
     }
 
@@ -727,9 +744,9 @@ impl Subject {
         big: bool,
     ) -> Command {
         let mut command = match self {
-            Subject::WorkerHost { binary, .. } | Subject::BareLoop { binary } => {
-                Command::new(binary)
-            }
+            Subject::WorkerHost { binary, .. }
+            | Subject::Bridge { binary, .. }
+            | Subject::BareLoop { binary } => Command::new(binary),
             Subject::Python { .. } => Command::new("python3"),
         };
         // The platform's variables only: nothing inherited may change how the worker runs.
@@ -754,7 +771,18 @@ impl Subject {
             Subject::BareLoop { .. } => {
                 command.arg(bare_loop::ARGUMENT);
             }
-            Subject::Python { script } => {
+            Subject::Bridge { bridge, script, .. } => {
+                command
+                    .arg("--handler")
+                    .arg(bridge)
+                    .arg("--handler-config")
+                    .arg(serde_json::json!({ "script": script }).to_string())
+                    .args(["--rp_log_level", "WARN"])
+                    // As an environment variable, so the bridge sees the concurrency was given.
+                    .env("WORKER_HOST_CONCURRENCY", concurrency.to_string())
+                    .env("BENCH_CONCURRENCY", concurrency.to_string());
+            }
+            Subject::Python { script, .. } => {
                 command
                     .arg(script)
                     .env("BENCH_CONCURRENCY", concurrency.to_string())
@@ -819,6 +847,29 @@ impl RunReport {
     fn jobs_per_second(&self) -> f64 {
         self.done as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
+}
+
+/// The Python bridge's subject (the release `libpython_bridge.so` beside this binary) and the
+/// SDK's, both on `python_async_echo.py`.
+fn bridge_subjects() -> Result<(Subject, Subject), String> {
+    let script = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/bench/python_async_echo.py"
+    ));
+    let bridge = artefact("libpython_bridge.so")
+        .map_err(|error| format!("{error} (cargo build --release -p python-bridge)"))?;
+    let binary = artefact("worker-host")?;
+    Ok((
+        Subject::Bridge {
+            binary,
+            bridge,
+            script: script.clone(),
+        },
+        Subject::Python {
+            script,
+            label: "python runpod async",
+        },
+    ))
 }
 
 /// The nearest-rank percentile of sorted durations.
@@ -995,7 +1046,10 @@ impl Bench {
                     .push(format!("the worker exited early ({status})"));
                 format!("early {status}")
             }
-            (None, Subject::WorkerHost { .. } | Subject::BareLoop { .. }) => {
+            (
+                None,
+                Subject::WorkerHost { .. } | Subject::Bridge { .. } | Subject::BareLoop { .. },
+            ) => {
                 let signalled = Command::new("kill")
                     .args(["-TERM", &pid.to_string()])
                     .status()
@@ -1630,7 +1684,10 @@ fn main() -> ExitCode {
                 return Err(format!("{} is missing", script.display()));
             }
             eprintln!("queue-bench: python runpod {version} found");
-            Ok(Subject::Python { script })
+            Ok(Subject::Python {
+                script,
+                label: "python runpod 1.12.0",
+            })
         })
     };
 
@@ -1781,6 +1838,41 @@ fn main() -> ExitCode {
         }
         Err(reason) => Some(format!("python runpod: not run: {reason}")),
     };
+    let bridge_note = python
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|_| bridge_subjects())
+        .map(|(bridge, sdk)| {
+            for concurrency in [1, 8] {
+                eprintln!(
+                    "queue-bench: python bridge and python runpod on an async handler.py, concurrency {concurrency}..."
+                );
+                reports.push(bench.run(
+                    &bridge,
+                    concurrency,
+                    options.bridge_jobs,
+                    None,
+                    None,
+                    timeout_for(options.bridge_jobs, Duration::from_millis(50)),
+                ));
+                reports.push(bench.run(
+                    &sdk,
+                    concurrency,
+                    options.python_jobs,
+                    None,
+                    None,
+                    timeout_for(options.python_jobs, Duration::from_secs(3)),
+                ));
+            }
+            "bridge (worker-host) and python runpod async: the same async handler.py \
+             (bench/python_async_echo.py), concurrency_modifier = the run's concurrency."
+                .to_owned()
+        })
+        .unwrap_or_else(|reason| format!("python bridge: not run: {reason}"));
+    let python_note = Some(match python_note {
+        Some(note) => format!("{note}\n{bridge_note}"),
+        None => bridge_note,
+    });
     let soak = (!options.skip_soak).then(|| {
         eprintln!(
             "queue-bench: worker-host memory run, concurrency 8, {} jobs...",

@@ -5,12 +5,14 @@
 //! first test that needs them runs `cargo build` for those packages (with the `cargo` that is
 //! running the tests) and reads where each artefact landed from cargo's own JSON messages.
 
+pub mod conformance;
 pub mod dev_api;
 pub mod embed;
 pub mod foreign;
 pub mod load_balancing;
 pub mod metrics;
 pub mod platform;
+pub mod python_bridge;
 pub mod server;
 
 use serde_json::Value;
