@@ -387,6 +387,23 @@ pub struct JobResult {
 }
 
 impl JobResult {
+    /// A failed job that asks for no recycle; `streaming` as [`Outcome::Failed`] says.
+    pub fn failed(failure: Failure, streaming: bool) -> Self {
+        Self {
+            outcome: Outcome::Failed { failure, streaming },
+            recycle: false,
+        }
+    }
+
+    /// The result of a job whose handler call panicked in the host itself (caught, so the job
+    /// still gets one result).
+    pub fn worker_error(streaming: bool) -> Self {
+        Self::failed(
+            Failure::new("WorkerError", "the worker failed while running the job"),
+            streaming,
+        )
+    }
+
     /// Whether the platform will see this job as failed.
     pub fn is_failure(&self) -> bool {
         match &self.outcome {

@@ -155,10 +155,14 @@ struct Serving {
 impl Serving {
     /// Runs the first handler's `init`; on failure it is shut down.
     fn init(&self) -> Result<(), LoadError> {
+        self.timed_init()
+            .inspect_err(|_| self.first.handler().shutdown())
+    }
+
+    /// Runs the first handler's `init` and records how long it took (on success).
+    fn timed_init(&self) -> Result<(), LoadError> {
         let started = std::time::Instant::now();
-        self.first
-            .init(&self.config)
-            .inspect_err(|_| self.first.handler().shutdown())?;
+        self.first.init(&self.config)?;
         metrics::get().set_init_duration(started.elapsed());
         Ok(())
     }
@@ -375,8 +379,7 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
     }
     let hangups = Serving::listen_for_hangups(&runtime);
     let handler = serving.first.handler().clone();
-    let started = std::time::Instant::now();
-    if let Err(error) = serving.first.init(&serving.config) {
+    if let Err(error) = serving.timed_init() {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
         if worker.claim_on_init_failure {
@@ -401,7 +404,6 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
         handler.shutdown();
         return Err(HostError::WorkerInitFailed(error));
     }
-    metrics::get().set_init_duration(started.elapsed());
     let config = worker_settings(serving.first.info(), worker.config);
     let live = serving.go_live(&runtime, hangups);
     let exit = runtime.block_on(worker::run(live.clone(), client, config, shutdown_signal()));

@@ -602,13 +602,7 @@ fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
             reason,
         } => {
             tracing::error!(job_id = %id, "Job rejected: {reason}.");
-            let result = JobResult {
-                outcome: Outcome::Failed {
-                    failure: Failure::new("InvalidJob", reason),
-                    streaming: false,
-                },
-                recycle: false,
-            };
+            let result = JobResult::failed(Failure::new("InvalidJob", reason), false);
             let shared = shared.clone();
             let span = tracing::info_span!("job", job_id = %id);
             shared.jobs.clone().spawn(
@@ -772,13 +766,7 @@ impl JobTask {
             let lease = match lease {
                 Ok(lease) => lease,
                 Err(reason) => {
-                    let result = JobResult {
-                        outcome: Outcome::Failed {
-                            failure: Failure::new("HandlerFailed", reason),
-                            streaming: false,
-                        },
-                        recycle: false,
-                    };
+                    let result = JobResult::failed(Failure::new("HandlerFailed", reason), false);
                     return self.finish(Ending::Completed(result), &[]).await;
                 }
             };
@@ -810,13 +798,8 @@ impl JobTask {
             let events = ChannelEvents(sender);
             let running = metrics::get().job_started();
             let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
-            let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
-                outcome: Outcome::Failed {
-                    failure: Failure::new("WorkerError", "the worker failed while running the job"),
-                    streaming: lease.info().streaming,
-                },
-                recycle: false,
-            });
+            let result = std::panic::catch_unwind(run)
+                .unwrap_or_else(|_| JobResult::worker_error(lease.info().streaming));
             drop(running);
             // The handler has returned: its generation may stop once its other jobs have.
             drop(build_slot);

@@ -283,13 +283,8 @@ async fn run_job(
         let _entered = span.enter();
         let running = metrics::get().job_started();
         let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
-        let result = std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult {
-            outcome: Outcome::Failed {
-                failure: Failure::new("WorkerError", "the worker failed while running the job"),
-                streaming: false,
-            },
-            recycle: false,
-        });
+        let result =
+            std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult::worker_error(false));
         drop(running);
         drop(build_slot);
         drop(lease);
@@ -365,13 +360,7 @@ fn error_body(state: &ServeState, result: &JobResult) -> Response {
 /// The job-done body of a failed result, in the non-streaming shape.
 fn failure_text(state: &ServeState, result: &JobResult) -> String {
     let plain = match &result.outcome {
-        Outcome::Failed { failure, .. } => JobResult {
-            outcome: Outcome::Failed {
-                failure: failure.clone(),
-                streaming: false,
-            },
-            recycle: false,
-        },
+        Outcome::Failed { failure, .. } => JobResult::failed(failure.clone(), false),
         other => JobResult {
             outcome: other.clone(),
             recycle: false,
@@ -381,16 +370,7 @@ fn failure_text(state: &ServeState, result: &JobResult) -> String {
 }
 
 fn failure_answer(state: &ServeState, failure: Failure) -> Response {
-    error_body(
-        state,
-        &JobResult {
-            outcome: Outcome::Failed {
-                failure,
-                streaming: false,
-            },
-            recycle: false,
-        },
-    )
+    error_body(state, &JobResult::failed(failure, false))
 }
 
 fn stream_answer(format: StreamFormat, body: Body) -> Response {
@@ -470,13 +450,7 @@ fn stream(
             Some(Message::Overflow) => {
                 streaming.guard.end(JobOutcome::cancelled);
                 streaming.done = true;
-                let failure = JobResult {
-                    outcome: Outcome::Failed {
-                        failure: overflow_failure(),
-                        streaming: false,
-                    },
-                    recycle: false,
-                };
+                let failure = JobResult::failed(overflow_failure(), false);
                 let text = failure_text(&streaming.state, &failure);
                 Some((Ok(streaming.format.failure(&text)), streaming))
             }
@@ -510,13 +484,10 @@ fn overflow_failure() -> Failure {
 }
 
 fn shutdown_result() -> JobResult {
-    JobResult {
-        outcome: Outcome::Failed {
-            failure: Failure::new("WorkerShutdown", "worker shut down before the job finished"),
-            streaming: false,
-        },
-        recycle: false,
-    }
+    JobResult::failed(
+        Failure::new("WorkerShutdown", "worker shut down before the job finished"),
+        false,
+    )
 }
 
 /// The answer to a job the worker will not run because it is shutting down.
