@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::borrow::Cow;
 use std::fmt;
+use std::ops::Range;
 
 /// The version reported as `runpod_version` to the platform (error payloads, heartbeats): the
 /// Python SDK release whose wire protocol this host speaks.
@@ -19,6 +20,7 @@ pub const RUNPOD_PROTOCOL_VERSION: &str = "1.12.0";
 pub type RawJson = Box<RawValue>;
 
 /// Why a job could not be parsed. Each message says what was wrong, for the job's error result.
+/// [`JobError::InvalidJson`] is only ever about the JSON's syntax.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum JobError {
     /// The text is not JSON at all.
@@ -33,6 +35,9 @@ pub enum JobError {
     /// `id` is an empty string: no URL can name the job.
     #[error("the job id is empty")]
     EmptyId,
+    /// `id` is a string no Rust string can hold (a lone surrogate escape).
+    #[error("the job id cannot be read: {0}")]
+    UnreadableId(String),
     /// `id` is not a string or a number.
     #[error("the job id must be a string, not {0}")]
     InvalidId(String),
@@ -44,13 +49,56 @@ pub enum JobError {
     },
 }
 
-/// One job: its id, its input and the whole job object, all as raw JSON text.
+/// Text followed by a NUL byte in the same buffer: the form the ABI hands a handler its job in
+/// (`wh_job`'s strings are NUL-terminated), so no call has to copy a 20 MiB input again to add
+/// one.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct NulTerminated(String);
+
+impl NulTerminated {
+    /// Takes `text` and puts a NUL after it (a reallocation only if its buffer is full).
+    fn from_string(mut text: String) -> Self {
+        text.push('\0');
+        Self(text)
+    }
+
+    /// A copy of `text` with a NUL after it.
+    pub(crate) fn copy(text: &str) -> Self {
+        let mut owned = String::with_capacity(text.len() + 1);
+        owned.push_str(text);
+        Self::from_string(owned)
+    }
+
+    /// The text, without the NUL.
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0[..self.0.len() - 1]
+    }
+
+    /// The text and the NUL after it.
+    pub(crate) fn with_nul(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl fmt::Debug for NulTerminated {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+/// One job: its id, and the whole job object as the JSON text it arrived as, kept
+/// NUL-terminated as a handler receives it; its input is a range of that text.
+///
+/// The job object's text is the buffer it arrived in (a take answer of one job is read into it,
+/// not copied out of it), and the input is not copied out of it in the host at all: a handler in
+/// this process gets a NUL-terminated copy for the call, a runner gets the range.
 #[derive(Debug, Clone)]
 pub struct Job {
-    id: String,
+    id: NulTerminated,
     batch_id: Option<String>,
-    input: RawJson,
-    job_json: RawJson,
+    job_json: NulTerminated,
+    /// Where `input` is in `job_json`.
+    input: Range<usize>,
 }
 
 /// How strictly `input` is checked.
@@ -70,46 +118,70 @@ impl Job {
         default_id: Option<&str>,
         rule: InputRule,
     ) -> Result<Self, JobError> {
-        let fields = OrderedRawMap::parse(text.get())?;
-        let id = match fields.get("id") {
-            Some(raw) => parse_id(raw)?,
-            None => default_id.ok_or(JobError::MissingId)?.to_owned(),
+        Self::from_text(text.get().to_owned(), default_id, rule)
+    }
+
+    /// Parses one job object from its text, which becomes the job's own (no copy of it is
+    /// made). As [`Self::parse`] otherwise. Whitespace around the object is dropped.
+    pub fn from_text(
+        mut text: String,
+        default_id: Option<&str>,
+        rule: InputRule,
+    ) -> Result<Self, JobError> {
+        text.truncate(text.trim_end().len());
+        let leading = text.len() - text.trim_start().len();
+        text.drain(..leading);
+        let (id, input, batch_id, has_id) = {
+            let fields = JobFields::parse(&text)?;
+            let id = match fields.id {
+                Some(raw) => parse_id(raw)?,
+                None => default_id.ok_or(JobError::MissingId)?.to_owned(),
+            };
+            let input = match fields.input {
+                Some(raw) if rule == InputRule::NotNull && raw.get() == "null" => None,
+                Some(raw) => Some(range_in(&text, raw.get())),
+                None => None,
+            };
+            let Some(input) = input else {
+                return Err(JobError::MissingInput { id });
+            };
+            let batch_id = fields.batch_id.and_then(parse_batch_id);
+            (id, input, batch_id, fields.id.is_some())
         };
-        let input = match fields.get("input") {
-            Some(raw) if rule == InputRule::NotNull && raw.get() == "null" => None,
-            Some(raw) => Some(raw.to_owned()),
-            None => None,
-        };
-        let Some(input) = input else {
-            return Err(JobError::MissingInput { id });
-        };
-        let job_json = if fields.get("id").is_some() {
-            text.to_owned()
-        } else {
-            fields.with_first("id", &id)
-        };
+        if !has_id {
+            // A local test job: the id goes first, and the input moves with it.
+            let with_id = OrderedRawMap::parse(&text)?
+                .with_first("id", &id)
+                .get()
+                .to_owned();
+            return Self::from_text(with_id, None, InputRule::Present);
+        }
         Ok(Self {
-            id,
-            batch_id: fields.get("batchId").and_then(parse_batch_id),
+            id: NulTerminated::from_string(id),
+            batch_id,
+            job_json: NulTerminated::from_string(text),
             input,
-            job_json,
         })
     }
 
-    /// A job the host made itself (a load-balancing request), from its parts: `job_json` is the
-    /// whole job object, which holds `id` and `input` as given.
-    pub(crate) fn from_parts(id: String, input: RawJson, job_json: RawJson) -> Self {
+    /// A job the host made itself (a load-balancing request): `job_json` is the whole job
+    /// object, as JSON text that holds `id` as given and the input at `input`.
+    pub(crate) fn from_parts(id: String, job_json: String, input: Range<usize>) -> Self {
+        assert!(
+            job_json.get(input.clone()).is_some(),
+            "the input is a range of the job object"
+        );
         Self {
-            id,
+            id: NulTerminated::from_string(id),
             batch_id: None,
+            job_json: NulTerminated::from_string(job_json),
             input,
-            job_json,
         }
     }
 
     /// The job id.
     pub fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 
     /// The batch the job belongs to (the platform's `batchId`), which prefixes the job's log
@@ -118,14 +190,86 @@ impl Job {
         self.batch_id.as_deref()
     }
 
-    /// The job's `input`, as the text it arrived as.
-    pub fn input(&self) -> &RawValue {
-        &self.input
+    /// The job's `input`, as the JSON text it arrived as.
+    pub fn input(&self) -> &str {
+        &self.job_json.as_str()[self.input.clone()]
     }
 
-    /// The whole job object, with every key it arrived with (and `id`, if it was defaulted).
-    pub fn job_json(&self) -> &RawValue {
-        &self.job_json
+    /// Where [`Self::input`] is in [`Self::job_json`].
+    pub(crate) fn input_range(&self) -> Range<usize> {
+        self.input.clone()
+    }
+
+    /// The whole job object as JSON text, with every key it arrived with (and `id`, if it was
+    /// defaulted).
+    pub fn job_json(&self) -> &str {
+        self.job_json.as_str()
+    }
+
+    /// The id and the job object, each with its NUL, as a handler receives them.
+    pub(crate) fn nul_terminated(&self) -> [&[u8]; 2] {
+        [self.id.with_nul(), self.job_json.with_nul()]
+    }
+}
+
+/// Where `part`, a slice of `text`, is in it.
+fn range_in(text: &str, part: &str) -> Range<usize> {
+    let start = part.as_ptr() as usize - text.as_ptr() as usize;
+    start..start + part.len()
+}
+
+/// The members of a job object the host reads, borrowed from its text; the others are checked
+/// as JSON and skipped. Of a repeated key the first counts.
+#[derive(Default)]
+struct JobFields<'a> {
+    id: Option<&'a RawValue>,
+    input: Option<&'a RawValue>,
+    batch_id: Option<&'a RawValue>,
+}
+
+impl<'a> JobFields<'a> {
+    /// Reads an object; anything else is [`JobError::NotAnObject`].
+    fn parse(text: &'a str) -> Result<Self, JobError> {
+        if !text.trim_start().starts_with('{') {
+            return match serde_json::from_str::<&RawValue>(text) {
+                Ok(_) => Err(JobError::NotAnObject),
+                Err(error) => Err(JobError::InvalidJson(error.to_string())),
+            };
+        }
+        serde_json::from_str(text).map_err(|error| JobError::InvalidJson(error.to_string()))
+    }
+}
+
+impl<'de> Deserialize<'de> for JobFields<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct FieldsVisitor;
+        impl<'de> Visitor<'de> for FieldsVisitor {
+            type Value = JobFields<'de>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                let mut fields = JobFields::default();
+                while let Some(key) = map.next_key::<&'de RawValue>()? {
+                    let slot = match &*key_name(key) {
+                        "id" => &mut fields.id,
+                        "input" => &mut fields.input,
+                        "batchId" => &mut fields.batch_id,
+                        _ => {
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                    };
+                    if slot.is_some() {
+                        map.next_value::<IgnoredAny>()?;
+                    } else {
+                        *slot = Some(map.next_value()?);
+                    }
+                }
+                Ok(fields)
+            }
+        }
+        deserializer.deserialize_map(FieldsVisitor)
     }
 }
 
@@ -135,7 +279,7 @@ fn parse_id(raw: &RawValue) -> Result<String, JobError> {
         match serde_json::from_str::<String>(text) {
             Ok(id) if id.is_empty() => Err(JobError::EmptyId),
             Ok(id) => Ok(id),
-            Err(error) => Err(JobError::InvalidJson(error.to_string())),
+            Err(error) => Err(JobError::UnreadableId(error.to_string())),
         }
     } else if text.starts_with(|c: char| c == '-' || c.is_ascii_digit()) {
         Ok(text.to_owned())
@@ -223,11 +367,6 @@ impl OrderedRawMap {
     /// The object as JSON text.
     pub fn to_raw(&self) -> RawJson {
         RawValue::from_string(self.to_json()).expect("raw JSON members make a JSON object")
-    }
-
-    /// Appends a member with a plain key.
-    fn push(&mut self, key: &str, value: RawJson) {
-        self.0.push(Member::new(key, value));
     }
 
     /// The object as JSON text, its keys and values as they were written.
@@ -464,7 +603,7 @@ pub fn job_done_body(
     aggregate: Option<&[RawJson]>,
     force_stop_pod: bool,
 ) -> JobDoneBody {
-    let mut body = OrderedRawMap::default();
+    let mut body = BodyMembers::new();
     let mut stop_pod = result.recycle || force_stop_pod;
     match &result.outcome {
         Outcome::Output(output) => match map_output(output) {
@@ -472,11 +611,11 @@ pub fn job_done_body(
                 stop_pod |= refresh;
                 body = members;
             }
-            Err(failure) => body.push("error", error_payload(&failure, origin)),
+            Err(failure) => body.push("error", Cow::Owned(error_payload(&failure, origin))),
         },
         Outcome::Streamed => {
             let chunks: &[RawJson] = aggregate.unwrap_or(&[]);
-            body.push("output", to_raw(&chunks));
+            body.push("output", Cow::Owned(to_raw(&chunks)));
         }
         Outcome::Failed {
             failure,
@@ -492,20 +631,61 @@ pub fn job_done_body(
                 text.push('\n');
                 text.push_str(&failure.traceback);
             }
-            body.push("error", to_raw(&text));
+            body.push("error", Cow::Owned(to_raw(&text)));
         }
         Outcome::Failed {
             failure,
             streaming: false,
-        } => body.push("error", error_payload(failure, origin)),
+        } => body.push("error", Cow::Owned(error_payload(failure, origin))),
     }
-    let failed = body.get("error").is_some();
+    let failed = body.has("error");
     if stop_pod {
-        body.push("stopPod", to_raw(&true));
+        body.push("stopPod", Cow::Owned(to_raw(&true)));
     }
     JobDoneBody {
         text: body.to_json(),
         failed,
+    }
+}
+
+/// The members of a job-done body, in order: plain keys, and values borrowed from the result
+/// where they can be (an output is written into the body straight from the handler's text: its
+/// only copy on the way to the platform).
+struct BodyMembers<'a>(Vec<(&'static str, Cow<'a, RawValue>)>);
+
+impl<'a> BodyMembers<'a> {
+    fn new() -> Self {
+        Self(Vec::new())
+    }
+
+    fn push(&mut self, key: &'static str, value: Cow<'a, RawValue>) {
+        self.0.push((key, value));
+    }
+
+    fn has(&self, key: &str) -> bool {
+        self.0.iter().any(|(name, _)| *name == key)
+    }
+
+    /// The body's JSON text (every key is plain ASCII, written as is).
+    fn to_json(&self) -> String {
+        let length: usize = self
+            .0
+            .iter()
+            .map(|(key, value)| key.len() + value.get().len() + 4)
+            .sum();
+        let mut text = String::with_capacity(length + 2);
+        text.push('{');
+        for (index, (key, value)) in self.0.iter().enumerate() {
+            if index > 0 {
+                text.push(',');
+            }
+            text.push('"');
+            text.push_str(key);
+            text.push_str("\":");
+            text.push_str(value.get());
+        }
+        text.push('}');
+        text
     }
 }
 
@@ -623,15 +803,15 @@ fn output_error(output: &RawValue) -> Result<Option<&RawValue>, Failure> {
 /// an object's truthy `error` fails the job, `refresh_worker` becomes `stopPod`, and `{}` becomes
 /// an empty body. Returns the members and whether `stopPod` was asked for, or the failure of an
 /// output object that cannot be read.
-fn map_output(output: &RawJson) -> Result<(OrderedRawMap, bool), Failure> {
-    let mut body = OrderedRawMap::default();
+fn map_output(output: &RawValue) -> Result<(BodyMembers<'_>, bool), Failure> {
+    let mut body = BodyMembers::new();
     let Some(special) = special_keys(output)? else {
-        body.push("output", output.clone());
+        body.push("output", Cow::Borrowed(output));
         return Ok((body, false));
     };
     if special.error.is_none() && special.refresh_worker.is_none() {
         if output.get().trim() != "{}" {
-            body.push("output", output.clone());
+            body.push("output", Cow::Borrowed(output));
         }
         return Ok((body, false));
     }
@@ -642,10 +822,10 @@ fn map_output(output: &RawJson) -> Result<(OrderedRawMap, bool), Failure> {
     let error = special.error.filter(|value| is_truthy(value));
     let refresh = special.refresh_worker.is_some_and(is_truthy);
     if !members.is_empty() {
-        body.push("output", members.to_raw());
+        body.push("output", Cow::Owned(members.to_raw()));
     }
     if let Some(error) = error {
-        body.push("error", error.to_owned());
+        body.push("error", Cow::Borrowed(error));
     }
     Ok((body, refresh))
 }
@@ -762,9 +942,9 @@ mod tests {
         let text = raw(r#"{"input":{"b":1,"a":2},"extra":"e"}"#);
         let job = Job::parse(&text, Some("local_test"), InputRule::NotNull).unwrap();
         assert_eq!(job.id(), "local_test");
-        assert_eq!(job.input().get(), r#"{"b":1,"a":2}"#);
+        assert_eq!(job.input(), r#"{"b":1,"a":2}"#);
         assert_eq!(
-            job.job_json().get(),
+            job.job_json(),
             r#"{"id":"local_test","input":{"b":1,"a":2},"extra":"e"}"#
         );
         let null_input = raw(r#"{"id":"j","input":null}"#);
@@ -875,6 +1055,6 @@ mod tests {
             r#"{"\ud800":1,"caf\u00e9":2,"input":{"\udbff":0}}"#
         );
         let job = Job::parse(&raw(text), None, InputRule::NotNull).unwrap();
-        assert_eq!((job.id(), job.input().get()), ("j", r#"{"\udbff":0}"#));
+        assert_eq!((job.id(), job.input()), ("j", r#"{"\udbff":0}"#));
     }
 }

@@ -401,11 +401,14 @@ impl PlatformClient {
                 return too_large(length);
             }
         }
+        // One byte more than the answer: a job taken alone keeps this buffer as its text, with
+        // the NUL the ABI puts after it.
         let mut body = Vec::with_capacity(
             response
                 .content_length()
                 .map_or(0, |length| length as usize)
-                .min(max_body),
+                .min(max_body)
+                + 1,
         );
         loop {
             match response.chunk().await {
@@ -415,14 +418,16 @@ impl PlatformClient {
                     }
                     body.extend_from_slice(&chunk);
                 }
-                Ok(None) => return self.parse_take(&body),
+                Ok(None) => return self.parse_take(body),
                 Err(error) => return TakeOutcome::Failed(describe(&error)),
             }
         }
     }
 
-    fn parse_take(&self, body: &[u8]) -> TakeOutcome {
-        let Ok(text) = std::str::from_utf8(body) else {
+    /// The jobs of a take answer. A single job object becomes the job's own text without a
+    /// copy; the jobs of a batch are copied out of it, once each.
+    fn parse_take(&self, body: Vec<u8>) -> TakeOutcome {
+        let Ok(text) = String::from_utf8(body) else {
             return TakeOutcome::Failed("the take answer is not UTF-8".into());
         };
         let trimmed = text.trim_start();
@@ -430,34 +435,38 @@ impl PlatformClient {
             return TakeOutcome::NoJob;
         }
         if trimmed.starts_with('[') {
-            return match serde_json::from_str::<Vec<&RawValue>>(text) {
+            return match serde_json::from_str::<Vec<&RawValue>>(&text) {
                 Ok(items) if items.is_empty() => TakeOutcome::NoJob,
-                Ok(items) => {
-                    TakeOutcome::Jobs(items.into_iter().map(|raw| self.check_job(raw)).collect())
-                }
+                Ok(items) => TakeOutcome::Jobs(
+                    items
+                        .into_iter()
+                        .map(|raw| self.check_job(Job::parse(raw, None, InputRule::Present)))
+                        .collect(),
+                ),
                 Err(error) => {
                     TakeOutcome::Failed(format!("the take answer is not valid JSON: {error}"))
                 }
             };
         }
         if trimmed.starts_with('{') {
-            return match serde_json::from_str::<&RawValue>(text) {
-                Ok(raw) => TakeOutcome::Jobs(vec![self.check_job(raw)]),
-                Err(error) => {
+            // Parsed once, as the job (a 20 MiB input is not read twice).
+            return match Job::from_text(text, None, InputRule::Present) {
+                Err(JobError::InvalidJson(error)) => {
                     TakeOutcome::Failed(format!("the take answer is not valid JSON: {error}"))
                 }
+                parsed => TakeOutcome::Jobs(vec![self.check_job(parsed)]),
             };
         }
         let preview: String = text.chars().take(80).collect();
         TakeOutcome::Failed(format!("the take answer is not a job: {preview:?}"))
     }
 
-    fn check_job(&self, raw: &RawValue) -> TakenJob {
-        match Job::parse(raw, None, InputRule::Present) {
-            Ok(job) if job.input().get().len() > self.max_input_bytes => TakenJob::Invalid {
+    fn check_job(&self, parsed: Result<Job, JobError>) -> TakenJob {
+        match parsed {
+            Ok(job) if job.input().len() > self.max_input_bytes => TakenJob::Invalid {
                 reason: format!(
                     "the job input is {} bytes, over the limit of {} bytes",
-                    job.input().get().len(),
+                    job.input().len(),
                     self.max_input_bytes
                 ),
                 id: Some(job.id().to_owned()),
@@ -740,14 +749,20 @@ mod tests {
     #[test]
     fn take_answers() {
         let client = client("http://p/v2/ep/job-take/$ID", None);
-        assert!(matches!(client.parse_take(b""), TakeOutcome::NoJob));
-        assert!(matches!(client.parse_take(b"[]"), TakeOutcome::NoJob));
         assert!(matches!(
-            client.parse_take(b"<html>"),
+            client.parse_take(b"".to_vec()),
+            TakeOutcome::NoJob
+        ));
+        assert!(matches!(
+            client.parse_take(b"[]".to_vec()),
+            TakeOutcome::NoJob
+        ));
+        assert!(matches!(
+            client.parse_take(b"<html>".to_vec()),
             TakeOutcome::Failed(_)
         ));
         let TakeOutcome::Jobs(jobs) =
-            client.parse_take(br#"[{"id":"a","input":1},{"input":2},7,{"id":"b"}]"#)
+            client.parse_take(br#"[{"id":"a","input":1},{"input":2},7,{"id":"b"}]"#.to_vec())
         else {
             panic!("jobs expected");
         };
@@ -756,11 +771,31 @@ mod tests {
         assert!(matches!(&jobs[2], TakenJob::Invalid { id: None, .. }));
         assert!(matches!(&jobs[3], TakenJob::Invalid { id: Some(id), .. } if id == "b"));
         let big = format!(r#"{{"id":"c","input":"{}"}}"#, "x".repeat(2000));
-        let TakeOutcome::Jobs(jobs) = client.parse_take(big.as_bytes()) else {
+        let TakeOutcome::Jobs(jobs) = client.parse_take(big.into_bytes()) else {
             panic!("jobs expected");
         };
         assert!(
             matches!(&jobs[0], TakenJob::Invalid { id: Some(_), reason } if reason.contains("over the limit"))
         );
+        // One job taken alone, with whitespace around it: its text is the job object, and a
+        // malformed one is a job failure, not a failed take.
+        let TakeOutcome::Jobs(jobs) =
+            client.parse_take(b" \n{\"id\":\"d\",\"input\":{\"a\":[1]}}\r\n".to_vec())
+        else {
+            panic!("jobs expected");
+        };
+        let TakenJob::Valid(job) = &jobs[0] else {
+            panic!("a valid job expected");
+        };
+        assert_eq!(job.job_json(), r#"{"id":"d","input":{"a":[1]}}"#);
+        assert_eq!(job.input(), r#"{"a":[1]}"#);
+        assert!(matches!(
+            client.parse_take(br#"{"id":"e","input":1"#.to_vec()),
+            TakeOutcome::Failed(reason) if reason.contains("not valid JSON")
+        ));
+        let TakeOutcome::Jobs(jobs) = client.parse_take(br#"{"id":"e"}"#.to_vec()) else {
+            panic!("jobs expected");
+        };
+        assert!(matches!(&jobs[0], TakenJob::Invalid { id: Some(id), .. } if id == "e"));
     }
 }

@@ -9,7 +9,7 @@ use super::callbacks::HOST_API;
 use super::calls::{CallState, LiveCall, Phase};
 use super::HandlerLog;
 use crate::handler::{CancelToken, HandlerInfo, JobEvents, Limits, LoadError};
-use crate::job::{Failure, Job, JobResult, Outcome, RawJson};
+use crate::job::{Failure, JobResult, Outcome, RawJson};
 use handler_abi::ffi;
 use std::ffi::{c_char, CStr};
 use std::path::Path;
@@ -265,30 +265,6 @@ impl<'a> JobText<'a> {
             input,
             job_json,
         })
-    }
-}
-
-/// A job's strings copied into NUL-terminated buffers, for [`JobText`].
-#[derive(Debug)]
-pub struct OwnedJobText {
-    id: Vec<u8>,
-    input: Vec<u8>,
-    job_json: Vec<u8>,
-}
-
-impl OwnedJobText {
-    /// Copies the job's id, input and job JSON.
-    pub fn of(job: &Job) -> Self {
-        Self {
-            id: nul_terminated(job.id()),
-            input: nul_terminated(job.input().get()),
-            job_json: nul_terminated(job.job_json().get()),
-        }
-    }
-
-    /// The borrowed view a handler call takes.
-    pub fn text(&self) -> JobText<'_> {
-        JobText::new(&self.id, &self.input, &self.job_json).expect("each buffer ends with a NUL")
     }
 }
 

@@ -15,9 +15,8 @@ mod calls;
 pub mod library;
 
 use super::{CancelToken, Handler, HandlerInfo, HandlerSpec, JobEvents, LoadError, Readiness};
-use crate::job::{Job, JobResult};
+use crate::job::{Job, JobResult, NulTerminated};
 use handler_abi::ffi;
-use library::OwnedJobText;
 use std::sync::{Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 use tracing::Span;
@@ -150,9 +149,12 @@ impl Handler for InProcess {
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult {
         *self.running() += 1;
         let _running = RunningCall(self);
-        let text = OwnedJobText::of(job);
+        // The input's only copy in the host: the handler is promised a NUL after it.
+        let input = NulTerminated::copy(job.input());
+        let [id, job_json] = job.nul_terminated();
+        let text = JobText::new(id, input.with_nul(), job_json).expect("each ends with a NUL");
         self.library
-            .run(&text.text(), events, cancel, &TracingLog(Span::current()))
+            .run(&text, events, cancel, &TracingLog(Span::current()))
     }
 
     fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {

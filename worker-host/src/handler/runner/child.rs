@@ -399,8 +399,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// Runs one job and sends its Done frame.
 fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender: &Sender) {
     let call = frame.call;
-    let text = protocol::split_job_body(&frame.body)
-        .and_then(|(id, input, job_json)| JobText::new(id, input, job_json));
+    let parts = protocol::split_job_body(&frame.body);
+    // The handler is promised a NUL after the input: its one copy in the runner.
+    let input = parts.as_ref().map(|parts| [parts.input, &[0]].concat());
+    let text = parts
+        .zip(input.as_deref())
+        .and_then(|(parts, input)| JobText::new(parts.id, input, parts.job_json));
     let result = match text {
         Some(text) => {
             let events = FrameEvents {

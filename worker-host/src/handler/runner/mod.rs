@@ -144,13 +144,9 @@ impl Handler for Supervised {
             shared.wake_waiting();
             let _ = cancelled.send(ToJob::Cancel);
         });
-        let mut lengths = [0; 16];
-        let body = protocol::job_body(
-            &mut lengths,
-            job.id(),
-            job.input().get(),
-            job.job_json().get(),
-        );
+        let mut numbers = [0; 32];
+        let [id, job_json] = job.nul_terminated();
+        let body = protocol::job_body(&mut numbers, id, job_json, job.input_range());
         let mut tries = 0;
         let (runner, call) = loop {
             let (runner, call) = match self.shared.acquire(job.id(), to_job.clone(), cancel) {

@@ -197,37 +197,56 @@ pub(crate) fn write_frame(
     writer.flush()
 }
 
-/// The body of a [`Kind::Job`] frame, as parts for [`write_frame`]: the lengths of the first two
-/// strings (u64 LE each, NULs included), then the id, the input and the job JSON, each followed
-/// by a NUL, so the runner hands the handler pointers into the body as it arrived.
+/// The body of a [`Kind::Job`] frame, as parts for [`write_frame`]: four u64 LE numbers (the
+/// lengths of the id and of the job JSON, NULs included, and where the input starts in the job
+/// JSON and its length), then the id and the job JSON, each followed by a NUL. The input is not
+/// sent twice: the runner finds it in the job JSON.
 pub(crate) fn job_body<'a>(
-    lengths: &'a mut [u8; 16],
-    id: &'a str,
-    input: &'a str,
-    job_json: &'a str,
-) -> [&'a [u8]; 7] {
-    lengths[0..8].copy_from_slice(&(id.len() as u64 + 1).to_le_bytes());
-    lengths[8..16].copy_from_slice(&(input.len() as u64 + 1).to_le_bytes());
-    const NUL: &[u8] = &[0];
-    [
-        lengths,
-        id.as_bytes(),
-        NUL,
-        input.as_bytes(),
-        NUL,
-        job_json.as_bytes(),
-        NUL,
-    ]
+    numbers: &'a mut [u8; 32],
+    id_with_nul: &'a [u8],
+    job_json_with_nul: &'a [u8],
+    input: std::ops::Range<usize>,
+) -> [&'a [u8]; 3] {
+    let values = [
+        id_with_nul.len(),
+        job_json_with_nul.len(),
+        input.start,
+        input.len(),
+    ];
+    for (slot, value) in numbers.chunks_exact_mut(8).zip(values) {
+        slot.copy_from_slice(&(value as u64).to_le_bytes());
+    }
+    [numbers, id_with_nul, job_json_with_nul]
 }
 
-/// Splits a [`Kind::Job`] body into its three NUL-terminated strings (id, input, job JSON).
-pub(crate) fn split_job_body(body: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
-    let id_len = usize::try_from(u64::from_le_bytes(body.get(0..8)?.try_into().ok()?)).ok()?;
-    let input_len = usize::try_from(u64::from_le_bytes(body.get(8..16)?.try_into().ok()?)).ok()?;
-    let strings = body.get(16..)?;
+/// A [`Kind::Job`] body taken apart: the id and the job JSON, each with its NUL, and the
+/// input's range in the job JSON (checked to lie inside it, before its NUL).
+pub(crate) struct JobParts<'a> {
+    pub(crate) id: &'a [u8],
+    pub(crate) job_json: &'a [u8],
+    pub(crate) input: &'a [u8],
+}
+
+/// Splits a [`Kind::Job`] body; `None` if it is malformed.
+pub(crate) fn split_job_body(body: &[u8]) -> Option<JobParts<'_>> {
+    let number = |index: usize| -> Option<usize> {
+        let bytes = body.get(index * 8..index * 8 + 8)?;
+        usize::try_from(u64::from_le_bytes(bytes.try_into().ok()?)).ok()
+    };
+    let (id_len, job_len) = (number(0)?, number(1)?);
+    let (input_start, input_len) = (number(2)?, number(3)?);
+    let strings = body.get(32..)?;
     let (id, rest) = strings.split_at_checked(id_len)?;
-    let (input, job_json) = rest.split_at_checked(input_len)?;
-    Some((id, input, job_json))
+    let job_json = rest.get(..job_len)?;
+    let input_end = input_start.checked_add(input_len)?;
+    if input_end >= job_json.len() || rest.len() != job_len {
+        return None;
+    }
+    Some(JobParts {
+        id,
+        job_json,
+        input: &job_json[input_start..input_end],
+    })
 }
 
 #[cfg(test)]
@@ -270,14 +289,22 @@ mod tests {
 
     /// A job body splits back into the three strings, each with its NUL.
     #[test]
-    fn job_bodies_split_into_nul_terminated_strings() {
-        let mut lengths = [0; 16];
-        let parts = job_body(&mut lengths, "id-1", "{\"x\":1}", "{\"id\":\"id-1\"}");
+    fn job_bodies_split_into_their_parts() {
+        let job = b"{\"id\":\"id-1\",\"input\":{\"x\":1}}\0";
+        let mut numbers = [0; 32];
+        let parts = job_body(&mut numbers, b"id-1\0", job, 21..28);
         let body: Vec<u8> = parts.concat();
-        let (id, input, job) = split_job_body(&body).unwrap();
-        assert_eq!(id, b"id-1\0");
-        assert_eq!(input, b"{\"x\":1}\0");
-        assert_eq!(job, b"{\"id\":\"id-1\"}\0");
+        let split = split_job_body(&body).unwrap();
+        assert_eq!(split.id, b"id-1\0");
+        assert_eq!(split.input, b"{\"x\":1}");
+        assert_eq!(split.job_json, job);
         assert!(split_job_body(&body[..20]).is_none());
+        assert!(split_job_body(&body[..body.len() - 1]).is_none());
+        // An input range past the job JSON (or over its NUL) is refused.
+        for input in [21..30, 30..40, usize::MAX - 1..usize::MAX] {
+            let mut numbers = [0; 32];
+            let body = job_body(&mut numbers, b"id-1\0", job, input.clone()).concat();
+            assert!(split_job_body(&body).is_none(), "{input:?}");
+        }
     }
 }
