@@ -157,8 +157,12 @@ pub(crate) fn read_frame(reader: &mut impl Read, max_body: u64) -> Result<Frame,
             "a {kind:?} body of {length} bytes, over the limit of {max_body}"
         )));
     }
-    let mut body = vec![0_u8; usize::try_from(length).expect("checked against the limit")];
-    reader.read_exact(&mut body)?;
+    // Read into spare capacity rather than a zeroed buffer: a 20 MiB body is written once.
+    let mut body = Vec::with_capacity(usize::try_from(length).expect("checked against the limit"));
+    reader.take(length).read_to_end(&mut body)?;
+    if body.len() as u64 != length {
+        return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+    }
     Ok(Frame {
         kind,
         flags,
