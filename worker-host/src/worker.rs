@@ -786,34 +786,30 @@ impl JobTask {
         };
         let stop_taking = shared.stop_taking.clone();
         let refresh_worker = shared.config.refresh_worker;
-        let span = tracing::Span::current();
-        // A blocking-pool thread: the handler may block for minutes without touching the
-        // runtime. The slot goes with it and frees when the handler returns, before the result is
+        // A blocking-pool thread for a handler in this process (it may block for minutes without
+        // touching the runtime), a task for a runner's. The slot goes with it and frees when the handler returns, before the result is
         // posted (the next take need not wait for delivery; the job's hold bounds how many
         // results may wait), but never earlier: a job that was stopped or ended by shutdown keeps
         // its slot until its handler has noticed, so no more than --concurrency handlers ever run
         // at once.
-        let _handler_thread = tokio::task::spawn_blocking(move || {
-            let _entered = span.enter();
-            let events = ChannelEvents(sender);
-            let running = metrics::get().job_started();
-            let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
-            let result = std::panic::catch_unwind(run)
-                .unwrap_or_else(|_| JobResult::worker_error(lease.info().streaming));
-            drop(running);
-            // The handler has returned: its generation may stop once its other jobs have.
-            drop(build_slot);
-            drop(lease);
-            // With --refresh-worker the worker takes no job after this one: stop taking before
-            // the slot frees (and after the result is on its way, so the shutdown that follows
-            // finds it). A handler's own recycle request only sets stopPod, as in the SDK: the
-            // platform replaces the worker.
-            let _ = events.0.send(JobMessage::Completed(result));
-            if refresh_worker {
-                stop_taking.cancel();
-            }
-            drop(slot);
-        });
+        crate::handler::spawn_job(
+            lease,
+            build_slot,
+            job,
+            ChannelEvents(sender),
+            cancel,
+            move |result, events| {
+                // With --refresh-worker the worker takes no job after this one: stop taking
+                // before the slot frees (and after the result is on its way, so the shutdown
+                // that follows finds it). A handler's own recycle request only sets stopPod, as
+                // in the SDK: the platform replaces the worker.
+                let _ = events.0.send(JobMessage::Completed(result));
+                if refresh_worker {
+                    stop_taking.cancel();
+                }
+                drop(slot);
+            },
+        );
 
         let mut chunks = Vec::new();
         let mut stream_given_up = false;

@@ -17,8 +17,9 @@
 //!   supervises (the default). A crash fails the jobs on that runner, with the cause, and a fresh
 //!   runner takes over.
 //!
-//! Nothing here is async: `run` blocks its thread, so callers run it on threads of their own,
-//! never on an async runtime.
+//! `run` blocks its thread, so callers run it on threads of their own, never on an async
+//! runtime; a handler whose jobs run elsewhere (a runner) also offers `run_async`, a future
+//! that waits for the job without a thread (see [`Handler::blocks`]). [`spawn_job`] picks.
 
 mod error;
 mod generation;
@@ -26,6 +27,7 @@ pub mod inproc;
 mod origin;
 mod private_copy;
 pub mod runner;
+mod spawn;
 mod swap;
 mod watch;
 
@@ -38,6 +40,7 @@ pub(crate) use error::check_path;
 pub use error::LoadError;
 pub use generation::{Generation, Lease};
 pub use private_copy::{sha256_of, CopyError, PrivateCopies, PrivateDir};
+pub use spawn::spawn_job;
 pub use swap::{Current, LiveHandler, SwapPolicy};
 pub use watch::{watch_for_changes, Fingerprint};
 
@@ -262,6 +265,25 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     /// Runs one job to its end, blocking the calling thread. Always returns a result, even when
     /// the handler crashed (a failure that says so).
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult;
+
+    /// Whether [`Self::run`] holds its thread for the job's length (a handler in this process
+    /// runs on it): callers then give each job a thread of its own. False where the job runs
+    /// elsewhere and [`Self::run_async`] only waits for it, which needs no thread.
+    fn blocks(&self) -> bool {
+        true
+    }
+
+    /// Runs one job as [`Self::run`] does, as a future that waits without holding a thread:
+    /// for handlers whose [`Self::blocks`] is false, polled on the async runtime. The default
+    /// runs `run` when first polled, blocking (so never poll it there when `blocks` is true).
+    fn run_async<'a>(
+        &'a self,
+        job: &'a Job,
+        events: &'a dyn JobEvents,
+        cancel: &'a CancelToken,
+    ) -> futures_util::future::BoxFuture<'a, JobResult> {
+        Box::pin(async move { self.run(job, events, cancel) })
+    }
 
     /// The handler's last output lines (its log lines and, in a runner, its stdout and stderr),
     /// bounded, for a failure report; empty where nothing is kept.

@@ -277,22 +277,20 @@ async fn run_job(
         cancel: cancel.clone(),
         overflowed: false.into(),
     };
-    let span = tracing::Span::current();
     tracing::info!("Started.");
-    tokio::task::spawn_blocking(move || {
-        let _entered = span.enter();
-        let running = metrics::get().job_started();
-        let run = std::panic::AssertUnwindSafe(|| lease.handler().run(&job, &events, &cancel));
-        let result =
-            std::panic::catch_unwind(run).unwrap_or_else(|_| JobResult::worker_error(false));
-        drop(running);
-        drop(build_slot);
-        drop(lease);
-        // The result is on its way before the slot frees (a shutdown waits for the slots, and
-        // then ends what is still running), and the slot frees only once the handler returned.
-        let _ = events.sender.send(Message::Done(result));
-        drop(permit);
-    });
+    crate::handler::spawn_job(
+        lease,
+        build_slot,
+        job,
+        events,
+        cancel,
+        move |result, events| {
+            // The result is on its way before the slot frees (a shutdown waits for the slots, and
+            // then ends what is still running), and the slot frees only once the handler returned.
+            let _ = events.sender.send(Message::Done(result));
+            drop(permit);
+        },
+    );
 
     let first = tokio::select! {
         biased;

@@ -40,6 +40,8 @@ pub(crate) enum KillReason {
     Protocol(String),
     /// The host is shutting down and the runner did not exit in time.
     Shutdown,
+    /// The host was asked to shut down while `init` ran.
+    ShutdownDuringInit,
     /// `init` ran past `--init-timeout-secs`.
     InitTimeout,
 }
@@ -97,6 +99,9 @@ pub(crate) fn describe_kill(reason: &KillReason) -> String {
         }
         KillReason::Shutdown => {
             "was killed by the host because it did not exit in time at shutdown".to_owned()
+        }
+        KillReason::ShutdownDuringInit => {
+            "was stopped by the host because the worker was shut down during init".to_owned()
         }
         KillReason::InitTimeout => {
             "was killed by the host because its init ran past --init-timeout-secs".to_owned()

@@ -3,9 +3,11 @@
 //! channel. A crash (a segfault, an abort, an `exit`, an OOM kill) ends the runner, not the
 //! host: each job on it fails with the cause, and a fresh runner runs `init` again.
 //!
-//! - [`Supervised`] (here): the [`Handler`] the modes see; `run` sends a job over the channel and
-//!   waits for what comes back, and a cancelled job whose handler does not return within
-//!   `--cancel-grace-secs` gets its runner killed (a hard stop).
+//! - [`Supervised`] (here): the [`Handler`] the modes see; a job sends its frame over the channel
+//!   and waits for what comes back, and a cancelled job whose handler does not return within
+//!   `--cancel-grace-secs` gets its runner killed (a hard stop). The serving modes run each job
+//!   as a task (`run_async`: the frame is written without waiting when the socket has room, the
+//!   reader thread wakes the task, and no thread is held); the one-shot run blocks in `run`.
 //! - `supervisor`: starting, watching and restarting runners, and the reports of their ends.
 //! - `protocol`: the frames. [`child`]: the runner's own main. `capture`: its stdout and
 //!   stderr. `crash`: what a runner's end means. `reaper`: waiting for child processes.
@@ -49,12 +51,13 @@ mod reaper;
 mod supervisor;
 
 use super::{CancelToken, Handler, HandlerInfo, HandlerSpec, JobEvents, LoadError, Readiness};
-use crate::job::{Job, JobResult, Outcome};
+use crate::job::{Failure, Job, JobResult, Outcome};
 use crash::KillReason;
+use futures_util::future::BoxFuture;
 use protocol::Kind;
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Instant;
-use supervisor::{Event, Shared, ToJob};
+use supervisor::{Event, JobSender, Shared, ToJob};
 
 pub(crate) use supervisor::init_timed_out;
 pub use supervisor::RUNNER_ARGUMENT;
@@ -62,6 +65,8 @@ pub use supervisor::RUNNER_ARGUMENT;
 /// How many times a job whose frame could not be written is offered to a runner (a new one each
 /// time, once the dead one is retired) before it fails.
 const MAX_SEND_TRIES: u32 = 1000;
+/// The wait before a job whose frame could not be written is offered again.
+const RESEND_PAUSE: std::time::Duration = std::time::Duration::from_millis(1);
 
 /// A handler loaded into a supervised runner process.
 #[derive(Debug)]
@@ -108,6 +113,144 @@ impl Supervised {
     }
 }
 
+impl Supervised {
+    /// The failure of a job that never reached a runner.
+    fn failed(&self, failure: Failure) -> JobResult {
+        JobResult {
+            outcome: Outcome::Failed {
+                failure,
+                streaming: self.info().streaming,
+            },
+            recycle: false,
+        }
+    }
+
+    /// One waker for the job's whole life: it wakes a wait for a restart, and tells the job
+    /// (which forwards the cancel to the runner once the job is there).
+    fn wake_on_cancel(&self, cancel: &CancelToken, to_job: &JobSender) {
+        let shared = self.shared.clone();
+        let to_job = to_job.clone();
+        cancel.on_cancel(move || {
+            shared.wake_waiting();
+            to_job.send(ToJob::Cancel);
+        });
+    }
+}
+
+/// Whether a job whose frame was written to `runner` (or not: `sent`) is on it (true), or must
+/// go to the next runner (false: the runner died before it could take the job; the caller
+/// waits [`RESEND_PAUSE`] for the dead one's reader to retire it), or fails.
+fn placed(
+    runner: &supervisor::Runner,
+    call: u64,
+    sent: std::io::Result<()>,
+    tries: &mut u32,
+) -> Result<bool, Failure> {
+    let Err(error) = sent else {
+        return Ok(true);
+    };
+    *tries += 1;
+    if !runner.withdraw(call) {
+        // Its end has claimed the job: a Died follows.
+        return Ok(true);
+    }
+    if *tries >= MAX_SEND_TRIES {
+        return Err(Failure::new(
+            "WorkerError",
+            format!("the job could not be sent to the handler's runner process: {error}"),
+        ));
+    }
+    Ok(false)
+}
+
+/// A job on a runner, waiting for its result.
+struct Wait<'a> {
+    job: &'a Job,
+    runner: Arc<supervisor::Runner>,
+    call: u64,
+    streaming: bool,
+    grace: std::time::Duration,
+    /// When the runner is killed if the job has not ended (set by a hard cancel).
+    hard_stop_at: Option<Instant>,
+}
+
+impl<'a> Wait<'a> {
+    fn new(handler: &Supervised, job: &'a Job, runner: Arc<supervisor::Runner>, call: u64) -> Self {
+        Self {
+            job,
+            runner,
+            call,
+            streaming: handler.info().streaming,
+            grace: handler.shared.spec().cancel_grace,
+            hard_stop_at: None,
+        }
+    }
+
+    /// The stopped job's handler did not return within the grace: its runner is killed (the
+    /// job's Died follows).
+    fn hard_stop(&mut self) {
+        tracing::warn!(
+            "The job's handler did not return within {:?} of the stop: killing its runner process (pid {}).",
+            self.grace,
+            self.runner.pid()
+        );
+        self.runner.kill(KillReason::HardStop {
+            job_id: self.job.id().to_owned(),
+            grace_secs: self.grace.as_secs_f64(),
+        });
+        self.hard_stop_at = None;
+    }
+
+    /// Handles one message for the job (`None`: its channel ended); the job's result once it
+    /// has one. `cancel_frame` writes a Cancel frame to the runner.
+    fn on_message(
+        &mut self,
+        message: Option<ToJob>,
+        events: &dyn JobEvents,
+        cancel: &CancelToken,
+        cancel_frame: impl FnOnce(&supervisor::Runner, u64),
+    ) -> Option<JobResult> {
+        let failed = |failure| JobResult {
+            outcome: Outcome::Failed {
+                failure,
+                streaming: self.streaming,
+            },
+            recycle: false,
+        };
+        match message {
+            Some(ToJob::Chunk(chunk)) => events.chunk(chunk),
+            Some(ToJob::Progress(progress)) => events.progress(progress),
+            Some(ToJob::Done(mut result)) => {
+                if let Outcome::Failed {
+                    streaming: ref mut of_a_stream,
+                    ..
+                } = result.outcome
+                {
+                    *of_a_stream = self.streaming;
+                }
+                return Some(result);
+            }
+            Some(ToJob::Died(failure)) => return Some(failed(failure)),
+            Some(ToJob::Cancel) => {
+                // The clock starts before the write, which may wait for the channel. A soft
+                // cancel (a load-balancing client gone) never kills the runner.
+                if !cancel.is_soft() {
+                    self.hard_stop_at.get_or_insert(Instant::now() + self.grace);
+                }
+                cancel_frame(&self.runner, self.call);
+            }
+            // The channel always ends a call with Done or Died before it drops the sender.
+            None => {
+                return Some(failed(Failure::new(
+                    "HandlerCrashed",
+                    "the handler's runner process ended without a result for this job",
+                )))
+            }
+        }
+        None
+    }
+}
+
 impl Handler for Supervised {
     fn info(&self) -> &HandlerInfo {
         self.after_init.get().unwrap_or(&self.info)
@@ -130,20 +273,9 @@ impl Handler for Supervised {
     }
 
     fn run(&self, job: &Job, events: &dyn JobEvents, cancel: &CancelToken) -> JobResult {
-        let streaming = self.info().streaming;
-        let failed = |failure| JobResult {
-            outcome: Outcome::Failed { failure, streaming },
-            recycle: false,
-        };
-        let (to_job, messages) = mpsc::channel();
-        // One waker for the job's whole life: it wakes a wait for a restart, and tells the job's
-        // thread (which forwards the cancel to the runner once the job is there).
-        let shared = self.shared.clone();
-        let cancelled = to_job.clone();
-        cancel.on_cancel(move || {
-            shared.wake_waiting();
-            let _ = cancelled.send(ToJob::Cancel);
-        });
+        let (sender, messages) = mpsc::channel();
+        let to_job = JobSender::Thread(sender);
+        self.wake_on_cancel(cancel, &to_job);
         let mut numbers = [0; 32];
         let [id, job_json] = job.nul_terminated();
         let body = protocol::job_body(&mut numbers, id, job_json, job.input_range());
@@ -151,88 +283,99 @@ impl Handler for Supervised {
         let (runner, call) = loop {
             let (runner, call) = match self.shared.acquire(job.id(), to_job.clone(), cancel) {
                 Ok(acquired) => acquired,
-                Err(failure) => return failed(failure),
+                Err(failure) => return self.failed(failure),
             };
-            // A failed write means the runner is gone.
             let sent = runner.send(Kind::Job, call, &body);
-            if sent.is_ok() {
-                break (runner, call);
+            match placed(&runner, call, sent, &mut tries) {
+                Ok(true) => break (runner, call),
+                Ok(false) => std::thread::sleep(RESEND_PAUSE),
+                Err(failure) => return self.failed(failure),
             }
-            tries += 1;
-            if tries >= MAX_SEND_TRIES && runner.withdraw(call) {
-                return failed(crate::job::Failure::new(
-                    "WorkerError",
-                    format!(
-                        "the job could not be sent to the handler's runner process: {}",
-                        sent.err()
-                            .map(|error| error.to_string())
-                            .unwrap_or_default()
-                    ),
-                ));
-            }
-            if !runner.withdraw(call) {
-                // Its end has claimed the job: a Died follows.
-                break (runner, call);
-            }
-            // The runner died before it could take the job: it goes to the next runner, once
-            // the dead one's reader has retired it.
-            std::thread::sleep(std::time::Duration::from_millis(1));
         };
-        let grace = self.shared.spec().cancel_grace;
-        let mut hard_stop_at: Option<Instant> = None;
+        let mut wait = Wait::new(self, job, runner, call);
         loop {
-            let message = match hard_stop_at {
+            let message = match wait.hard_stop_at {
                 None => messages.recv().ok(),
                 Some(at) => {
                     match messages.recv_timeout(at.saturating_duration_since(Instant::now())) {
                         Ok(message) => Some(message),
                         Err(mpsc::RecvTimeoutError::Timeout) => {
-                            tracing::warn!(
-                                "The job's handler did not return within {grace:?} of the stop: killing its runner process (pid {}).",
-                                runner.pid()
-                            );
-                            runner.kill(KillReason::HardStop {
-                                job_id: job.id().to_owned(),
-                                grace_secs: grace.as_secs_f64(),
-                            });
-                            hard_stop_at = None;
+                            wait.hard_stop();
                             continue;
                         }
                         Err(mpsc::RecvTimeoutError::Disconnected) => None,
                     }
                 }
             };
-            match message {
-                Some(ToJob::Chunk(chunk)) => events.chunk(chunk),
-                Some(ToJob::Progress(progress)) => events.progress(progress),
-                Some(ToJob::Done(mut result)) => {
-                    if let Outcome::Failed {
-                        streaming: ref mut of_a_stream,
-                        ..
-                    } = result.outcome
-                    {
-                        *of_a_stream = streaming;
-                    }
-                    return result;
-                }
-                Some(ToJob::Died(failure)) => return failed(failure),
-                Some(ToJob::Cancel) => {
-                    // The clock starts before the write, which may wait for the channel. A soft
-                    // cancel (a load-balancing client gone) never kills the runner.
-                    if !cancel.is_soft() {
-                        hard_stop_at.get_or_insert(Instant::now() + grace);
-                    }
-                    let _ = runner.send(Kind::Cancel, call, &[]);
-                }
-                // The channel always ends a call with Done or Died before it drops the sender.
-                None => {
-                    return failed(crate::job::Failure::new(
-                        "HandlerCrashed",
-                        "the handler's runner process ended without a result for this job",
-                    ))
-                }
+            let cancel_frame = |runner: &supervisor::Runner, call| {
+                let _ = runner.send(Kind::Cancel, call, &[]);
+            };
+            if let Some(result) = wait.on_message(message, events, cancel, cancel_frame) {
+                return result;
             }
         }
+    }
+
+    fn blocks(&self) -> bool {
+        false
+    }
+
+    fn run_async<'a>(
+        &'a self,
+        job: &'a Job,
+        events: &'a dyn JobEvents,
+        cancel: &'a CancelToken,
+    ) -> BoxFuture<'a, JobResult> {
+        Box::pin(async move {
+            let (sender, mut messages) = tokio::sync::mpsc::unbounded_channel();
+            let to_job = JobSender::Task(sender);
+            self.wake_on_cancel(cancel, &to_job);
+            let mut numbers = [0; 32];
+            let [id, job_json] = job.nul_terminated();
+            let body = protocol::job_body(&mut numbers, id, job_json, job.input_range());
+            let mut tries = 0;
+            let mut readiness = self.shared.readiness();
+            let (runner, call) = loop {
+                let Some(acquired) = self.shared.try_acquire(job.id(), &to_job, cancel) else {
+                    // A runner is starting: wait for it, or for the job's cancel (which the
+                    // next try sees).
+                    tokio::select! {
+                        _ = readiness.changed() => {}
+                        _ = messages.recv() => {}
+                    }
+                    continue;
+                };
+                let (runner, call) = match acquired {
+                    Ok(acquired) => acquired,
+                    Err(failure) => return self.failed(failure),
+                };
+                let sent = runner.send_from_task(Kind::Job, call, &body);
+                match placed(&runner, call, sent, &mut tries) {
+                    Ok(true) => break (runner, call),
+                    Ok(false) => tokio::time::sleep(RESEND_PAUSE).await,
+                    Err(failure) => return self.failed(failure),
+                }
+            };
+            let mut wait = Wait::new(self, job, runner, call);
+            loop {
+                let message = match wait.hard_stop_at {
+                    None => messages.recv().await,
+                    Some(at) => tokio::select! {
+                        message = messages.recv() => message,
+                        () = tokio::time::sleep_until(at.into()) => {
+                            wait.hard_stop();
+                            continue;
+                        }
+                    },
+                };
+                let cancel_frame = |runner: &supervisor::Runner, call| {
+                    let _ = runner.send_from_task(Kind::Cancel, call, &[]);
+                };
+                if let Some(result) = wait.on_message(message, events, cancel, cancel_frame) {
+                    return result;
+                }
+            }
+        })
     }
 
     fn readiness(&self) -> tokio::sync::watch::Receiver<Readiness> {

@@ -19,7 +19,9 @@
 //! after `init`, a load error, a failure with its traceback) are JSON.
 //!
 //! The framing is written here rather than taken from a codec crate because both ends are
-//! blocking threads and the point is to avoid assembling a frame in a buffer of its own.
+//! blocking threads and the point is to avoid assembling a frame in a buffer of its own. A job's
+//! task on the host's async runtime writes its frames without waiting when the socket has room
+//! ([`try_write_frame`]), which is the usual case, and waits only for the rest.
 
 use std::io::{IoSlice, Read, Write};
 
@@ -180,16 +182,23 @@ pub(crate) fn write_frame(
     call: u64,
     parts: &[&[u8]],
 ) -> std::io::Result<()> {
-    let length: usize = parts.iter().map(|part| part.len()).sum();
-    let mut header = [0_u8; HEADER_LEN];
-    header[0..8].copy_from_slice(&(length as u64).to_le_bytes());
-    header[8] = kind as u8;
-    header[9] = flags;
-    header[16..24].copy_from_slice(&call.to_le_bytes());
-    let mut slices: Vec<IoSlice<'_>> = Vec::with_capacity(parts.len() + 1);
-    slices.push(IoSlice::new(&header));
-    slices.extend(parts.iter().map(|part| IoSlice::new(part)));
+    write_rest_of_frame(writer, kind, flags, call, parts, 0)
+}
+
+/// Writes what is left of a frame [`try_write_frame`] began: its first `written` bytes are
+/// already on the socket.
+pub(crate) fn write_rest_of_frame(
+    writer: &mut impl Write,
+    kind: Kind,
+    flags: u8,
+    call: u64,
+    parts: &[&[u8]],
+    written: usize,
+) -> std::io::Result<()> {
+    let header = header(kind, flags, call, parts);
+    let mut slices = slices(&header, parts);
     let mut remaining = &mut slices[..];
+    IoSlice::advance_slices(&mut remaining, written);
     while !remaining.is_empty() {
         match writer.write_vectored(remaining) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
@@ -199,6 +208,60 @@ pub(crate) fn write_frame(
         }
     }
     writer.flush()
+}
+
+/// Writes as much of a frame as `socket` takes without waiting (one `sendmsg` with
+/// `MSG_DONTWAIT`, the socket itself staying blocking for everyone else), and says how many
+/// bytes that was: [`frame_len`] when the whole frame went, fewer when the socket's buffer is
+/// full (then [`write_rest_of_frame`] finishes it, before any other frame is written).
+pub(crate) fn try_write_frame(
+    socket: &std::os::unix::net::UnixStream,
+    kind: Kind,
+    flags: u8,
+    call: u64,
+    parts: &[&[u8]],
+) -> std::io::Result<usize> {
+    use nix::sys::socket::{sendmsg, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let header = header(kind, flags, call, parts);
+    let slices = slices(&header, parts);
+    loop {
+        let sent = sendmsg::<()>(
+            socket.as_raw_fd(),
+            &slices,
+            &[],
+            MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+            None,
+        );
+        return match sent {
+            Ok(written) => Ok(written),
+            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(errno) => Err(errno.into()),
+        };
+    }
+}
+
+/// How many bytes the frame whose body is `parts` takes on the channel.
+pub(crate) fn frame_len(parts: &[&[u8]]) -> usize {
+    HEADER_LEN + parts.iter().map(|part| part.len()).sum::<usize>()
+}
+
+fn header(kind: Kind, flags: u8, call: u64, parts: &[&[u8]]) -> [u8; HEADER_LEN] {
+    let length = frame_len(parts) - HEADER_LEN;
+    let mut header = [0_u8; HEADER_LEN];
+    header[0..8].copy_from_slice(&(length as u64).to_le_bytes());
+    header[8] = kind as u8;
+    header[9] = flags;
+    header[16..24].copy_from_slice(&call.to_le_bytes());
+    header
+}
+
+fn slices<'a>(header: &'a [u8; HEADER_LEN], parts: &[&'a [u8]]) -> Vec<IoSlice<'a>> {
+    let mut slices = Vec::with_capacity(parts.len() + 1);
+    slices.push(IoSlice::new(header));
+    slices.extend(parts.iter().map(|part| IoSlice::new(part)));
+    slices
 }
 
 /// The body of a [`Kind::Job`] frame, as parts for [`write_frame`]: four u64 LE numbers (the

@@ -8,7 +8,8 @@
 //! - **a reader thread per runner**, which reads its frames in order, hands job frames to the
 //!   job's own thread, control frames to the supervisor thread, and at the channel's end waits
 //!   for the exit status and fails every job still on the runner;
-//! - **the job threads** of the modes, blocked in [`super::Supervised`]'s `run`.
+//! - **the jobs** of the modes: threads blocked in [`super::Supervised`]'s `run`, or tasks on the
+//!   host's async runtime awaiting its `run_async` (a [`JobSender`] says which).
 //!
 //! Restarts: after a crash a new runner is started with back-off (0.5 s, doubling) and `init` runs
 //! again; jobs wait meanwhile ([`Readiness::Restarting`]). [`CRASH_LOOP`] (3) crashes with no job
@@ -59,12 +60,30 @@ pub(super) enum ToJob {
     Cancel,
 }
 
+/// Where a job's messages go: a thread blocked in [`super::Supervised`]'s `run`, or a task
+/// awaiting its `run_async`.
+#[derive(Debug, Clone)]
+pub(super) enum JobSender {
+    Thread(mpsc::Sender<ToJob>),
+    Task(tokio::sync::mpsc::UnboundedSender<ToJob>),
+}
+
+impl JobSender {
+    /// Hands `message` to the job (dropped if the job already ended: nobody waits for it).
+    pub(super) fn send(&self, message: ToJob) {
+        let _ = match self {
+            Self::Thread(sender) => sender.send(message).map_err(drop),
+            Self::Task(sender) => sender.send(message).map_err(drop),
+        };
+    }
+}
+
 /// A job running on a runner.
 #[derive(Debug)]
 pub(super) struct Call {
     pub(super) job_id: String,
     pub(super) span: Span,
-    pub(super) to_job: mpsc::Sender<ToJob>,
+    pub(super) to_job: JobSender,
 }
 
 /// One runner process: one generation of the handler.
@@ -94,6 +113,30 @@ impl Runner {
     /// Writes one frame to the runner. An error means it is gone (its end reports why).
     pub(super) fn send(&self, kind: Kind, call: u64, parts: &[&[u8]]) -> std::io::Result<()> {
         write_frame(&mut *lock(&self.writer), kind, 0, call, parts)
+    }
+
+    /// Writes one frame from a task on the host's async runtime: at once when the socket has
+    /// room for it (small frames, the usual case), and otherwise the rest in
+    /// [`wait_in_place`], so a slow runner never holds a runtime thread that other tasks need.
+    pub(super) fn send_from_task(
+        &self,
+        kind: Kind,
+        call: u64,
+        parts: &[&[u8]],
+    ) -> std::io::Result<()> {
+        let mut writer = match self.writer.try_lock() {
+            Ok(writer) => writer,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            // Another frame is being written (a large one, waiting for the runner to read).
+            Err(std::sync::TryLockError::WouldBlock) => {
+                return wait_in_place(|| self.send(kind, call, parts))
+            }
+        };
+        let written = protocol::try_write_frame(&writer, kind, 0, call, parts)?;
+        if written == protocol::frame_len(parts) {
+            return Ok(());
+        }
+        wait_in_place(|| protocol::write_rest_of_frame(&mut *writer, kind, 0, call, parts, written))
     }
 
     /// Kills the runner for `reason` (the first reason given is the one reported).
@@ -310,47 +353,65 @@ impl Shared {
     pub(super) fn acquire(
         &self,
         job_id: &str,
-        to_job: mpsc::Sender<ToJob>,
+        to_job: JobSender,
         cancel: &CancelToken,
     ) -> Result<(Arc<Runner>, u64), Failure> {
         let mut phase = lock(&self.phase);
         loop {
-            match &*phase {
-                Phase::Failed(reason) => {
-                    return Err(Failure::new("HandlerUnavailable", reason.clone()))
-                }
-                Phase::Stopped => {
-                    return Err(Failure::new(
-                        "WorkerShutdown",
-                        "the worker is shutting down: the handler takes no more jobs",
-                    ))
-                }
-                _ if cancel.is_cancelled() => {
-                    return Err(Failure::new(
-                        "Cancelled",
-                        "the job was cancelled while it waited for the handler to restart",
-                    ))
-                }
-                Phase::Ready(runner) => {
-                    let call = self.next_call.fetch_add(1, Ordering::Relaxed);
-                    lock(&runner.calls).insert(
-                        call,
-                        Call {
-                            job_id: job_id.to_owned(),
-                            span: Span::current(),
-                            to_job,
-                        },
-                    );
-                    return Ok((runner.clone(), call));
-                }
-                Phase::Starting | Phase::Restarting => {
-                    phase = self
-                        .changed
-                        .wait(phase)
-                        .unwrap_or_else(PoisonError::into_inner);
-                }
+            if let Some(claimed) = self.claim(&phase, job_id, &to_job, cancel) {
+                return claimed;
             }
+            phase = self
+                .changed
+                .wait(phase)
+                .unwrap_or_else(PoisonError::into_inner);
         }
+    }
+
+    /// [`Self::acquire`] without the wait: `None` while a runner is starting (wait for a change
+    /// of [`Self::readiness`], or the job's cancel, and try again).
+    pub(super) fn try_acquire(
+        &self,
+        job_id: &str,
+        to_job: &JobSender,
+        cancel: &CancelToken,
+    ) -> Option<Result<(Arc<Runner>, u64), Failure>> {
+        self.claim(&lock(&self.phase), job_id, to_job, cancel)
+    }
+
+    /// Registers a job on the ready runner of `phase`, or says why none will take it; `None`
+    /// while one is starting.
+    fn claim(
+        &self,
+        phase: &Phase,
+        job_id: &str,
+        to_job: &JobSender,
+        cancel: &CancelToken,
+    ) -> Option<Result<(Arc<Runner>, u64), Failure>> {
+        Some(match phase {
+            Phase::Failed(reason) => Err(Failure::new("HandlerUnavailable", reason.clone())),
+            Phase::Stopped => Err(Failure::new(
+                "WorkerShutdown",
+                "the worker is shutting down: the handler takes no more jobs",
+            )),
+            _ if cancel.is_cancelled() => Err(Failure::new(
+                "Cancelled",
+                "the job was cancelled while it waited for the handler to restart",
+            )),
+            Phase::Ready(runner) => {
+                let call = self.next_call.fetch_add(1, Ordering::Relaxed);
+                lock(&runner.calls).insert(
+                    call,
+                    Call {
+                        job_id: job_id.to_owned(),
+                        span: Span::current(),
+                        to_job: to_job.clone(),
+                    },
+                );
+                Ok((runner.clone(), call))
+            }
+            Phase::Starting | Phase::Restarting => return None,
+        })
     }
 
     /// Wakes the jobs waiting in [`Self::acquire`] (one of them was cancelled).
@@ -403,7 +464,7 @@ impl Shared {
             call.span.in_scope(|| {
                 tracing::error!("{}: {}", failure.error_type, first_line(&failure.message));
             });
-            let _ = call.to_job.send(ToJob::Died(failure));
+            call.to_job.send(ToJob::Died(failure));
         }
     }
 }
@@ -428,6 +489,7 @@ pub(super) fn supervise(
         ready_info: None,
         shutdown: None,
         ended_early: None,
+        init_interrupted: false,
     };
     match supervisor.start_runner() {
         Ok(info) => {
@@ -456,9 +518,15 @@ pub(super) fn supervise(
                         Ok(info)
                     }
                     Err(Halt::Failed(error)) => Err(error),
-                    Err(Halt::Shutdown) => Err(LoadError::InitFailed {
-                        failure: Failure::new("WorkerShutdown", "the worker shut down during init"),
-                    }),
+                    Err(Halt::Shutdown) => {
+                        supervisor.init_interrupted = true;
+                        Err(LoadError::InitFailed {
+                            failure: Failure::new(
+                                "WorkerShutdown",
+                                "the worker shut down during init",
+                            ),
+                        })
+                    }
                 };
                 let _ = reply.send(result);
             }
@@ -502,6 +570,8 @@ struct Supervisor {
     shutdown: Option<mpsc::Sender<()>>,
     /// How the first runner ended, when it ended between its load and `init`.
     ended_early: Option<EndReport>,
+    /// A shutdown came while `init` ran: the runner has nothing to finish, and is killed.
+    init_interrupted: bool,
 }
 
 impl Supervisor {
@@ -722,6 +792,10 @@ impl Supervisor {
             self.shared.set_phase(Phase::Stopped);
         }
         if let Some(runner) = self.current.take() {
+            if self.init_interrupted {
+                // Its init may take minutes (a model load), and nothing is to be torn down.
+                runner.kill(KillReason::ShutdownDuringInit);
+            }
             let _ = runner.send(Kind::Shutdown, 0, &[]);
             let deadline = Instant::now() + self.shared.spec.cancel_grace + TEARDOWN_WAIT;
             let mut ended = false;
@@ -984,15 +1058,28 @@ fn job_frame(
             let Some(entry) = runner.end_call(call) else {
                 return Err(format!("a result for call {call}, which is not running"));
             };
-            let _ = entry.to_job.send(ToJob::Done(result));
+            entry.to_job.send(ToJob::Done(result));
             return Ok(());
         }
     };
     match lock(&runner.calls).get(&call) {
         Some(entry) => {
-            let _ = entry.to_job.send(message);
+            entry.to_job.send(message);
             Ok(())
         }
         None => Err(format!("a {kind:?} for call {call}, which is not running")),
+    }
+}
+
+/// Runs `wait`, which blocks, from a task: on a multi-threaded runtime it first hands this
+/// thread's other tasks to another thread (`block_in_place`); elsewhere it just blocks.
+fn wait_in_place<T>(wait: impl FnOnce() -> T) -> T {
+    let multi_threaded = tokio::runtime::Handle::try_current().is_ok_and(|runtime| {
+        runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+    });
+    if multi_threaded {
+        tokio::task::block_in_place(wait)
+    } else {
+        wait()
     }
 }
