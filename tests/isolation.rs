@@ -617,3 +617,82 @@ fn sighup_loses_nothing() {
         worker.stderr()
     );
 }
+
+/// SIGTERM while a slow `init` runs (a model load) stops the worker in every serving mode: exit
+/// 0 well before the load would have ended, its runner gone, nothing taken or served. (Without
+/// it, the signal's default action ended the host with 143, or, as PID 1 in a container, did
+/// nothing until the platform's kill.)
+#[test]
+fn a_shutdown_during_init_stops_every_serving_mode() {
+    let config = r#"{"init_sleep_ms": 60000, "init_says": "loading the model"}"#;
+    let args = ["--handler-config", config];
+    let init_started = |stderr: &dyn Fn() -> String| {
+        let deadline = Instant::now() + WAIT;
+        while !stderr().contains("loading the model") {
+            assert!(
+                Instant::now() < deadline,
+                "init never started: {}",
+                stderr()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let stopped = |mode: &str, code: Option<i32>, stderr: String, runner: u32| {
+        assert_eq!(code, Some(0), "{mode}: {stderr}");
+        assert!(
+            stderr.contains("Shutdown asked for during init"),
+            "{mode}: {stderr}"
+        );
+        wait_until_gone(runner, "the runner outlived a shutdown during init");
+    };
+
+    let platform = Platform::start();
+    platform.push_job(json!({"id": "never", "input": {}}));
+    let mut worker = WorkerProcess::start(&platform, Sample::Faulty, &args, &[]);
+    init_started(&|| worker.stderr());
+    let runner = wait_for_one_child(worker.pid(), WAIT);
+    worker.terminate();
+    let code = worker.wait(Duration::from_secs(20));
+    stopped("queue worker", code, worker.stderr(), runner);
+    assert!(
+        !platform
+            .requests()
+            .iter()
+            .any(|r| matches!(r.route, Route::Take | Route::TakeBatch)),
+        "a job was taken after the shutdown"
+    );
+
+    let mut balancer = e2e::load_balancing::LoadBalancer::start(Sample::Faulty, &args);
+    init_started(&|| balancer.stderr());
+    let runner = wait_for_one_child(balancer.pid(), WAIT);
+    balancer.terminate();
+    let code = balancer.wait(Duration::from_secs(20));
+    stopped("load balancing", code, balancer.stderr(), runner);
+
+    // The dev API says it listens only once init is done: its stderr goes to a file instead.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut dev = worker_host()
+        .arg("--handler")
+        .arg(artifacts().library(Sample::Faulty))
+        .args(args)
+        .args(["--rp_serve_api", "--rp_api_port", "0"])
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let dev_stderr = || std::fs::read_to_string(log.path()).unwrap_or_default();
+    init_started(&dev_stderr);
+    let runner = wait_for_one_child(dev.id(), WAIT);
+    send_signal(dev.id(), "TERM");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let code = loop {
+        if let Some(status) = dev.try_wait().unwrap() {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = dev.kill();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    stopped("dev API", code, dev_stderr(), runner);
+}

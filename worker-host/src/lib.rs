@@ -19,10 +19,12 @@ pub mod oneshot;
 pub mod runpod;
 pub mod scaffold;
 pub mod serve;
+mod shutdown;
 pub mod worker;
 
 use config::{ConfigError, Mode, Settings};
 use handler::{Generation, HandlerInfo, LiveHandler, LoadError, PrivateCopies, PrivateDir};
+use shutdown::Shutdown;
 use std::sync::Arc;
 
 /// Why the host stopped before doing its work.
@@ -159,6 +161,20 @@ impl Serving {
             .inspect_err(|_| self.first.handler().shutdown())
     }
 
+    /// Listens for the shutdown signal from now on (before `init`: see [`shutdown`]).
+    fn listen_for_shutdown(&self, runtime: &tokio::runtime::Runtime) -> Shutdown {
+        let in_process = self.spec.isolation == handler::Isolation::None;
+        Shutdown::listen(runtime, self.first.handler().clone(), !in_process)
+    }
+
+    /// After a shutdown asked for during `init`: the handler is stopped and the worker ends
+    /// without serving.
+    fn stopped_during_init(&self) -> Result<u8, HostError> {
+        self.first.handler().shutdown();
+        tracing::info!("The worker stopped during init, as asked.");
+        Ok(exit::SUCCESS)
+    }
+
     /// Runs the first handler's `init` and records how long it took (on success).
     fn timed_init(&self) -> Result<(), LoadError> {
         let started = std::time::Instant::now();
@@ -232,9 +248,15 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     let listener = dev_api::bind(&dev.host, dev.port)?;
     let runtime = io_runtime()?;
     let hangups = Serving::listen_for_hangups(&runtime);
+    let shutdown = serving.listen_for_shutdown(&runtime);
     // Listening during init: /ping answers 204, other requests wait for the handler.
     let public = dev_api::PublicServer::start(&runtime, listener, dev.api.api_key.clone())?;
-    if let Err(error) = serving.init() {
+    let initialized = serving.init();
+    if shutdown.init_ended() {
+        runtime.block_on(public.init_failed());
+        return serving.stopped_during_init();
+    }
+    if let Err(error) = initialized {
         runtime.block_on(public.init_failed());
         return Err(error.into());
     }
@@ -251,7 +273,7 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
         public,
         dev.api,
         worker,
-        shutdown_signal(),
+        shutdown.requested(),
     ));
     live.shutdown();
     runtime.shutdown_background();
@@ -264,9 +286,15 @@ fn run_load_balancing(serving: Serving, config: serve::ServeConfig) -> Result<u8
     let runtime = io_runtime()?;
     let hangups = Serving::listen_for_hangups(&runtime);
     let concurrency = config.concurrency;
+    let shutdown = serving.listen_for_shutdown(&runtime);
     // Listening during init: the health check answers 204, requests wait for the handler.
     let server = serve::Server::start(&runtime, config)?;
-    if let Err(error) = serving.init() {
+    let initialized = serving.init();
+    if shutdown.init_ended() {
+        runtime.block_on(server.stopped_during_init());
+        return serving.stopped_during_init();
+    }
+    if let Err(error) = initialized {
         // Requests held during init are answered 503 before the host exits.
         runtime.block_on(server.init_failed());
         return Err(HostError::WorkerInitFailed(error));
@@ -281,7 +309,7 @@ fn run_load_balancing(serving: Serving, config: serve::ServeConfig) -> Result<u8
         env!("CARGO_PKG_VERSION")
     );
     let live = serving.go_live(&runtime, hangups);
-    let exit = runtime.block_on(server.serve(live.clone(), shutdown_signal()));
+    let exit = runtime.block_on(server.serve(live.clone(), shutdown.requested()));
     live.shutdown();
     runtime.shutdown_background();
     worker_exit(exit)
@@ -378,8 +406,13 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
         serve_metrics(&runtime, address)?;
     }
     let hangups = Serving::listen_for_hangups(&runtime);
+    let shutdown = serving.listen_for_shutdown(&runtime);
     let handler = serving.first.handler().clone();
-    if let Err(error) = serving.timed_init() {
+    let initialized = serving.timed_init();
+    if shutdown.init_ended() {
+        return serving.stopped_during_init();
+    }
+    if let Err(error) = initialized {
         // As the SDK does for a failed fitness check: one unhealthy report, then exit 1.
         runtime.block_on(client.report_unhealthy("handler_init", &error.to_string()));
         if worker.claim_on_init_failure {
@@ -406,31 +439,16 @@ fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError>
     }
     let config = worker_settings(serving.first.info(), worker.config);
     let live = serving.go_live(&runtime, hangups);
-    let exit = runtime.block_on(worker::run(live.clone(), client, config, shutdown_signal()));
+    let exit = runtime.block_on(worker::run(
+        live.clone(),
+        client,
+        config,
+        shutdown.requested(),
+    ));
     live.shutdown();
     // Handler threads of jobs cancelled at shutdown may still be running; do not wait for them.
     runtime.shutdown_background();
     worker_exit(exit)
-}
-
-/// Resolves on the first SIGTERM or SIGINT (Ctrl-C): the one shutdown trigger. (SIGHUP swaps
-/// the handler, see `Serving::go_live`.)
-async fn shutdown_signal() {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!("cannot listen for SIGTERM: {error}");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        () = terminate => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }
 
 fn print_descriptor(info: &HandlerInfo, json: bool) {

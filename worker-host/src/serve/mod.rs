@@ -220,7 +220,17 @@ impl Server {
     /// `init` failed: the health check and the requests held during `init` answer 503, and
     /// the server closes (bounded).
     pub async fn init_failed(self) {
-        self.phase.send_replace(Phase::Failed);
+        self.close_before_serving(Phase::Failed).await;
+    }
+
+    /// A shutdown was asked for during `init`: as [`Self::init_failed`], but the answers say
+    /// the worker is shutting down.
+    pub async fn stopped_during_init(self) {
+        self.close_before_serving(Phase::Draining).await;
+    }
+
+    async fn close_before_serving(self, phase: Phase) {
+        self.phase.send_replace(phase);
         self.stop_accepting.cancel();
         connections::close_within(self.servers, CLOSE_GRACE).await;
     }
