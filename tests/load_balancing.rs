@@ -586,3 +586,54 @@ fn a_health_path_that_is_not_a_plain_path_is_refused() {
         assert!(run.stderr.contains("plain path"), "{path}: {}", run.stderr);
     }
 }
+
+/// A client that stops reading a stream does not make the worker hold the whole stream: once
+/// 64 MiB of chunks wait for it, the job is cancelled and its stream ends with a `StreamNotRead`
+/// failure line. Here the handler would stream about 280 MB; the worker's peak memory stays
+/// far below that, and the next request is served.
+#[test]
+fn a_stream_nobody_reads_is_cancelled_past_64_mib() {
+    let server = LoadBalancer::start(Sample::Stream, &[]);
+    let chunk = "x".repeat(900_000);
+    let answer = client()
+        .post(server.url("/generate"))
+        .json(&json!({"chunks": [chunk], "repeat": 300}))
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK);
+    // Not read: the handler runs until the unread chunks pass the limit and it is cancelled.
+    wait_for("the handler to stop", || {
+        (metric(&server, "worker_host_jobs_in_flight") == 0.0).then_some(())
+    });
+    let mut lines = Vec::new();
+    for line in BufReader::new(answer).lines() {
+        lines.push(line.expect("the stream can be read"));
+    }
+    let last: Value = serde_json::from_str(lines.last().expect("a line")).unwrap();
+    assert!(
+        last.to_string().contains("StreamNotRead"),
+        "the stream ends with {last}"
+    );
+    assert!(
+        lines.len() < 300,
+        "{} chunks came: the job was not cancelled",
+        lines.len() - 1
+    );
+    let status = std::fs::read_to_string(format!("/proc/{}/status", server.pid())).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(
+        peak_kib < 200 * 1024,
+        "the worker peaked at {peak_kib} KiB for a stream its client did not read"
+    );
+    let next = client()
+        .post(server.url("/generate"))
+        .json(&json!({"chunks": [1]}))
+        .send()
+        .unwrap();
+    assert_eq!(next.status(), StatusCode::OK);
+    assert_eq!(next.text().unwrap(), "1\n");
+}

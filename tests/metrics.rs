@@ -189,13 +189,17 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// The load-balancing server's `/metrics` counts completed, failed and waiting jobs, and parses.
+/// The load-balancing server's `/metrics` counts completed, failed and waiting jobs, and the
+/// requests it refused without running a job, and parses; each job's end is logged.
 #[test]
 fn the_load_balancing_server_counts_its_jobs() {
     if !parser_available("the load-balancing metrics test") {
         return;
     }
-    let server = LoadBalancer::start(Sample::Faulty, &["--concurrency", "3"]);
+    let server = LoadBalancer::start(
+        Sample::Faulty,
+        &["--concurrency", "3", "--max-input-bytes", "1000"],
+    );
     let client = client();
     for n in 0..5 {
         let answer = client
@@ -211,7 +215,36 @@ fn the_load_balancing_server_counts_its_jobs() {
         .send()
         .unwrap();
     assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    let not_json = client
+        .post(server.url("/"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .unwrap();
+    assert_eq!(not_json.status(), StatusCode::BAD_REQUEST);
+    for _ in 0..2 {
+        let too_large = client
+            .post(server.url("/"))
+            .json(&json!({"prompt": "x".repeat(2000)}))
+            .send()
+            .unwrap();
+        assert_eq!(too_large.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    }
     let samples = scrape(&server.url("/metrics"));
+    assert_eq!(
+        samples.value(
+            "worker_host_requests_refused_total",
+            &[("reason", "bad_request")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        samples.value(
+            "worker_host_requests_refused_total",
+            &[("reason", "too_large")]
+        ),
+        2.0
+    );
     assert_eq!(
         samples.value("worker_host_jobs_total", &[("outcome", "completed")]),
         5.0
@@ -226,4 +259,14 @@ fn the_load_balancing_server_counts_its_jobs() {
     );
     assert_eq!(samples.value("worker_host_jobs_waiting", &[]), 0.0);
     assert_eq!(samples.value("worker_host_concurrency", &[]), 3.0);
+    let stderr = server.stderr();
+    let finished = stderr
+        .lines()
+        .filter(|line| line.contains("Finished."))
+        .count();
+    assert_eq!(finished, 5, "{stderr}");
+    assert!(
+        stderr.contains("Finished: the job failed (ValueError: no)."),
+        "{stderr}"
+    );
 }

@@ -20,7 +20,8 @@
 //! | `worker_host_take_requests_total` | counter | `result`: jobs, empty, throttled, error |
 //! | `worker_host_result_posts_total` | counter | `result`: delivered, retried, given_up |
 //! | `worker_host_stream_chunks_dropped_total` | counter | |
-//! | `worker_host_runner_restarts_total` | counter | `reason`: crashed, killed, exited, hung, init_timeout |
+//! | `worker_host_runner_restarts_total` | counter | `reason`: crashed, killed, exited, hung |
+//! | `worker_host_requests_refused_total` | counter | `reason` (load-balancing mode: requests answered without running a job): busy, too_large, bad_request, slow_body, unavailable, unauthorized |
 //! | `worker_host_handler_info` | gauge (1) | `name`, `version`, `abi` |
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -100,6 +101,30 @@ pub enum RestartReason {
     hung,
 }
 
+/// Why a load-balancing request was answered without running a job, as
+/// `requests_refused_total` counts it.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum RefusalReason {
+    /// 429: every slot and waiting place was taken.
+    busy,
+    /// 413: the body was over `--max-input-bytes`.
+    too_large,
+    /// 400: the body was not JSON, or could not be read.
+    bad_request,
+    /// 408: the body did not arrive in time.
+    slow_body,
+    /// 503: the worker is shutting down, its init failed, or its handler cannot serve.
+    unavailable,
+    /// 401: the API key was missing or wrong.
+    unauthorized,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabel {
+    reason: RefusalReason,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
     outcome: JobOutcome,
@@ -141,6 +166,7 @@ pub struct Metrics {
     result_posts: Family<PostLabel, Counter>,
     stream_chunks_dropped: Counter,
     runner_restarts: Family<RestartLabel, Counter>,
+    requests_refused: Family<RefusalLabel, Counter>,
     handler_info: Family<HandlerLabels, Gauge>,
     /// The labels `handler_info` has now (a swap replaces them).
     handler_now: Mutex<Option<HandlerLabels>>,
@@ -166,6 +192,7 @@ impl Metrics {
             result_posts: Family::default(),
             stream_chunks_dropped: Counter::default(),
             runner_restarts: Family::default(),
+            requests_refused: Family::default(),
             handler_info: Family::default(),
             handler_now: Mutex::new(None),
             registry: Registry::default(),
@@ -235,6 +262,11 @@ impl Metrics {
             metrics.runner_restarts.clone(),
         );
         registry.register(
+            "requests_refused",
+            "Load-balancing requests answered without running a job, by why",
+            metrics.requests_refused.clone(),
+        );
+        registry.register(
             "handler_info",
             "The handler serving (always 1)",
             metrics.handler_info.clone(),
@@ -292,6 +324,13 @@ impl Metrics {
     pub fn stream_chunks_dropped(&self, count: usize) {
         self.stream_chunks_dropped
             .inc_by(u64::try_from(count).unwrap_or(u64::MAX));
+    }
+
+    /// A load-balancing request was refused for this reason.
+    pub fn request_refused(&self, reason: RefusalReason) {
+        self.requests_refused
+            .get_or_create(&RefusalLabel { reason })
+            .inc();
     }
 
     /// A runner was restarted for this reason.

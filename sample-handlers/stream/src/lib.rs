@@ -2,7 +2,8 @@
 //! and stops early when the job is cancelled.
 //!
 //! Input: `{"chunks": [<any JSON>...], "delay_ms": <optional pause before each chunk>,
-//! "fail_after": <optional: fail once this many chunks are out>}`.
+//! "fail_after": <optional: fail once this many chunks are out>, "repeat": <optional: emit the
+//! chunks this many times over, default 1>}`.
 
 use handler_abi::{export_handler, Handler, HandlerError, Job};
 use serde::Deserialize;
@@ -17,6 +18,12 @@ pub struct StreamInput {
     delay_ms: u64,
     #[serde(default)]
     fail_after: Option<usize>,
+    #[serde(default = "once")]
+    repeat: usize,
+}
+
+fn once() -> usize {
+    1
 }
 
 /// Keeps no state.
@@ -33,8 +40,8 @@ impl Handler for Stream {
     }
 
     fn handle(&self, input: StreamInput, job: &Job<'_>) -> Result<(), HandlerError> {
-        let total = input.chunks.len();
-        for (done, chunk) in input.chunks.iter().enumerate() {
+        let total = input.chunks.len() * input.repeat;
+        for (done, chunk) in input.chunks.iter().cycle().take(total).enumerate() {
             if input.fail_after == Some(done) {
                 return Err(HandlerError::new(
                     "StreamFailed",

@@ -22,7 +22,7 @@ use super::{Phase, ServeState};
 use crate::handler::{CancelToken, JobEvents};
 use crate::http::error_answer;
 use crate::job::{job_done_body, Failure, Job, JobResult, Outcome, RawJson};
-use crate::metrics::{self, JobOutcome};
+use crate::metrics::{self, JobOutcome, RefusalReason};
 use axum::body::Body;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -148,17 +148,51 @@ fn one_line(json: &str) -> std::borrow::Cow<'_, str> {
     line.into()
 }
 
-/// Cancels the job when dropped before it ended (the client went away), and counts how it ended.
+/// Cancels the job when dropped before it ended (the client went away), and counts and logs
+/// (in the job's span, as the queue worker does) how it ended.
 struct JobGuard {
     cancel: CancelToken,
     ended: bool,
+    span: tracing::Span,
 }
 
 impl JobGuard {
+    fn new(cancel: CancelToken) -> Self {
+        Self {
+            cancel,
+            ended: false,
+            span: tracing::Span::current(),
+        }
+    }
+
     fn end(&mut self, outcome: JobOutcome) {
-        if !self.ended {
-            self.ended = true;
-            metrics::get().job_ended(outcome);
+        self.end_with(outcome, None);
+    }
+
+    /// Ends a job whose result is `result`, a failure (named in the log line).
+    fn end_failed(&mut self, result: &JobResult) {
+        match &result.outcome {
+            Outcome::Failed { failure, .. } => self.end_with(JobOutcome::failed, Some(failure)),
+            _ => self.end(JobOutcome::failed),
+        }
+    }
+
+    fn end_with(&mut self, outcome: JobOutcome, failure: Option<&Failure>) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        metrics::get().job_ended(outcome);
+        let _entered = self.span.enter();
+        match (outcome, failure) {
+            (JobOutcome::failed, Some(failure)) => tracing::error!(
+                "Finished: the job failed ({}: {}).",
+                failure.error_type,
+                failure.message.lines().next().unwrap_or_default()
+            ),
+            (JobOutcome::failed, None) => tracing::error!("Finished: the job failed."),
+            (JobOutcome::cancelled, _) => tracing::info!("Finished: the job was cancelled."),
+            _ => tracing::info!("Finished."),
         }
     }
 }
@@ -169,6 +203,7 @@ impl Drop for JobGuard {
             // Softly: a handler that ignores it runs on rather than its runner being killed
             // with every other job on it.
             self.cancel.cancel_softly();
+            let _entered = self.span.enter();
             tracing::info!("The client went away: the job is cancelled.");
             metrics::get().job_ended(JobOutcome::cancelled);
         }
@@ -230,45 +265,50 @@ async fn run_job(
     permit: OwnedSemaphorePermit,
     format: StreamFormat,
 ) -> Response {
-    // A request that came during init waits for it.
-    let mut phase = state.phase.clone();
-    let started = tokio::select! {
-        phase = phase.wait_for(|phase| !matches!(phase, Phase::Starting)) => phase.map(|phase| phase.clone()),
-        () = state.stop_jobs.cancelled() => return shutting_down(),
+    // The handler to run on, or why there is none: a refusal, before any job runs.
+    let leased = async {
+        // A request that came during init waits for it.
+        let mut phase = state.phase.clone();
+        let started = tokio::select! {
+            phase = phase.wait_for(|phase| !matches!(phase, Phase::Starting)) => phase.map(|phase| phase.clone()),
+            () = state.stop_jobs.cancelled() => return Err(shutting_down()),
+        };
+        let live = match started {
+            Ok(Phase::Serving(live)) => live,
+            Ok(Phase::Failed) => {
+                return Err(error_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the handler's init failed: this worker cannot serve",
+                ))
+            }
+            _ => return Err(shutting_down()),
+        };
+        let lease = tokio::select! {
+            lease = live.next_lease() => lease,
+            () = state.stop_jobs.cancelled() => return Err(shutting_down()),
+        };
+        let lease = match lease {
+            Ok(lease) => lease,
+            Err(reason) => {
+                return Err(error_answer(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("the handler cannot serve: {reason}"),
+                ))
+            }
+        };
+        let build_slot = tokio::select! {
+            slot = lease.slot() => slot,
+            () = state.stop_jobs.cancelled() => return Err(shutting_down()),
+        };
+        Ok((lease, build_slot))
     };
-    let live = match started {
-        Ok(Phase::Serving(live)) => live,
-        Ok(Phase::Failed) => {
-            return error_answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "the handler's init failed: this worker cannot serve",
-            )
-        }
-        _ => return shutting_down(),
-    };
-    let lease = tokio::select! {
-        lease = live.next_lease() => lease,
-        () = state.stop_jobs.cancelled() => return shutting_down(),
-    };
-    let lease = match lease {
-        Ok(lease) => lease,
-        Err(reason) => {
-            return error_answer(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("the handler cannot serve: {reason}"),
-            )
-        }
-    };
-    let build_slot = tokio::select! {
-        slot = lease.slot() => slot,
-        () = state.stop_jobs.cancelled() => return shutting_down(),
+    let (lease, build_slot) = match leased.await {
+        Ok(leased) => leased,
+        Err(refusal) => return counted(refusal),
     };
     let streaming = lease.info().streaming;
     let cancel = CancelToken::new();
-    let mut guard = JobGuard {
-        cancel: cancel.clone(),
-        ended: false,
-    };
+    let mut guard = JobGuard::new(cancel.clone());
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let unread = Arc::new(AtomicUsize::new(0));
     let events = ChannelEvents {
@@ -297,7 +337,7 @@ async fn run_job(
         message = receiver.recv() => message,
         () = state.stop_jobs.cancelled() => {
             guard.cancel.cancel();
-            guard.end(JobOutcome::failed);
+            guard.end_failed(&shutdown_result());
             let text = failure_text(&state, &shutdown_result());
             return crate::http::json_answer(StatusCode::SERVICE_UNAVAILABLE, text);
         }
@@ -311,12 +351,11 @@ async fn run_job(
             )
         }
         Some(Message::Done(result)) => {
-            let failed = result.is_failure();
-            guard.end(if failed {
-                JobOutcome::failed
+            if result.is_failure() {
+                guard.end_failed(&result);
             } else {
-                JobOutcome::completed
-            });
+                guard.end(JobOutcome::completed);
+            }
             finished(&state, result, streaming, format)
         }
         Some(Message::Chunk(chunk)) => stream(state, guard, receiver, unread, chunk, format),
@@ -430,7 +469,7 @@ fn stream(
             biased;
             () = streaming.state.stop_jobs.cancelled() => {
                 streaming.guard.cancel.cancel();
-                streaming.guard.end(JobOutcome::failed);
+                streaming.guard.end_failed(&shutdown_result());
                 streaming.done = true;
                 let text = failure_text(&streaming.state, &shutdown_result());
                 return Some((Ok(streaming.format.failure(&text)), streaming));
@@ -453,7 +492,7 @@ fn stream(
                 Some((Ok(streaming.format.failure(&text)), streaming))
             }
             Some(Message::Done(result)) if result.is_failure() => {
-                streaming.guard.end(JobOutcome::failed);
+                streaming.guard.end_failed(&result);
                 streaming.done = true;
                 let text = failure_text(&streaming.state, &result);
                 Some((Ok(streaming.format.failure(&text)), streaming))
@@ -486,6 +525,20 @@ fn shutdown_result() -> JobResult {
         Failure::new("WorkerShutdown", "worker shut down before the job finished"),
         false,
     )
+}
+
+/// `refusal` (an answer to a request that ran no job), counted in the metrics by its status.
+pub(super) fn counted(refusal: Response) -> Response {
+    let reason = match refusal.status() {
+        StatusCode::TOO_MANY_REQUESTS => RefusalReason::busy,
+        StatusCode::PAYLOAD_TOO_LARGE => RefusalReason::too_large,
+        StatusCode::REQUEST_TIMEOUT => RefusalReason::slow_body,
+        StatusCode::UNAUTHORIZED => RefusalReason::unauthorized,
+        StatusCode::SERVICE_UNAVAILABLE => RefusalReason::unavailable,
+        _ => RefusalReason::bad_request,
+    };
+    metrics::get().request_refused(reason);
+    refusal
 }
 
 /// The answer to a job the worker will not run because it is shutting down.

@@ -429,41 +429,41 @@ fn refused(state: &ServeState, request: &Request) -> Option<Response> {
 /// Any other request: one job.
 async fn job(State(state): State<Arc<ServeState>>, request: Request) -> Response {
     if let Some(refused) = refused(&state, &request) {
-        return refused;
+        return answer::counted(refused);
     }
     if matches!(&*state.phase.borrow(), Phase::Draining | Phase::Failed) {
-        return answer::shutting_down();
+        return answer::counted(answer::shutting_down());
     }
     let id = request::job_id(request.headers());
     let format = answer::StreamFormat::for_accept(request.headers().get(header::ACCEPT));
     let span = tracing::info_span!("job", job_id = %id);
     async move {
-        let Some(admission) = answer::admit(&state) else {
-            return answer::busy(&state);
+        let admitted = async {
+            let Some(admission) = answer::admit(&state) else {
+                return Err(answer::busy(&state));
+            };
+            let limit = state.config.max_input_bytes;
+            let (parts, body) = request.into_parts();
+            let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
+            let body = match read.await {
+                Ok(Ok(body)) => body,
+                Ok(Err(error)) => return Err(body_error(&error, limit)),
+                Err(_) => {
+                    return Err(error_answer(
+                        StatusCode::REQUEST_TIMEOUT,
+                        format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
+                    ))
+                }
+            };
+            let job = request::job(&id, &parts.method, &parts.uri, &parts.headers, &body)
+                .map_err(|error| error_answer(StatusCode::BAD_REQUEST, error.to_string()))?;
+            drop(body);
+            Ok((job, admission.slot().await?))
         };
-        let limit = state.config.max_input_bytes;
-        let (parts, body) = request.into_parts();
-        let read = tokio::time::timeout(BODY_READ_TIMEOUT, axum::body::to_bytes(body, limit));
-        let body = match read.await {
-            Ok(Ok(body)) => body,
-            Ok(Err(error)) => return body_error(&error, limit),
-            Err(_) => {
-                return error_answer(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!("the request body did not arrive within {BODY_READ_TIMEOUT:?}"),
-                )
-            }
-        };
-        let job = match request::job(&id, &parts.method, &parts.uri, &parts.headers, &body) {
-            Ok(job) => job,
-            Err(error) => return error_answer(StatusCode::BAD_REQUEST, error.to_string()),
-        };
-        drop(body);
-        let permit = match admission.slot().await {
-            Ok(permit) => permit,
-            Err(refusal) => return refusal,
-        };
-        answer::run(state, job, permit, format).await
+        match admitted.await {
+            Ok((job, permit)) => answer::run(state, job, permit, format).await,
+            Err(refusal) => answer::counted(refusal),
+        }
     }
     .instrument(span)
     .await
