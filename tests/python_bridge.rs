@@ -102,6 +102,34 @@ fn async_generator_handler_matches_the_sdk() {
     );
 }
 
+/// A generator that yields chunks and then raises: the platform gets the chunks, then the
+/// SDK's generator error (`handler: <message> \ntraceback: <traceback>`, a plain string); one
+/// that raises before its first chunk gets that error alone.
+#[test]
+fn a_generator_that_raises_mid_stream_matches_the_sdk() {
+    both_ways(
+        "generator_raises.py",
+        &[],
+        vec![
+            json!({"id": "gr-1", "input": {"chunks": [{"part": 1}, "two ✓"], "raise": "mid-stream ✓"}}),
+            json!({"id": "gr-2", "input": {"chunks": [], "raise": "before any chunk"}}),
+        ],
+    );
+}
+
+/// An async generator that raises mid-stream, with `return_aggregate_stream`: the streamed
+/// chunks, then the SDK's generator error, the aggregated chunks dropped, as the SDK does.
+#[test]
+fn an_async_generator_that_raises_mid_stream_matches_the_sdk() {
+    both_ways(
+        "async_generator_raises.py",
+        &["--return-aggregate-stream"],
+        vec![
+            json!({"id": "agr-1", "input": {"chunks": ["a", {"b": 2}], "raise": "async mid-stream"}}),
+        ],
+    );
+}
+
 /// A one-shot run of a `--handler`-less bridge: `WORKER_HOST_PYTHON_SCRIPT` names the script.
 fn oneshot(script: &Path, input: &Value, extra: &[(&str, &str)]) -> Run {
     let mut command = worker_host();
