@@ -11,7 +11,7 @@
 use e2e::conformance::{compare, Host, Scenario, Sdk};
 use e2e::dev_api::DevApi;
 use e2e::load_balancing::LoadBalancer;
-use e2e::platform::{results_by_id, Platform};
+use e2e::platform::{of_route, results_by_id, Platform, Recorded, Route};
 use e2e::{python_bridge, worker_host, Run, WorkerProcess};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -129,6 +129,61 @@ fn an_async_generator_that_raises_mid_stream_matches_the_sdk() {
             json!({"id": "agr-1", "input": {"chunks": ["a", {"b": 2}], "raise": "async mid-stream"}}),
         ],
     );
+}
+
+/// A generator (sync or async) that yields a dict with a truthy `error` fails its job there, as
+/// the SDK's does: that dict is not streamed, nor is anything after it, and the job's result is
+/// a failure with the error's text (a falsy `error` is a chunk like any other). Not `both_ways`:
+/// the SDK's result is `{"error": "<str(value)>"}`, and worker-host's streaming failure always
+/// has the SDK's generator-exception shape (`handler: <message> \ntraceback: <type>: <message>`),
+/// so the error text is wrapped (README, "Where the bridge differs from the SDK").
+#[test]
+fn a_generator_that_yields_an_error_fails_its_job() {
+    if !ready("the bridge's yielded error test") {
+        return;
+    }
+    for script in [
+        "generator_yields_error.py",
+        "async_generator_yields_error.py",
+    ] {
+        let platform = Platform::start();
+        let chunks = json!(["a", {"error": "", "kept": 1}, {"error": "stop here ✓"}, "never"]);
+        platform.push_job(json!({"id": "ye-1", "input": {"chunks": chunks}}));
+        platform.push_job(json!({"id": "ye-2", "input": {"chunks": ["fine"]}}));
+        let args = python_bridge::args(&python_bridge::script(script));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _worker = WorkerProcess::start_library(&platform, python_bridge::library(), &args, &[]);
+        let requests = platform.wait_for(WAIT, "both results", |requests| {
+            results_by_id(requests).len() == 2
+        });
+        let streamed = |id: &str| -> Vec<Value> {
+            of_route(&requests, Route::Stream)
+                .into_iter()
+                .filter(|r| r.job_id().as_deref() == Some(id))
+                .map(Recorded::json)
+                .collect()
+        };
+        assert_eq!(
+            streamed("ye-1"),
+            vec![
+                json!({"output": "a"}),
+                json!({"output": {"error": "", "kept": 1}})
+            ],
+            "{script}"
+        );
+        let results = results_by_id(&requests);
+        assert_eq!(
+            results["ye-1"],
+            json!({"error": "handler: stop here ✓ \ntraceback: YieldedError: stop here ✓"}),
+            "{script}"
+        );
+        assert_eq!(
+            streamed("ye-2"),
+            vec![json!({"output": "fine"})],
+            "{script}"
+        );
+        assert_eq!(results["ye-2"], json!({"output": []}), "{script}");
+    }
 }
 
 /// A one-shot run of a `--handler`-less bridge: `WORKER_HOST_PYTHON_SCRIPT` names the script.
