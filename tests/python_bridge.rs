@@ -5,8 +5,9 @@
 //! 1.12.0 and under worker-host with the bridge, against the same stand-in platform, with the
 //! harness of `tests/support/conformance.rs`. The rest cover the one-shot run, the dev API
 //! driven by the official client, a script that fails while it loads, a segfault in C code,
-//! cancellation, and load-balancing mode (`--load-balancing`) driven over HTTP. Every test needs
-//! `python3` with `runpod==1.12.0` (see [`e2e::python_sdk_available`]).
+//! cancellation, a generator's yielded `error` dict, and load-balancing mode (`--load-balancing`)
+//! driven over HTTP. Every test needs `python3` with `runpod==1.12.0` (see
+//! [`e2e::python_sdk_available`]).
 
 use e2e::conformance::{compare, Host, Scenario, Sdk};
 use e2e::dev_api::DevApi;
