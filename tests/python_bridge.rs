@@ -4,13 +4,15 @@
 //! The conformance tests run each script both ways, as `python3 SCRIPT` with runpod-python
 //! 1.12.0 and under worker-host with the bridge, against the same stand-in platform, with the
 //! harness of `tests/support/conformance.rs`. The rest cover the one-shot run, the dev API
-//! driven by the official client, a script that fails while it loads, a segfault in C code and
-//! cancellation. Every test needs `python3` with `runpod==1.12.0` (see
+//! driven by the official client, a script that fails while it loads, a segfault in C code,
+//! cancellation, a generator's yielded `error` dict, and load-balancing mode (`--load-balancing`)
+//! driven over HTTP. Every test needs `python3` with `runpod==1.12.0` (see
 //! [`e2e::python_sdk_available`]).
 
 use e2e::conformance::{compare, Host, Scenario, Sdk};
 use e2e::dev_api::DevApi;
-use e2e::platform::{results_by_id, Platform};
+use e2e::load_balancing::LoadBalancer;
+use e2e::platform::{of_route, results_by_id, Platform, Recorded, Route};
 use e2e::{python_bridge, worker_host, Run, WorkerProcess};
 use serde_json::{json, Value};
 use std::path::Path;
@@ -100,6 +102,89 @@ fn async_generator_handler_matches_the_sdk() {
         &["--return-aggregate-stream"],
         vec![json!({"id": "ag-1", "input": {"chunks": ["a", {"b": 2}]}})],
     );
+}
+
+/// A generator that yields chunks and then raises: the platform gets the chunks, then the
+/// SDK's generator error (`handler: <message> \ntraceback: <traceback>`, a plain string); one
+/// that raises before its first chunk gets that error alone.
+#[test]
+fn a_generator_that_raises_mid_stream_matches_the_sdk() {
+    both_ways(
+        "generator_raises.py",
+        &[],
+        vec![
+            json!({"id": "gr-1", "input": {"chunks": [{"part": 1}, "two ✓"], "raise": "mid-stream ✓"}}),
+            json!({"id": "gr-2", "input": {"chunks": [], "raise": "before any chunk"}}),
+        ],
+    );
+}
+
+/// An async generator that raises mid-stream, with `return_aggregate_stream`: the streamed
+/// chunks, then the SDK's generator error, the aggregated chunks dropped, as the SDK does.
+#[test]
+fn an_async_generator_that_raises_mid_stream_matches_the_sdk() {
+    both_ways(
+        "async_generator_raises.py",
+        &["--return-aggregate-stream"],
+        vec![
+            json!({"id": "agr-1", "input": {"chunks": ["a", {"b": 2}], "raise": "async mid-stream"}}),
+        ],
+    );
+}
+
+/// A generator (sync or async) that yields a dict with a truthy `error` fails its job there, as
+/// the SDK's does: that dict is not streamed, nor is anything after it, and the job's result is
+/// a failure with the error's text (a falsy `error` is a chunk like any other). Not `both_ways`:
+/// the SDK's result is `{"error": "<str(value)>"}`, and worker-host's streaming failure always
+/// has the SDK's generator-exception shape (`handler: <message> \ntraceback: <type>: <message>`),
+/// so the error text is wrapped (README, "Where the bridge differs from the SDK").
+#[test]
+fn a_generator_that_yields_an_error_fails_its_job() {
+    if !ready("the bridge's yielded error test") {
+        return;
+    }
+    for script in [
+        "generator_yields_error.py",
+        "async_generator_yields_error.py",
+    ] {
+        let platform = Platform::start();
+        let chunks = json!(["a", {"error": "", "kept": 1}, {"error": "stop here ✓"}, "never"]);
+        platform.push_job(json!({"id": "ye-1", "input": {"chunks": chunks}}));
+        platform.push_job(json!({"id": "ye-2", "input": {"chunks": ["fine"]}}));
+        let args = python_bridge::args(&python_bridge::script(script));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let _worker = WorkerProcess::start_library(&platform, python_bridge::library(), &args, &[]);
+        let requests = platform.wait_for(WAIT, "both results", |requests| {
+            results_by_id(requests).len() == 2
+        });
+        let streamed = |id: &str| -> Vec<Value> {
+            of_route(&requests, Route::Stream)
+                .into_iter()
+                .filter(|r| r.job_id().as_deref() == Some(id))
+                .map(Recorded::json)
+                .collect()
+        };
+        assert_eq!(
+            streamed("ye-1"),
+            vec![
+                json!({"output": "a"}),
+                json!({"output": {"error": "", "kept": 1}})
+            ],
+            "{script}"
+        );
+        let results = results_by_id(&requests);
+        assert_eq!(
+            results["ye-1"],
+            json!({"error": "handler: stop here ✓ \ntraceback: YieldedError: stop here ✓"}),
+            "{script}"
+        );
+        assert_eq!(
+            streamed("ye-2"),
+            vec![json!({"output": "fine"})],
+            "{script}"
+        );
+        assert_eq!(results["ye-2"], json!({"output": []}), "{script}");
+    }
 }
 
 /// A one-shot run of a `--handler`-less bridge: `WORKER_HOST_PYTHON_SCRIPT` names the script.
@@ -386,4 +471,283 @@ fn a_cancelled_sync_job_raises_past_except_exception() {
     let observed = client(&host, "cancel");
     assert_eq!(observed["cancel"], "CANCELLED", "{observed}");
     wait_for_log(&host, "the sync handler was stopped by JobCancelled");
+}
+
+/// `worker-host --load-balancing` on a script, with extra arguments.
+fn load_balancer(script: &str, args: &[&str]) -> LoadBalancer {
+    let mut all = python_bridge::args(&python_bridge::script(script));
+    all.extend(args.iter().map(|arg| (*arg).to_owned()));
+    let all: Vec<&str> = all.iter().map(String::as_str).collect();
+    LoadBalancer::start_library(python_bridge::library(), &all, &[])
+}
+
+/// An HTTP client with [`WAIT`] as its timeout (the first request waits for the script's `init`).
+fn http() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .timeout(WAIT)
+        .build()
+        .expect("a client can be built")
+}
+
+/// The body of a load-balancing answer, as JSON.
+fn json_body(answer: reqwest::blocking::Response) -> Value {
+    let text = answer.text().expect("the body can be read");
+    serde_json::from_str(&text).unwrap_or_else(|_| panic!("the body is not JSON: {text}"))
+}
+
+/// The SDK's error payload inside a failed answer's `{"error": "<payload as JSON text>"}`.
+fn error_payload(body: &Value) -> Value {
+    let text = body["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error: {body}"));
+    serde_json::from_str(text).unwrap_or_else(|_| panic!("the error is not a payload: {text}"))
+}
+
+/// In load-balancing mode a sync script answers a JSON request with its output as the body (200,
+/// not wrapped), sees the request's method and path in `job["http"]`, fails a returned `error`
+/// dict and an exception with 500 and the queue worker's error body (the exception's payload
+/// with the SDK's `<class '...'>` type and the script's traceback), and serves on after both.
+#[test]
+fn load_balancing_answers_a_sync_script_with_its_output() {
+    if !ready("the bridge's load-balancing test") {
+        return;
+    }
+    let server = load_balancer("sync_handler.py", &[]);
+    let http = http();
+    let input = json!({"text": "héllo ✓", "n": [1, 2.5, null]});
+    let answer = http
+        .post(server.url("/v1/echo"))
+        .header("X-Request-ID", "lb-1")
+        .json(&input)
+        .send()
+        .expect("the request is answered");
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::OK,
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(answer.headers()["content-type"], "application/json");
+    assert_eq!(answer.headers()["x-request-id"], "lb-1");
+    assert_eq!(json_body(answer), input);
+
+    let refused = http
+        .post(server.url("/"))
+        .json(&json!({"error": "handler says no", "partial": 1}))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(refused.status(), reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        json_body(refused),
+        json!({"output": {"partial": 1}, "error": "handler says no"})
+    );
+
+    let raised = http
+        .post(server.url("/"))
+        .json(&json!({"raise": "boom ✓"}))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(raised.status(), reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+    let payload = error_payload(&json_body(raised));
+    assert_eq!(payload["error_type"], "<class 'ValueError'>", "{payload}");
+    assert_eq!(payload["error_message"], "boom ✓", "{payload}");
+    let traceback = payload["error_traceback"].as_str().expect("a traceback");
+    let script = python_bridge::script("sync_handler.py");
+    assert!(
+        traceback.contains(&format!("File \"{}\", line", script.display()))
+            && traceback.ends_with("ValueError: boom ✓\n"),
+        "{traceback}"
+    );
+
+    let after = http
+        .put(server.url("/again"))
+        .body("[1, \"two\"]")
+        .send()
+        .expect("the request is answered");
+    assert_eq!(after.status(), reqwest::StatusCode::OK);
+    assert_eq!(json_body(after), json!([1, "two"]));
+    drop(server);
+
+    let server = load_balancer("routes_handler.py", &[]);
+    let answer = http
+        .post(server.url("/v1/embed?model=small"))
+        .json(&json!({"text": "a"}))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::OK,
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(
+        json_body(answer),
+        json!({"route": "POST /v1/embed", "input": {"text": "a"}})
+    );
+}
+
+/// The lines of an NDJSON answer, each parsed.
+fn ndjson(text: &str) -> Vec<Value> {
+    text.lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|_| panic!("not JSON: {line:?}")))
+        .collect()
+}
+
+/// The `data:` of each event of a Server-Sent Events answer, parsed, with its event name when it
+/// has one.
+fn events(text: &str) -> Vec<(Option<String>, Value)> {
+    text.split_terminator("\n\n")
+        .map(|event| {
+            let mut name = None;
+            let mut data = None;
+            for line in event.lines() {
+                if let Some(value) = line.strip_prefix("event: ") {
+                    name = Some(value.to_owned());
+                } else if let Some(value) = line.strip_prefix("data: ") {
+                    data = Some(serde_json::from_str(value).expect("the data is JSON"));
+                } else {
+                    panic!("unexpected line {line:?} in {text:?}");
+                }
+            }
+            (name, data.unwrap_or_else(|| panic!("no data in {event:?}")))
+        })
+        .collect()
+}
+
+/// In load-balancing mode a generator script streams its chunks as NDJSON, one per line, or as
+/// Server-Sent Events with `Accept: text/event-stream` (its progress updates, which have no place
+/// in an HTTP answer, are dropped without breaking it); one that yields nothing answers an empty
+/// stream.
+#[test]
+fn load_balancing_streams_a_generator_script() {
+    if !ready("the bridge's load-balancing stream test") {
+        return;
+    }
+    let server = load_balancer("generator_handler.py", &[]);
+    let http = http();
+    let chunks = json!([{"part": 1}, "two ✓", [3]]);
+    let answer = http
+        .post(server.url("/generate"))
+        .json(&json!({ "chunks": chunks }))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::OK,
+        "{}",
+        server.stderr()
+    );
+    assert_eq!(answer.headers()["content-type"], "application/x-ndjson");
+    assert_eq!(Value::from(ndjson(&answer.text().unwrap())), chunks);
+
+    let answer = http
+        .post(server.url("/generate"))
+        .header("Accept", "text/event-stream")
+        .json(&json!({ "chunks": chunks }))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    assert_eq!(answer.headers()["content-type"], "text/event-stream");
+    let streamed = events(&answer.text().unwrap());
+    assert!(
+        streamed.iter().all(|(name, _)| name.is_none()),
+        "{streamed:?}"
+    );
+    let data: Vec<Value> = streamed.into_iter().map(|(_, data)| data).collect();
+    assert_eq!(Value::from(data), chunks);
+
+    let empty = http
+        .post(server.url("/generate"))
+        .json(&json!({"chunks": []}))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(empty.status(), reqwest::StatusCode::OK);
+    assert_eq!(empty.text().unwrap(), "");
+}
+
+/// In load-balancing mode a generator script that raises after its chunks ends the stream with
+/// the error (a last `{"error": ...}` line in NDJSON, an `error` event in SSE) holding the SDK's
+/// error payload of the exception; one that raises before its first chunk answers a plain 500
+/// with that payload.
+#[test]
+fn load_balancing_ends_a_raising_generator_script_with_its_error() {
+    if !ready("the bridge's load-balancing stream failure test") {
+        return;
+    }
+    let server = load_balancer("generator_raises.py", &[]);
+    let http = http();
+    let check = |payload: &Value, message: &str| {
+        assert_eq!(payload["error_type"], "<class 'ValueError'>", "{payload}");
+        assert_eq!(payload["error_message"], message, "{payload}");
+        let traceback = payload["error_traceback"].as_str().expect("a traceback");
+        assert!(
+            traceback.ends_with(&format!("ValueError: {message}\n")),
+            "{traceback}"
+        );
+    };
+    let input = json!({"chunks": ["a", {"b": 2}], "raise": "mid-stream ✓"});
+    let answer = http
+        .post(server.url("/"))
+        .json(&input)
+        .send()
+        .expect("the request is answered");
+    assert_eq!(
+        answer.status(),
+        reqwest::StatusCode::OK,
+        "{}",
+        server.stderr()
+    );
+    let mut lines = ndjson(&answer.text().unwrap());
+    let last = lines.pop().expect("an error line");
+    assert_eq!(Value::from(lines), json!(["a", {"b": 2}]));
+    check(&error_payload(&last), "mid-stream ✓");
+
+    let answer = http
+        .post(server.url("/"))
+        .header("Accept", "text/event-stream")
+        .json(&input)
+        .send()
+        .expect("the request is answered");
+    assert_eq!(answer.status(), reqwest::StatusCode::OK);
+    let mut streamed = events(&answer.text().unwrap());
+    let (name, last) = streamed.pop().expect("an error event");
+    assert_eq!(name.as_deref(), Some("error"));
+    check(&error_payload(&last), "mid-stream ✓");
+    assert_eq!(streamed, vec![(None, json!("a")), (None, json!({"b": 2}))]);
+
+    let answer = http
+        .post(server.url("/"))
+        .json(&json!({"chunks": [], "raise": "before any chunk"}))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(answer.status(), reqwest::StatusCode::INTERNAL_SERVER_ERROR);
+    check(&error_payload(&json_body(answer)), "before any chunk");
+}
+
+/// In load-balancing mode an async script's `concurrency_modifier` (capped by `--concurrency`)
+/// serves requests at once: three requests that each wait for the other two all meet.
+#[test]
+fn load_balancing_serves_an_async_script_concurrently() {
+    if !ready("the bridge's load-balancing concurrency test") {
+        return;
+    }
+    let server = load_balancer("concurrent_async.py", &["--concurrency", "8"]);
+    let answers: Vec<_> = (0..3)
+        .map(|_| {
+            let url = server.url("/meet");
+            std::thread::spawn(move || {
+                let answer = http()
+                    .post(url)
+                    .json(&json!({"meet": 3}))
+                    .send()
+                    .expect("the request is answered");
+                (answer.status(), json_body(answer))
+            })
+        })
+        .collect();
+    for answer in answers {
+        let (status, body) = answer.join().expect("the request thread ends");
+        assert_eq!(status, reqwest::StatusCode::OK, "{}", server.stderr());
+        assert_eq!(body, json!({"met": true}));
+    }
 }

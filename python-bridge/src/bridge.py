@@ -86,6 +86,14 @@ def _trimmed(error):
     return "".join(traceback.format_exception(type(error), error, tb))
 
 
+def _yielded_error(chunk):
+    """The error of a yielded dict with a truthy `error` (which, as in the SDK, is not streamed:
+    it ends the stream and fails the job), or None for a chunk."""
+    if isinstance(chunk, dict) and chunk.get("error"):
+        return chunk["error"]
+    return None
+
+
 def _kind(handler):
     """The handler's kind, told apart as the SDK tells it."""
     if inspect.isasyncgenfunction(handler):
@@ -204,11 +212,21 @@ class _Job:
         # The SDK's error_type is str(type(err)): "<class 'ValueError'>".
         self.reporter.error(str(type(error)), str(error), _trimmed(error))
 
+    def fail_yielded(self, value):
+        """Fails the job with a generator's yielded `error` value (its `str`, as the SDK has it)."""
+        self._finish()
+        self.reporter.error("YieldedError", str(value), "")
+
     def run_sync(self, handler, kind):
         try:
             output = handler(self.job)
             if kind == "generator":
                 for chunk in output:
+                    error = _yielded_error(chunk)
+                    if error is not None:
+                        output.close()
+                        self.fail_yielded(error)
+                        return
                     self.emit(chunk)
                 self.stream_done()
                 return
@@ -225,7 +243,13 @@ class _Job:
             self.started = True
         try:
             if kind == "async_generator":
-                async for chunk in handler(self.job):
+                stream = handler(self.job)
+                async for chunk in stream:
+                    error = _yielded_error(chunk)
+                    if error is not None:
+                        await stream.aclose()
+                        self.fail_yielded(error)
+                        return
                     self.emit(chunk)
                 self.stream_done()
                 return

@@ -46,6 +46,11 @@
 //! - the official Python worker (`runpod` 1.12.0, `tests/bench/python_echo.py`) at concurrency 1
 //!   and 8 when `python3 -c "import runpod"` works, with a small N because the SDK sleeps 1 s
 //!   whenever its slots are full;
+//! - the Python bridge (`worker-host` with `libpython_bridge.so`) against the official Python
+//!   worker on the same async `tests/bench/python_async_echo.py`, at concurrency 1 and 8, with the
+//!   idle memory of each Python run's whole process tree (the host and its runner child; the SDK
+//!   and its heartbeat process): VmRSS and PSS summed, read once its `init` is done (1 s after its
+//!   first take) and again 1 s after its last result;
 //! - **memory**: `worker-host` (default isolation) at concurrency 8 over 100,000 jobs, with its
 //!   VmRSS (from `/proc/<pid>/status`, the host process only) sampled every 10,000 jobs, so the
 //!   table shows whether it stays flat after warm-up.
@@ -107,6 +112,9 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
 /// How often the driver looks at the run's progress and at the worker process.
 const POLL: Duration = Duration::from_millis(20);
+/// How long a Python run's worker is left idle before its memory is read: after its first take
+/// (its `init` is done and it waits on the long-poll) and after its last result.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
 
 /// The prompt of an ordinary (small) job.
 const SMALL_PROMPT: &str = "echo me";
@@ -611,6 +619,72 @@ fn tree_cpu_delta(
     )
 }
 
+/// The pids of `pid` and of every process below it (found as [`tree_cpu_times`] finds them).
+fn tree_pids(pid: u32) -> Vec<u32> {
+    let mut pids = Vec::new();
+    let mut pending = vec![pid];
+    while let Some(pid) = pending.pop() {
+        if pids.contains(&pid) {
+            continue;
+        }
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            continue;
+        };
+        pids.push(pid);
+        for task in tasks.flatten() {
+            let children =
+                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
+            pending.extend(
+                children
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<u32>().ok()),
+            );
+        }
+    }
+    pids
+}
+
+/// A process tree's memory at one moment.
+#[derive(Debug, Clone)]
+struct TreeMemory {
+    /// Each process's VmRSS in KiB, the worker's first (then its runner, or the SDK's heartbeat
+    /// process).
+    by_process: Vec<u64>,
+    /// The sum of their VmRSS, in KiB. Pages two of them share (a forked child's, say) count
+    /// once for each.
+    rss_kib: u64,
+    /// The sum of their PSS (`/proc/<pid>/smaps_rollup`), in KiB: each shared page split among
+    /// its sharers, so the tree's own share of the machine's memory; `None` when unreadable.
+    pss_kib: Option<u64>,
+}
+
+/// The memory of `pid`'s process tree now (the worker and, for `worker-host`, its runner child;
+/// for the Python SDK, its heartbeat process).
+fn tree_memory(pid: u32) -> TreeMemory {
+    let pids = tree_pids(pid);
+    let by_process: Vec<u64> = pids
+        .iter()
+        .filter_map(|&pid| vm_kib(pid, "VmRSS"))
+        .collect();
+    let rss_kib = by_process.iter().sum();
+    let pss_kib = pids.iter().try_fold(0, |sum, &pid| {
+        let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+        let pss: u64 = rollup.lines().find_map(|line| {
+            line.strip_prefix("Pss:")?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })?;
+        Some(sum + pss)
+    });
+    TreeMemory {
+        by_process,
+        rss_kib,
+        pss_kib,
+    }
+}
+
 /// The kernel's clock ticks per second (for `/proc/<pid>/stat`), 100 when `getconf` fails.
 fn clock_ticks() -> u64 {
     Command::new("getconf")
@@ -715,6 +789,11 @@ impl Subject {
             Subject::Bridge { .. } => "wh-py",
             Subject::BareLoop { .. } => "bare",
         }
+    }
+
+    /// Whether a run of it reads its idle memory (the Python bridge against the Python SDK).
+    fn measures_idle_memory(&self) -> bool {
+        matches!(self, Subject::Bridge { .. } | Subject::Python { .. })
     }
 
     /// The same `worker-host` with another isolation (a Python subject is returned unchanged).
@@ -833,6 +912,10 @@ struct RunReport {
     rss_samples: Vec<(usize, u64)>,
     rss_end: Option<u64>,
     hwm_end: Option<u64>,
+    /// A Python run's idle memory (see [`Subject::measures_idle_memory`]): after `init`, before
+    /// the first job, and once the last result is in.
+    idle_before: Option<TreeMemory>,
+    idle_after: Option<TreeMemory>,
     /// Outputs that had to be parsed to be checked (see [`output_matches`]).
     parsed_outputs: u64,
     /// How the worker ended: "exit 0", "killed", ...
@@ -951,6 +1034,8 @@ impl Bench {
             rss_samples: Vec::new(),
             rss_end: None,
             hwm_end: None,
+            idle_before: None,
+            idle_after: None,
             parsed_outputs: 0,
             ending: String::new(),
             log_lines: 0,
@@ -1001,6 +1086,11 @@ impl Bench {
             std::thread::sleep(POLL);
         }
 
+        let idle = subject.measures_idle_memory() && exited.is_none() && report.problems.is_empty();
+        if idle {
+            std::thread::sleep(IDLE_SETTLE);
+            report.idle_before = Some(tree_memory(pid));
+        }
         let mut cpu_start = (HashMap::new(), None);
         let mut queued_at = Instant::now();
         if exited.is_none() && report.problems.is_empty() {
@@ -1036,6 +1126,10 @@ impl Bench {
         report.stand_in_cpu = cpu_time(None, self.ticks)
             .zip(cpu_start.1)
             .and_then(|(end, start)| end.checked_sub(start));
+        if idle && exited.is_none() && self.shared.lock().done >= jobs {
+            std::thread::sleep(IDLE_SETTLE);
+            report.idle_after = Some(tree_memory(pid));
+        }
         report.rss_end = vm_kib(pid, "VmRSS");
         report.hwm_end = vm_kib(pid, "VmHWM");
 
@@ -1600,6 +1694,47 @@ fn print_table(reports: &[&RunReport], python_note: Option<&str>) {
     }
 }
 
+/// The idle memory of the runs that read it: the worker's whole process tree after `init`
+/// and after its jobs.
+fn print_idle_memory(reports: &[&RunReport]) {
+    let measured: Vec<&&RunReport> = reports.iter().filter(|r| r.idle_before.is_some()).collect();
+    if measured.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "idle memory of the Python runs, the worker's process tree (worker-host + its runner; the SDK + its heartbeat process):"
+    );
+    println!(
+        "{:<22} {:>4} {:>6} {:>13} {:>13} {:>13} {:>13}  RSS KiB by process, init",
+        "worker", "conc", "jobs", "RSS KiB init", "RSS KiB after", "PSS KiB init", "PSS KiB after"
+    );
+    let kib = |value: Option<u64>| value.map_or_else(|| "-".to_owned(), thousands);
+    for r in measured {
+        let (before, after) = (r.idle_before.as_ref(), r.idle_after.as_ref());
+        let by_process = before.map_or_else(String::new, |m| {
+            let each: Vec<String> = m.by_process.iter().map(|&kib| thousands(kib)).collect();
+            each.join(" + ")
+        });
+        println!(
+            "{:<22} {:>4} {:>6} {:>13} {:>13} {:>13} {:>13}  {by_process}",
+            r.label,
+            r.concurrency,
+            thousands(r.done as u64),
+            kib(before.map(|m| m.rss_kib)),
+            kib(after.map(|m| m.rss_kib)),
+            kib(before.and_then(|m| m.pss_kib)),
+            kib(after.and_then(|m| m.pss_kib)),
+        );
+    }
+    println!(
+        "init: {IDLE_SETTLE:?} after the first take (init done, waiting on the long-poll); after: {IDLE_SETTLE:?} after the last result."
+    );
+    println!(
+        "RSS: the processes' VmRSS summed (pages they share count once each); PSS: smaps_rollup's Pss summed (shared pages split)."
+    );
+}
+
 fn print_memory(report: &RunReport) {
     println!();
     println!(
@@ -1906,6 +2041,7 @@ fn main() -> ExitCode {
     let mut table: Vec<&RunReport> = reports.iter().collect();
     table.extend(soak.as_ref());
     print_table(&table, python_note.as_deref());
+    print_idle_memory(&table);
     print_throughput_ratios(&reports, &ratios);
     print_floor_ratios(&floors);
     if !big_reports.is_empty() {

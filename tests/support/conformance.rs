@@ -378,7 +378,8 @@ fn headers(request: &Recorded, names: &[&str]) -> Vec<(String, Option<String>)> 
 /// and escaping (`\u00e9` vs `é`) do not count. In an error payload (the JSON text inside
 /// `error`, §6.1) the traceback is dropped (the SDK's is a Python traceback, worker-host's is
 /// empty) and the SDK's `error_type` `<class 'ValueError'>` becomes `ValueError`, the plain type
-/// name worker-host's handlers report.
+/// name worker-host's handlers report. A generator's error keeps its traceback, less the SDK's
+/// own frames (see [`without_sdk_frames`]).
 fn normalise_body(mut body: Value) -> Value {
     let payload = body
         .get("error")
@@ -397,8 +398,33 @@ fn normalise_body(mut body: Value) -> Value {
             }
         }
         body["error"] = payload;
+    } else if let Some(text) = body.get("error").and_then(Value::as_str) {
+        body["error"] = Value::String(without_sdk_frames(text));
     }
     body
+}
+
+/// The SDK's generator error (§6.2, `handler: <message> \ntraceback: <traceback>`, a plain
+/// string) less the traceback's frames in the runpod package's own files: the SDK runs a
+/// generator from `rp_job.py`, where worker-host's Python bridge starts the traceback at the
+/// handler. Any other text is returned as it is.
+fn without_sdk_frames(text: &str) -> String {
+    if !text.starts_with("handler: ") || !text.contains("\ntraceback: Traceback (") {
+        return text.to_owned();
+    }
+    let mut kept = String::with_capacity(text.len());
+    let mut in_sdk_frame = false;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with("  File \"") {
+            in_sdk_frame = line.contains("/runpod/serverless/");
+        } else if !line.starts_with("    ") {
+            in_sdk_frame = false;
+        }
+        if !in_sdk_frame {
+            kept.push_str(line);
+        }
+    }
+    kept
 }
 
 /// A job's POSTs in arrival order, less progress; and its progress POSTs.

@@ -571,6 +571,9 @@ impl Default for Origin {
     }
 }
 
+/// How a Python traceback (`traceback.format_exc()`) begins.
+const PYTHON_TRACEBACK: &str = "Traceback (most recent call last):\n";
+
 /// The SDK's handler-exception payload (§6.1), in its key order.
 #[derive(Serialize)]
 struct ErrorPayload<'a> {
@@ -621,15 +624,18 @@ pub fn job_done_body(
             failure,
             streaming: true,
         } => {
-            // The SDK's generator error: its traceback part is the handler's traceback, where
-            // the handler gave one, after the error line.
-            let mut text = format!(
-                "handler: {} \ntraceback: {}: {}",
-                failure.message, failure.error_type, failure.message
-            );
-            if !failure.traceback.is_empty() {
-                text.push('\n');
+            // The SDK's generator error: its traceback part is Python's `format_exc()`. A
+            // handler's traceback that is one (the Python bridge's) is used as it is; otherwise
+            // the part is the error line, then the handler's traceback where it gave one.
+            let mut text = format!("handler: {} \ntraceback: ", failure.message);
+            if failure.traceback.starts_with(PYTHON_TRACEBACK) {
                 text.push_str(&failure.traceback);
+            } else {
+                text.push_str(&format!("{}: {}", failure.error_type, failure.message));
+                if !failure.traceback.is_empty() {
+                    text.push('\n');
+                    text.push_str(&failure.traceback);
+                }
             }
             body.push("error", Cow::Owned(to_raw(&text)));
         }
@@ -934,6 +940,26 @@ mod tests {
                 assert_eq!(payload["error_traceback"], "at line 3\nat line 9");
             }
         }
+    }
+
+    /// A streaming handler's Python traceback (the Python bridge's) is the traceback part of the
+    /// error text by itself, as the SDK's `format_exc()` is: it already ends with the error line.
+    #[test]
+    fn a_python_traceback_is_a_stream_error_s_whole_traceback_part() {
+        let traceback = "Traceback (most recent call last):\n  File \"handler.py\", line 9, in handler\n    raise ValueError(\"boom\")\nValueError: boom\n";
+        let failure = Failure::new("<class 'ValueError'>", "boom").with_traceback(traceback);
+        let body = done(
+            Outcome::Failed {
+                failure,
+                streaming: true,
+            },
+            false,
+        );
+        let value: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            value["error"],
+            format!("handler: boom \ntraceback: {traceback}")
+        );
     }
 
     /// A job without id gets the default one, put first, and keeps its other keys.
