@@ -8,7 +8,9 @@
 //!   `--cancel-grace-secs` gets its runner killed (a hard stop). The serving modes run each job
 //!   as a task (`run_async`: the frame is written without waiting when the socket has room, the
 //!   reader thread wakes the task, and no thread is held); the one-shot run blocks in `run`.
-//! - `supervisor`: starting, watching and restarting runners, and the reports of their ends.
+//! - `supervisor`: starting, watching and restarting runners; `reader`: each runner's frames and
+//!   the report of its end; `shared`: the handler's phase and the jobs' way onto the ready
+//!   runner; `process`: one runner's channel and the jobs on it.
 //! - `protocol`: the frames. [`child`]: the runner's own main. `capture`: its stdout and
 //!   stderr. `crash`: what a runner's end means. `reaper`: waiting for child processes.
 //!
@@ -46,18 +48,22 @@
 mod capture;
 pub mod child;
 mod crash;
+mod process;
 mod protocol;
+mod reader;
 mod reaper;
+mod shared;
 mod supervisor;
 
 use super::{CancelToken, Handler, HandlerInfo, HandlerSpec, JobEvents, LoadError, Readiness};
 use crate::job::{Failure, Job, JobResult, Outcome};
 use crash::KillReason;
 use futures_util::future::BoxFuture;
+use process::{JobSender, ToJob};
 use protocol::Kind;
+use shared::{Event, Shared};
 use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::Instant;
-use supervisor::{Event, JobSender, Shared, ToJob};
 
 pub(crate) use supervisor::init_timed_out;
 pub use supervisor::RUNNER_ARGUMENT;
@@ -141,7 +147,7 @@ impl Supervised {
 /// go to the next runner (false: the runner died before it could take the job; the caller
 /// waits [`RESEND_PAUSE`] for the dead one's reader to retire it), or fails.
 fn placed(
-    runner: &supervisor::Runner,
+    runner: &process::Runner,
     call: u64,
     sent: std::io::Result<()>,
     tries: &mut u32,
@@ -166,7 +172,7 @@ fn placed(
 /// A job on a runner, waiting for its result.
 struct Wait<'a> {
     job: &'a Job,
-    runner: Arc<supervisor::Runner>,
+    runner: Arc<process::Runner>,
     call: u64,
     streaming: bool,
     grace: std::time::Duration,
@@ -175,7 +181,7 @@ struct Wait<'a> {
 }
 
 impl<'a> Wait<'a> {
-    fn new(handler: &Supervised, job: &'a Job, runner: Arc<supervisor::Runner>, call: u64) -> Self {
+    fn new(handler: &Supervised, job: &'a Job, runner: Arc<process::Runner>, call: u64) -> Self {
         Self {
             job,
             runner,
@@ -208,7 +214,7 @@ impl<'a> Wait<'a> {
         message: Option<ToJob>,
         events: &dyn JobEvents,
         cancel: &CancelToken,
-        cancel_frame: impl FnOnce(&supervisor::Runner, u64),
+        cancel_frame: impl FnOnce(&process::Runner, u64),
     ) -> Option<JobResult> {
         let failed = |failure| JobResult {
             outcome: Outcome::Failed {
@@ -307,7 +313,7 @@ impl Handler for Supervised {
                     }
                 }
             };
-            let cancel_frame = |runner: &supervisor::Runner, call| {
+            let cancel_frame = |runner: &process::Runner, call| {
                 let _ = runner.send(Kind::Cancel, call, &[]);
             };
             if let Some(result) = wait.on_message(message, events, cancel, cancel_frame) {
@@ -368,7 +374,7 @@ impl Handler for Supervised {
                         }
                     },
                 };
-                let cancel_frame = |runner: &supervisor::Runner, call| {
+                let cancel_frame = |runner: &process::Runner, call| {
                     let _ = runner.send_from_task(Kind::Cancel, call, &[]);
                 };
                 if let Some(result) = wait.on_message(message, events, cancel, cancel_frame) {
