@@ -696,3 +696,48 @@ fn a_shutdown_during_init_stops_every_serving_mode() {
     };
     stopped("dev API", code, dev_stderr(), runner);
 }
+
+/// A handler in the host's own process cannot have its `init` interrupted: after a SIGTERM the
+/// host waits for it (still running, having said so), and a second SIGTERM ends it at once with
+/// 143, the code a shell gives a process SIGTERM ended.
+#[test]
+fn a_second_sigterm_ends_an_uninterruptible_init_at_once() {
+    let platform = Platform::start();
+    let mut worker = WorkerProcess::start(
+        &platform,
+        Sample::Faulty,
+        &[
+            "--isolation",
+            "none",
+            "--handler-config",
+            r#"{"init_sleep_ms": 60000, "init_says": "loading the model"}"#,
+        ],
+        &[],
+    );
+    let deadline = Instant::now() + WAIT;
+    while !worker.stderr().contains("loading the model") {
+        assert!(
+            Instant::now() < deadline,
+            "init never started: {}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    worker.terminate();
+    let deadline = Instant::now() + WAIT;
+    while !worker.stderr().contains("cannot be interrupted") {
+        assert!(Instant::now() < deadline, "{}", worker.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        process_alive(worker.pid()),
+        "the first SIGTERM ended the host"
+    );
+    worker.terminate();
+    assert_eq!(
+        worker.wait(Duration::from_secs(10)),
+        Some(143),
+        "{}",
+        worker.stderr()
+    );
+}

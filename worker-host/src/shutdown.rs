@@ -4,7 +4,11 @@
 //! cannot be interrupted, so the host stops when it returns. Without this the signal's default
 //! action would end the host in the middle of a model load (exit 143, the private copies left
 //! behind), and as PID 1 in a container the kernel would ignore it, leaving the platform to kill
-//! the worker after its grace. After `init` the same signal is the mode's drain-and-stop.
+//! the worker after its grace. After `init` the same signal is the mode's drain-and-stop. A
+//! second signal, at any time after the first, ends the host at once (exit 143 for SIGTERM, 130
+//! for SIGINT: Ctrl-C twice in a terminal), for an `init` in process that does not return or a
+//! drain one does not want to wait for. The listening starts once the handler is loaded, just
+//! before `init`; a signal during the load itself still has its default action.
 //! (SIGHUP swaps the handler, see `Serving::go_live`.)
 
 use crate::handler::Handler;
@@ -47,6 +51,12 @@ impl Shutdown {
             if came.is_none() {
                 signal.await;
             }
+            // From now on a second signal ends the host at once, whatever the first started.
+            tokio::spawn(async {
+                let code = self::signal().await;
+                tracing::warn!("A second shutdown signal: the worker exits at once.");
+                std::process::exit(code);
+            });
             let during_init = {
                 let mut state = state.lock().unwrap_or_else(PoisonError::into_inner);
                 let running = *state == InitState::Running;
@@ -87,8 +97,9 @@ impl Shutdown {
     }
 }
 
-/// Resolves on the first SIGTERM or SIGINT. Both are registered at the first poll.
-async fn signal() {
+/// Resolves on the next SIGTERM or SIGINT, with the exit code a shell gives a process that
+/// signal ends (143, 130). Both are registered at the first poll.
+async fn signal() -> i32 {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut signal) => {
@@ -101,7 +112,7 @@ async fn signal() {
         }
     };
     tokio::select! {
-        () = terminate => {}
-        _ = tokio::signal::ctrl_c() => {}
+        () = terminate => 128 + 15,
+        _ = tokio::signal::ctrl_c() => 128 + 2,
     }
 }

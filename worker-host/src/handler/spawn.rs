@@ -45,8 +45,9 @@ pub fn spawn_job<E>(
     } else {
         let task = async move {
             let running = metrics::get().job_started();
-            let run = std::panic::AssertUnwindSafe(handler.run_async(&job, &events, &cancel));
-            let result = run.catch_unwind().await;
+            // Built inside the future, so a panic while building it is caught too.
+            let run = async { handler.run_async(&job, &events, &cancel).await };
+            let result = std::panic::AssertUnwindSafe(run).catch_unwind().await;
             drop(running);
             finish(result, &events);
         };

@@ -207,6 +207,25 @@ impl<'a> Wait<'a> {
         self.hard_stop_at = None;
     }
 
+    /// The hard-stop deadline passed: what the job sent before it (`queued`) is handled first,
+    /// and a job that ended in time is not stopped; otherwise its runner is killed (its Died
+    /// follows).
+    fn past_deadline(
+        &mut self,
+        queued: impl Iterator<Item = ToJob>,
+        events: &dyn JobEvents,
+        cancel: &CancelToken,
+        cancel_frame: &dyn Fn(&process::Runner, u64),
+    ) -> Option<JobResult> {
+        for message in queued {
+            if let Some(result) = self.on_message(Some(message), events, cancel, cancel_frame) {
+                return Some(result);
+            }
+        }
+        self.hard_stop();
+        None
+    }
+
     /// Handles one message for the job (`None`: its channel ended); the job's result once it
     /// has one. `cancel_frame` writes a Cancel frame to the runner.
     fn on_message(
@@ -214,7 +233,7 @@ impl<'a> Wait<'a> {
         message: Option<ToJob>,
         events: &dyn JobEvents,
         cancel: &CancelToken,
-        cancel_frame: impl FnOnce(&process::Runner, u64),
+        cancel_frame: &dyn Fn(&process::Runner, u64),
     ) -> Option<JobResult> {
         let failed = |failure| JobResult {
             outcome: Outcome::Failed {
@@ -300,23 +319,28 @@ impl Handler for Supervised {
         };
         let mut wait = Wait::new(self, job, runner, call);
         loop {
+            let cancel_frame = |runner: &process::Runner, call| {
+                let _ = runner.send(Kind::Cancel, call, &[]);
+            };
             let message = match wait.hard_stop_at {
                 None => messages.recv().ok(),
+                Some(at) if Instant::now() >= at => {
+                    let queued = std::iter::from_fn(|| messages.try_recv().ok());
+                    if let Some(result) = wait.past_deadline(queued, events, cancel, &cancel_frame)
+                    {
+                        return result;
+                    }
+                    continue;
+                }
                 Some(at) => {
                     match messages.recv_timeout(at.saturating_duration_since(Instant::now())) {
                         Ok(message) => Some(message),
-                        Err(mpsc::RecvTimeoutError::Timeout) => {
-                            wait.hard_stop();
-                            continue;
-                        }
+                        Err(mpsc::RecvTimeoutError::Timeout) => continue,
                         Err(mpsc::RecvTimeoutError::Disconnected) => None,
                     }
                 }
             };
-            let cancel_frame = |runner: &process::Runner, call| {
-                let _ = runner.send(Kind::Cancel, call, &[]);
-            };
-            if let Some(result) = wait.on_message(message, events, cancel, cancel_frame) {
+            if let Some(result) = wait.on_message(message, events, cancel, &cancel_frame) {
                 return result;
             }
         }
@@ -364,20 +388,28 @@ impl Handler for Supervised {
             };
             let mut wait = Wait::new(self, job, runner, call);
             loop {
-                let message = match wait.hard_stop_at {
-                    None => messages.recv().await,
-                    Some(at) => tokio::select! {
-                        message = messages.recv() => message,
-                        () = tokio::time::sleep_until(at.into()) => {
-                            wait.hard_stop();
-                            continue;
-                        }
-                    },
-                };
                 let cancel_frame = |runner: &process::Runner, call| {
                     let _ = runner.send_from_task(Kind::Cancel, call, &[]);
                 };
-                if let Some(result) = wait.on_message(message, events, cancel, cancel_frame) {
+                let message = match wait.hard_stop_at {
+                    None => messages.recv().await,
+                    Some(at) => tokio::select! {
+                        // The deadline first, so a handler that streams without pause is still
+                        // stopped; what came before it is handled first (below).
+                        biased;
+                        () = tokio::time::sleep_until(at.into()) => {
+                            let queued = std::iter::from_fn(|| messages.try_recv().ok());
+                            if let Some(result) =
+                                wait.past_deadline(queued, events, cancel, &cancel_frame)
+                            {
+                                return result;
+                            }
+                            continue;
+                        }
+                        message = messages.recv() => message,
+                    },
+                };
+                if let Some(result) = wait.on_message(message, events, cancel, &cancel_frame) {
                     return result;
                 }
             }

@@ -335,7 +335,11 @@ impl Supervisor {
                     tracing::info!("The handler's new runner process is ready.");
                     return;
                 }
-                Err(Halt::Shutdown) => return,
+                Err(Halt::Shutdown) => {
+                    // The new runner is loading or in its init: nothing to tear down.
+                    self.init_interrupted = true;
+                    return;
+                }
                 // A runner that crashes during init is one more crash in a row.
                 Err(Halt::Failed(LoadError::InitFailed { failure }))
                     if failure.error_type == "HandlerCrashed" =>
