@@ -27,7 +27,7 @@ const FRAME_OVERHEAD: u64 = 1024 * 1024;
 pub(super) fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixStream) {
     let max_body = shared.spec.limits.largest() as u64 + FRAME_OVERHEAD;
     let mut channel = std::io::BufReader::with_capacity(64 * 1024, channel);
-    loop {
+    let read = || loop {
         match read_frame(&mut channel, max_body) {
             Ok(frame) => {
                 if let Err(problem) = dispatch(shared, runner, frame) {
@@ -41,6 +41,13 @@ pub(super) fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixSt
                 break;
             }
         }
+    };
+    // A panic here must not leave the runner's jobs waiting forever: it ends the runner as a
+    // broken channel does.
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(read)).is_err() {
+        runner.kill(KillReason::Protocol(
+            "the host's reader of its channel failed".into(),
+        ));
     }
     // No job goes to it from now on, while its exit status and last output are awaited.
     shared.retire(runner);
