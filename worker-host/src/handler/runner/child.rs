@@ -7,6 +7,7 @@
 //! on a thread with 8 MiB of stack, as the header promises: the thread that read it off the
 //! channel (see `Serving`).
 
+use super::coalesce::LatestProgress;
 use super::protocol::{self, read_frame, write_frame, Frame, Kind, Outcome, RECYCLE};
 use crate::handler::inproc::{HandlerLibrary, HandlerLog, JobText};
 use crate::handler::{CancelToken, JobEvents, Limits};
@@ -164,22 +165,37 @@ impl HandlerLog for FrameLog {
     }
 }
 
-/// A job's chunks and progress, sent as frames.
+/// A job's chunks and progress, sent as frames: every chunk at once, in order, after the
+/// progress reported before it; progress through `latest` (coalesced, see `coalesce`), or at
+/// once where its writer thread could not start.
 struct FrameEvents {
     sender: Sender,
     call: u64,
+    latest: Option<Arc<LatestProgress>>,
 }
 
 impl JobEvents for FrameEvents {
     fn chunk(&self, chunk: RawJson) {
-        self.sender
-            .send(Kind::Chunk, 0, self.call, &[chunk.get().as_bytes()]);
+        let write = || {
+            self.sender
+                .send(Kind::Chunk, 0, self.call, &[chunk.get().as_bytes()]);
+        };
+        match &self.latest {
+            Some(latest) => latest.after_pending(self.call, write),
+            None => write(),
+        }
     }
 
     fn progress(&self, progress: RawJson) {
-        self.sender
-            .send(Kind::Progress, 0, self.call, &[progress.get().as_bytes()]);
+        match &self.latest {
+            Some(latest) => latest.report(self.call, progress),
+            None => send_progress(&self.sender, self.call, &progress),
+        }
     }
+}
+
+fn send_progress(sender: &Sender, call: u64, progress: &RawJson) {
+    sender.send(Kind::Progress, 0, call, &[progress.get().as_bytes()]);
 }
 
 /// Ends the runner at once, saying why on stderr (the host shows it as the runner's last
@@ -238,9 +254,17 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
             }
         }
     }
+    let progress_sender = sender.clone();
+    let latest_progress =
+        LatestProgress::start(move |call, value| send_progress(&progress_sender, call, value))
+            .inspect_err(|error| {
+                eprintln!("worker-host runner: progress is sent uncoalesced: {error}");
+            })
+            .ok();
     let serving = Arc::new(Serving {
         library,
         sender,
+        latest_progress,
         reader: Mutex::new(reader),
         waiting: AtomicUsize::new(0),
         cancels: Mutex::new(HashMap::new()),
@@ -268,6 +292,8 @@ fn serve(channel: UnixStream, arguments: &Arguments) -> Result<(), protocol::Rea
 struct Serving {
     library: &'static HandlerLibrary,
     sender: Sender,
+    /// The jobs' latest unsent progress (`None` if its writer thread could not start).
+    latest_progress: Option<Arc<LatestProgress>>,
     reader: Mutex<std::io::BufReader<UnixStream>>,
     /// Threads waiting for their turn at the reader.
     waiting: AtomicUsize,
@@ -308,7 +334,7 @@ fn follow(serving: &Arc<Serving>) -> Result<(), protocol::ReadError> {
                     drop(reader);
                 }
                 let call = frame.call;
-                run_job(serving.library, frame, &cancel, &serving.sender);
+                run_job(serving, frame, &cancel);
                 lock(&serving.cancels).remove(&call);
                 *lock(&serving.running) -= 1;
                 serving.finished.notify_all();
@@ -396,8 +422,9 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Runs one job and sends its Done frame.
-fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender: &Sender) {
+/// Runs one job and sends its Done frame (after its last progress).
+fn run_job(serving: &Serving, frame: Frame, cancel: &CancelToken) {
+    let (library, sender) = (serving.library, &serving.sender);
     let call = frame.call;
     let parts = protocol::split_job_body(&frame.body);
     // The handler is promised a NUL after the input: its one copy in the runner.
@@ -410,6 +437,7 @@ fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender:
             let events = FrameEvents {
                 sender: sender.clone(),
                 call,
+                latest: serving.latest_progress.clone(),
             };
             let log = FrameLog {
                 sender: sender.clone(),
@@ -436,7 +464,7 @@ fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender:
     // until flushed: push it out now, so it is logged with this job and not at the exit.
     crate::handler::inproc::flush_c_stdio();
     let recycle = if result.recycle { RECYCLE } else { 0 };
-    match &result.outcome {
+    let done = || match &result.outcome {
         job::Outcome::Output(output) => sender.send(
             Kind::Done,
             Outcome::Output as u8 | recycle,
@@ -450,5 +478,9 @@ fn run_job(library: &HandlerLibrary, frame: Frame, cancel: &CancelToken, sender:
             let body = serde_json::to_vec(failure).expect("plain data serializes");
             sender.send(Kind::Done, Outcome::Failed as u8 | recycle, call, &[&body]);
         }
+    };
+    match &serving.latest_progress {
+        Some(latest) => latest.after_pending(call, done),
+        None => done(),
     }
 }

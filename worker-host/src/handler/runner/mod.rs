@@ -29,7 +29,8 @@
 //!      <── Ready {facts after init}      (or Failed {init error}, then it waits for Shutdown)
 //! Job {call, id, input, job JSON} ──>    one thread per running job
 //! Cancel {call} ──>                      (any time; the handler sees is_cancelled)
-//!      <── Log / Chunk / Progress {call} (any number, in order)
+//!      <── Log / Chunk / Progress {call} (any number, in order; progress is coalesced: a
+//!                                         job's newer value replaces an unsent older one)
 //!      <── Done {call, outcome, recycle} (exactly one per job, after its other frames; a
 //!                                         failure carries the handler's traceback, ABI 1.1)
 //! Shutdown ──>                           waits for its running jobs, runs teardown
@@ -47,6 +48,7 @@
 
 mod capture;
 pub mod child;
+mod coalesce;
 mod crash;
 mod process;
 mod protocol;
