@@ -61,10 +61,9 @@ fn main() {
         row("dev API", isolation, quiet, flood, None);
     }
     println!(
-        "\nadded: the flood's time less the same job's with no progress (the handler's own time \
-         for {count} values is in both the flood's and, for the job itself, the other's);\n\
-         progress posts: IN_PROGRESS job-done posts the platform got (without coalescing, one \
-         per value)."
+        "\nadded: the flood's time less the same job's with no progress values: the handler's \
+         own reporting plus what the host adds for it;\nprogress posts: IN_PROGRESS job-done \
+         posts the platform got (without coalescing, one per value)."
     );
 }
 
