@@ -577,30 +577,10 @@ fn cpu_time(pid: Option<u32>, ticks_per_second: u64) -> Option<Duration> {
 /// supervisor thread, not by the main one). Read it while the processes run: an ended child's
 /// `/proc` entry is gone.
 fn tree_cpu_times(pid: u32, ticks_per_second: u64) -> HashMap<u32, Duration> {
-    let mut times = HashMap::new();
-    let mut pending = vec![pid];
-    while let Some(pid) = pending.pop() {
-        if times.contains_key(&pid) {
-            continue;
-        }
-        let Some(cpu) = cpu_time(Some(pid), ticks_per_second) else {
-            continue;
-        };
-        times.insert(pid, cpu);
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
-            continue;
-        };
-        for task in tasks.flatten() {
-            let children =
-                std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            pending.extend(
-                children
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<u32>().ok()),
-            );
-        }
-    }
-    times
+    tree_pids(pid)
+        .into_iter()
+        .filter_map(|pid| Some((pid, cpu_time(Some(pid), ticks_per_second)?)))
+        .collect()
 }
 
 /// The CPU a process tree used between two [`tree_cpu_times`] readings: a process that was not
@@ -619,7 +599,7 @@ fn tree_cpu_delta(
     )
 }
 
-/// The pids of `pid` and of every process below it (found as [`tree_cpu_times`] finds them).
+/// The pids of `pid` and of every process below it that are there now.
 fn tree_pids(pid: u32) -> Vec<u32> {
     let mut pids = Vec::new();
     let mut pending = vec![pid];
