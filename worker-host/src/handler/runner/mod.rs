@@ -124,13 +124,7 @@ impl Supervised {
 impl Supervised {
     /// The failure of a job that never reached a runner.
     fn failed(&self, failure: Failure) -> JobResult {
-        JobResult {
-            outcome: Outcome::Failed {
-                failure,
-                streaming: self.info().streaming,
-            },
-            recycle: false,
-        }
+        JobResult::failed(failure, self.info().streaming)
     }
 
     /// One waker for the job's whole life: it wakes a wait for a restart, and tells the job
@@ -237,13 +231,7 @@ impl<'a> Wait<'a> {
         cancel: &CancelToken,
         cancel_frame: &dyn Fn(&process::Runner, u64),
     ) -> Option<JobResult> {
-        let failed = |failure| JobResult {
-            outcome: Outcome::Failed {
-                failure,
-                streaming: self.streaming,
-            },
-            recycle: false,
-        };
+        let failed = |failure| JobResult::failed(failure, self.streaming);
         match message {
             Some(ToJob::Chunk(chunk)) => events.chunk(chunk),
             Some(ToJob::Progress(progress)) => events.progress(progress),
