@@ -176,7 +176,11 @@ pub unsafe fn run_handle<H: Handler>(
         if handler.streaming() {
             return Ok(());
         }
-        let json = serde_json::to_vec(&output).map_err(|error| {
+        // Sized for an output about as large as the input (an echo, a transform): written
+        // without a reallocation then. For a small output of a big input, the capacity it
+        // leaves unused is never written, so the system gives it no memory.
+        let mut json = Vec::with_capacity(job.input_json().len().saturating_add(64));
+        serde_json::to_writer(&mut json, &output).map_err(|error| {
             HandlerError::new(
                 "InvalidOutput",
                 format!("the output cannot be serialized: {error}"),

@@ -68,7 +68,15 @@ pub fn run(handler: &dyn Handler, test: &OneShot, options: &ResultOptions) -> Ve
         .into_inner()
         .unwrap_or_else(PoisonError::into_inner);
     let aggregate = options.return_aggregate_stream.then_some(chunks.as_slice());
-    let body = job_done_body(&result, &options.origin, aggregate, options.refresh_worker);
+    // Read for --test_output before the result becomes its body.
+    let actual = test
+        .expected_output
+        .as_ref()
+        .map(|_| match &result.outcome {
+            Outcome::Output(output) => serde_json::from_str::<serde_json::Value>(output.json()),
+            _ => serde_json::to_value(&chunks),
+        });
+    let body = job_done_body(result, &options.origin, aggregate, options.refresh_worker);
     StdoutEvents::print(&body.text);
 
     if body.failed {
@@ -80,12 +88,8 @@ pub fn run(handler: &dyn Handler, test: &OneShot, options: &ResultOptions) -> Ve
         return Verdict::JobFailed;
     }
     tracing::info!("Job {} completed successfully.", job.id());
-    let Some(expected) = &test.expected_output else {
+    let (Some(expected), Some(actual)) = (&test.expected_output, actual) else {
         return Verdict::Passed;
-    };
-    let actual = match &result.outcome {
-        Outcome::Output(output) => serde_json::from_str(output.get()),
-        _ => serde_json::to_value(&chunks),
     };
     // The output is valid JSON, but not all JSON fits a `Value`: a number beyond f64 (`1e400`),
     // a lone surrogate escape ("\ud800"), nesting deeper than 128. --test_output was read into a

@@ -314,6 +314,7 @@ mod result;
 
 use ordered_map::key_name;
 pub use ordered_map::OrderedRawMap;
+pub use output::Output;
 pub use result::{
     job_done_body, progress_body, stream_chunk_body, Failure, JobDoneBody, JobResult, Origin,
     Outcome,

@@ -1,6 +1,6 @@
 //! What a finished job produced, and the bodies RunPod receives for it (§6.1–6.3).
 
-use super::output::{map_output, output_error};
+use super::output::Output;
 use super::{RawJson, RUNPOD_PROTOCOL_VERSION};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -47,7 +47,7 @@ impl fmt::Display for Failure {
 #[derive(Debug, Clone)]
 pub enum Outcome {
     /// A non-streaming handler succeeded with this output (`null` when it set none).
-    Output(RawJson),
+    Output(Output),
     /// A streaming handler finished; its chunks were delivered as they were emitted.
     Streamed,
     /// The job failed.
@@ -91,7 +91,7 @@ impl JobResult {
         match &self.outcome {
             Outcome::Failed { .. } => true,
             Outcome::Streamed => false,
-            Outcome::Output(output) => !matches!(output_error(output), Ok(None)),
+            Outcome::Output(output) => output.error().is_some(),
         }
     }
 }
@@ -144,21 +144,22 @@ pub struct JobDoneBody {
 /// results (`return_aggregate_stream`); `force_stop_pod` adds `stopPod` to every result (the
 /// SDK's config-level `refresh_worker`).
 pub fn job_done_body(
-    result: &JobResult,
+    result: JobResult,
     origin: &Origin,
     aggregate: Option<&[RawJson]>,
     force_stop_pod: bool,
 ) -> JobDoneBody {
+    let stop_pod = result.recycle || force_stop_pod;
+    let outcome = match result.outcome {
+        Outcome::Output(output) => {
+            let (text, failed) = output.into_done_body(stop_pod);
+            return JobDoneBody { text, failed };
+        }
+        other => other,
+    };
     let mut body = BodyMembers::new();
-    let mut stop_pod = result.recycle || force_stop_pod;
-    match &result.outcome {
-        Outcome::Output(output) => match map_output(output) {
-            Ok((members, refresh)) => {
-                stop_pod |= refresh;
-                body = members;
-            }
-            Err(failure) => body.push("error", Cow::Owned(error_payload(&failure, origin))),
-        },
+    match &outcome {
+        Outcome::Output(_) => unreachable!("an output's body is its own"),
         Outcome::Streamed => {
             let chunks: &[RawJson] = aggregate.unwrap_or(&[]);
             body.push("output", Cow::Owned(to_raw(&chunks)));
@@ -197,9 +198,7 @@ pub fn job_done_body(
     }
 }
 
-/// The members of a job-done body, in order: plain keys, and values borrowed from the result
-/// where they can be (an output is written into the body straight from the handler's text: its
-/// only copy on the way to the platform).
+/// The members of a job-done body, in order: plain keys, and values borrowed where they can be.
 pub(super) struct BodyMembers<'a>(Vec<(&'static str, Cow<'a, RawValue>)>);
 
 impl<'a> BodyMembers<'a> {
@@ -216,7 +215,7 @@ impl<'a> BodyMembers<'a> {
     }
 
     /// The body's JSON text (every key is plain ASCII, written as is).
-    fn to_json(&self) -> String {
+    pub(super) fn to_json(&self) -> String {
         let length: usize = self
             .0
             .iter()
@@ -268,7 +267,7 @@ pub fn progress_body(progress: &RawValue) -> String {
 
 fn wrap_output(value: &RawValue) -> String {
     let mut body = String::with_capacity(value.get().len() + 12);
-    body.push_str(r#"{"output":"#);
+    body.push_str(Output::BODY_START);
     body.push_str(value.get());
     body.push('}');
     body
@@ -281,15 +280,14 @@ pub(super) fn to_raw<T: Serialize + ?Sized>(value: &T) -> RawJson {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::value::RawValue;
 
-    fn raw(text: &str) -> RawJson {
-        RawValue::from_string(text.to_owned()).unwrap()
+    fn output(text: &str) -> Output {
+        Output::read(text.as_bytes()).unwrap()
     }
 
     fn done(outcome: Outcome, recycle: bool) -> String {
         job_done_body(
-            &JobResult { outcome, recycle },
+            JobResult { outcome, recycle },
             &Origin::default(),
             None,
             false,
@@ -316,11 +314,11 @@ mod tests {
                 r#"{"output":{"x":1},"stopPod":true}"#,
             ),
         ];
-        for (output, body) in cases {
+        for (text, body) in cases {
             assert_eq!(
-                done(Outcome::Output(raw(output)), false),
+                done(Outcome::Output(output(text)), false),
                 body,
-                "output {output}"
+                "output {text}"
             );
         }
     }
@@ -409,20 +407,20 @@ mod tests {
             (r#"{"\ud800":1}"#, r#"{"output":{"\ud800":1}}"#),
             (r#"{"err\u006fr":"bad"}"#, r#"{"error":"bad"}"#),
         ];
-        for (output, body) in cases {
+        for (text, body) in cases {
             let result = JobResult {
-                outcome: Outcome::Output(raw(output)),
+                outcome: Outcome::Output(output(text)),
                 recycle: false,
             };
             assert_eq!(
                 result.is_failure(),
                 body.contains(r#""error""#),
-                "output {output}"
+                "output {text}"
             );
             assert_eq!(
-                done(Outcome::Output(raw(output)), false),
+                done(Outcome::Output(output(text)), false),
                 body,
-                "output {output}"
+                "output {text}"
             );
         }
     }
@@ -431,7 +429,7 @@ mod tests {
     /// output into; it is not a reason to miss the failure.
     #[test]
     fn repeated_error_key_fails_the_job_with_the_last_value() {
-        let output = raw(r#"{"error":"","x":1,"error":"second"}"#);
+        let output = output(r#"{"error":"","x":1,"error":"second"}"#);
         let result = JobResult {
             outcome: Outcome::Output(output.clone()),
             recycle: false,

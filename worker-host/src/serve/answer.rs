@@ -380,8 +380,7 @@ fn finished(
     }
     match result.outcome {
         Outcome::Output(output) if !streaming => {
-            let text: Box<str> = output.into();
-            crate::http::json_answer(StatusCode::OK, String::from(text))
+            crate::http::json_answer(StatusCode::OK, output.into_json_bytes())
         }
         // A streaming handler that emitted nothing: an empty stream.
         _ => stream_answer(format, Body::empty()),
@@ -403,7 +402,7 @@ fn failure_text(state: &ServeState, result: &JobResult) -> String {
             recycle: false,
         },
     };
-    job_done_body(&plain, &state.config.origin, None, false).text
+    job_done_body(plain, &state.config.origin, None, false).text
 }
 
 fn failure_answer(state: &ServeState, failure: Failure) -> Response {

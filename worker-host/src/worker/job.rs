@@ -37,7 +37,7 @@ pub(super) fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Perm
                 async move {
                     let _hold = hold;
                     let body = job_done_body(
-                        &result,
+                        result,
                         &shared.config.origin,
                         None,
                         shared.config.refresh_worker,
@@ -348,9 +348,17 @@ impl JobTask {
             Ending::Completed(result) => result,
         };
         let aggregate = config.return_aggregate_stream.then_some(chunks);
-        let mut body = job_done_body(&result, &config.origin, aggregate, config.refresh_worker);
+        // What the log says of a failure, worked out before the result becomes its body.
+        let failure = match &result.outcome {
+            Outcome::Failed { failure, .. } => {
+                Some(format!("{}: {}", failure.error_type, failure.message))
+            }
+            _ => None,
+        };
+        let recycle = result.recycle;
+        let mut body = job_done_body(result, &config.origin, aggregate, config.refresh_worker);
         // The handler's output itself reported the failure (an `error` key).
-        let failed_by_output = body.failed && matches!(result.outcome, Outcome::Output(_));
+        let failed_by_output = body.failed && failure.is_none();
         if body.text.len() > config.max_output_bytes {
             let oversize = JobResult {
                 outcome: Outcome::Failed {
@@ -364,12 +372,12 @@ impl JobTask {
                     ),
                     streaming: false,
                 },
-                recycle: result.recycle,
+                recycle,
             };
-            body = job_done_body(&oversize, &config.origin, None, config.refresh_worker);
             if let Outcome::Failed { failure, .. } = &oversize.outcome {
                 tracing::error!("The job fails: {}.", failure.message);
             }
+            body = job_done_body(oversize, &config.origin, None, config.refresh_worker);
         }
         // The SDK marks every final result of a streaming handler isStream=true, failures
         // included.
@@ -388,16 +396,12 @@ impl JobTask {
         if delivered {
             // A failure is worth a line of its own in the worker's log, as the SDK logs the
             // handler's exception.
-            match &result.outcome {
-                Outcome::Failed { failure, .. } => tracing::error!(
-                    "Finished: the job failed ({}: {}).",
-                    failure.error_type,
-                    failure.message
-                ),
-                _ if failed_by_output => {
+            match failure {
+                Some(failure) => tracing::error!("Finished: the job failed ({failure})."),
+                None if failed_by_output => {
                     tracing::error!("Finished: the job failed (its output has an error key).");
                 }
-                _ => tracing::info!("Finished."),
+                None => tracing::info!("Finished."),
             }
         }
         if config.refresh_worker {

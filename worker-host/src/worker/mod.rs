@@ -257,7 +257,7 @@ pub async fn claim_one(client: &PlatformClient, failure: Failure, origin: &Origi
         },
         recycle: false,
     };
-    let body = bytes::Bytes::from(job_done_body(&result, origin, None, false).text);
+    let body = bytes::Bytes::from(job_done_body(result, origin, None, false).text);
     for taken in jobs {
         let id = match taken {
             TakenJob::Valid(job) => job.id().to_owned(),

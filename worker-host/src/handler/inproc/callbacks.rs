@@ -6,7 +6,7 @@
 //! a handler passes is copied before the callback returns.
 
 use super::calls::{with_call, CallState, Phase};
-use crate::job::{Failure, RawJson};
+use crate::job::{Failure, Output, RawJson};
 use handler_abi::ffi;
 use std::borrow::Cow;
 use std::ffi::c_char;
@@ -126,7 +126,7 @@ unsafe extern "C" fn host_set_output(
         }
         // SAFETY: per the header; `handler_bytes` reads nothing over the limit.
         let bytes = unsafe { handler_bytes(json, json_len, state.limits.max_output_bytes) };
-        match accept_json(state, "output", bytes, json_len) {
+        match accept_json(state, "output", bytes, json_len, Output::read) {
             Ok(output) => {
                 let mut record = state.record();
                 record.output = Some(output);
@@ -281,7 +281,7 @@ unsafe fn deliver(
             state.record().chunk_rejection.get_or_insert(failure);
             return ffi::WH_STATUS_TOO_LARGE;
         }
-        match accept_json(state, what, bytes, json_len) {
+        match accept_json(state, what, bytes, json_len, raw_json) {
             Ok(value) => {
                 // Holding the record lock while handing over keeps chunks from concurrent threads
                 // in the order their `emit` calls were accepted.
@@ -345,13 +345,14 @@ unsafe extern "C" fn host_request_recycle(call: *mut ffi::wh_call) {
 }
 
 /// Checks and copies one JSON value of `len` bytes the handler passed in, read with
-/// [`handler_bytes`] within the output limit.
-fn accept_json(
+/// [`handler_bytes`] within the output limit, with `read` (which copies it).
+fn accept_json<T>(
     state: &CallState<'_>,
     what: &str,
     bytes: Result<&[u8], Unreadable>,
     len: usize,
-) -> Result<RawJson, (ffi::wh_status, Failure)> {
+    read: impl FnOnce(&[u8]) -> Result<T, String>,
+) -> Result<T, (ffi::wh_status, Failure)> {
     let bytes = match bytes {
         Ok(bytes) => bytes,
         Err(Unreadable::Null) => {
@@ -371,10 +372,7 @@ fn accept_json(
             ));
         }
     };
-    let parsed = std::str::from_utf8(bytes)
-        .map_err(|error| error.to_string())
-        .and_then(|text| serde_json::from_str::<RawJson>(text).map_err(|error| error.to_string()));
-    parsed.map_err(|reason| {
+    read(bytes).map_err(|reason| {
         (
             ffi::WH_STATUS_INVALID_ARGUMENT,
             Failure::new(
@@ -383,6 +381,12 @@ fn accept_json(
             ),
         )
     })
+}
+
+/// A chunk or progress value: UTF-8 JSON, copied.
+fn raw_json(bytes: &[u8]) -> Result<RawJson, String> {
+    let text = std::str::from_utf8(bytes).map_err(|error| error.to_string())?;
+    serde_json::from_str::<RawJson>(text).map_err(|error| error.to_string())
 }
 
 #[cfg(test)]
@@ -711,7 +715,10 @@ mod tests {
                 assert_eq!(unsafe { host_set_output(call, json, len) }, expected);
             }
         });
-        assert_eq!(record.output.as_ref().map(|json| json.get()), Some("1"));
+        assert_eq!(
+            record.output.as_ref().map(|output| output.json()),
+            Some("1")
+        );
         assert!(
             record.output_rejection.is_some(),
             "the refusal fails the job"
@@ -723,7 +730,10 @@ mod tests {
                 unsafe { host_set_output(call, json, len) };
             }
         });
-        assert_eq!(record.output.as_ref().map(|json| json.get()), Some("2"));
+        assert_eq!(
+            record.output.as_ref().map(|output| output.json()),
+            Some("2")
+        );
         assert!(record.output_rejection.is_none(), "a later value clears it");
     }
 

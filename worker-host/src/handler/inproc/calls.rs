@@ -7,7 +7,7 @@
 
 use super::HandlerLog;
 use crate::handler::{CancelToken, JobEvents, Limits};
-use crate::job::{Failure, RawJson};
+use crate::job::{Failure, Output};
 use handler_abi::ffi;
 use std::collections::HashMap;
 use std::marker::PhantomData;
@@ -26,7 +26,7 @@ pub(super) enum Phase {
 /// What a call reported through its callbacks.
 #[derive(Debug, Default)]
 pub(super) struct CallRecord {
-    pub(super) output: Option<RawJson>,
+    pub(super) output: Option<Output>,
     pub(super) output_rejection: Option<Failure>,
     /// The first stream chunk refused for its size: it fails the job, whatever the handler does
     /// after (a chunk the platform would not take must not go missing without a word).

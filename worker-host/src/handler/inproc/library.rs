@@ -9,7 +9,7 @@ use super::callbacks::HOST_API;
 use super::calls::{CallState, LiveCall, Phase};
 use super::HandlerLog;
 use crate::handler::{CancelToken, HandlerInfo, JobEvents, Limits, LoadError};
-use crate::job::{Failure, JobResult, Outcome, RawJson};
+use crate::job::{Failure, JobResult, Outcome, Output};
 use handler_abi::ffi;
 use std::ffi::{c_char, CStr};
 use std::path::Path;
@@ -215,7 +215,7 @@ impl HandlerLibrary {
             (None, Some(failure), _) => failed(failure),
             (None, None, ffi::WH_STATUS_OK) if streaming => Outcome::Streamed,
             (None, None, ffi::WH_STATUS_OK) => {
-                Outcome::Output(record.output.unwrap_or_else(json_null))
+                Outcome::Output(record.output.unwrap_or_else(Output::null))
             }
             (None, None, status) => failed(Failure::new(
                 "HandlerError",
@@ -358,10 +358,6 @@ fn nul_terminated(text: &str) -> Vec<u8> {
     buffer.extend_from_slice(text.as_bytes());
     buffer.push(0);
     buffer
-}
-
-fn json_null() -> RawJson {
-    serde_json::value::RawValue::from_string("null".to_owned()).expect("null is JSON")
 }
 
 #[cfg(test)]

@@ -469,7 +469,7 @@ fn run_job(serving: &Serving, frame: Frame, cancel: &CancelToken) {
             Kind::Done,
             Outcome::Output as u8 | recycle,
             call,
-            &[output.get().as_bytes()],
+            &[output.json().as_bytes()],
         ),
         job::Outcome::Streamed => {
             sender.send(Kind::Done, Outcome::Streamed as u8 | recycle, call, &[]);

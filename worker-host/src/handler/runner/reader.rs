@@ -5,10 +5,10 @@
 
 use super::crash::{describe, describe_kill, KillReason, RunnerEnd};
 use super::process::{lock, EndReport, Runner, ToJob, EXIT_WAIT};
-use super::protocol::{self, read_frame, Frame, Kind, ReadError};
+use super::protocol::{self, read_frame_led, Frame, Kind, ReadError};
 use super::reaper;
 use super::shared::{Control, Event, Shared};
-use crate::job::{JobResult, Outcome, RawJson};
+use crate::job::{JobResult, Outcome, Output, RawJson};
 use crate::metrics::RestartReason;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
@@ -28,7 +28,7 @@ pub(super) fn read_frames(shared: &Shared, runner: &Arc<Runner>, channel: UnixSt
     let max_body = shared.spec.limits.largest() as u64 + FRAME_OVERHEAD;
     let mut channel = std::io::BufReader::with_capacity(64 * 1024, channel);
     let read = || loop {
-        match read_frame(&mut channel, max_body) {
+        match read_frame_led(&mut channel, max_body, output_lead) {
             Ok(frame) => {
                 if let Err(problem) = dispatch(shared, runner, frame) {
                     runner.kill(KillReason::Protocol(problem));
@@ -137,6 +137,18 @@ fn dispatch(shared: &Shared, runner: &Runner, frame: Frame) -> Result<(), String
     Ok(())
 }
 
+/// What a frame's body is read after: a job's output goes straight after the start of its
+/// job-done body (see [`Output`]).
+fn output_lead(kind: Kind, flags: u8) -> &'static [u8] {
+    let output = kind == Kind::Done
+        && protocol::Outcome::from_flags(flags) == Some(protocol::Outcome::Output);
+    if output {
+        Output::BODY_START.as_bytes()
+    } else {
+        b""
+    }
+}
+
 /// A chunk, progress report or result of one job.
 fn job_frame(
     shared: &Shared,
@@ -157,7 +169,7 @@ fn job_frame(
             // The job's thread knows whether the handler streams, and sets it.
             let streaming = false;
             let outcome = match protocol::Outcome::from_flags(flags) {
-                Some(protocol::Outcome::Output) => Outcome::Output(json(body)?),
+                Some(protocol::Outcome::Output) => Outcome::Output(Output::from_body_start(body)?),
                 Some(protocol::Outcome::Streamed) => Outcome::Streamed,
                 Some(protocol::Outcome::Failed) => Outcome::Failed {
                     failure: serde_json::from_slice(&body)
