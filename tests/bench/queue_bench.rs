@@ -28,6 +28,9 @@
 //!   at least 0.70);
 //! - **big payload**: `--big-jobs` echo jobs at concurrency 1 whose input is
 //!   `{"prompt": "<--big-bytes of ASCII text>", "n": n}` (10 MiB by default), for both isolations,
+//!   handled by the C echo (`libc_echo_handler.so`, which gives its input straight back to
+//!   `set_output`, so the rows measure the host and not a handler's own copies: the Rust SDK's
+//!   typed echo copies a 10 MiB input twice more, into its `RawJson` and out of it),
 //!   with `--max-input-bytes` and `--max-output-bytes` of 64 MiB, followed by the ratio of the
 //!   isolated mean (and p50) latency to the in-process one (target: at most 1.5). The text is
 //!   built once and shared; an output is checked by comparing the job-done body's bytes with the
@@ -42,7 +45,7 @@
 //!   0.80 of its throughput; a 10 MiB job at most 1.3 times its latency, the host's peak RSS at
 //!   most 4 times the payload);
 //! - **batch**: four jobs of a 15 MiB prompt taken in one batch at concurrency 4, for both
-//!   isolations, with the host's peak RSS against the batch's size (target: at most 2.5 times);
+//!   isolations (the C echo again), with the host's peak RSS against the batch's size (target: at most 2.5 times);
 //! - the official Python worker (`runpod` 1.12.0, `tests/bench/python_echo.py`) at concurrency 1
 //!   and 8 when `python3 -c "import runpod"` works, with a small N because the SDK sleeps 1 s
 //!   whenever its slots are full;
@@ -62,13 +65,14 @@
 //! first; the table's header names the binary it measured and when it was built):
 //!
 //! ```text
-//! cargo build --release -p worker-host -p echo-handler
+//! cargo build --release -p worker-host -p echo-handler -p c-echo-handler
 //! cargo run --release -p e2e --bin queue-bench -- [--jobs N] [--big-jobs N] [--big-bytes N]
 //!     [--oneshot-runs N] [--soak-jobs N] [--python-jobs N] [--sample-every N]
 //!     [--skip-big] [--skip-oneshot] [--skip-python] [--skip-soak]
 //! ```
 //!
-//! It looks for `worker-host` and `libecho_handler.so` next to its own executable (the same
+//! It looks for `worker-host`, `libecho_handler.so` and (for the big-payload and batch runs)
+//! `libc_echo_handler.so` next to its own executable (the same
 //! `target/release` directory). For the Python runs: `pip install runpod==1.12.0`. The whole bench
 //! takes about a minute and a half with the defaults on 2 cores (the Python runs and the memory
 //! run take about 10 s each, the big-payload and one-shot runs a few seconds).
@@ -776,6 +780,20 @@ impl Subject {
         matches!(self, Subject::Bridge { .. } | Subject::Python { .. })
     }
 
+    /// The same `worker-host` with another handler (any other subject is returned unchanged).
+    fn with_handler(&self, handler: &std::path::Path) -> Subject {
+        match self {
+            Subject::WorkerHost {
+                binary, isolation, ..
+            } => Subject::WorkerHost {
+                binary: binary.clone(),
+                handler: handler.to_owned(),
+                isolation: *isolation,
+            },
+            _ => self.clone(),
+        }
+    }
+
     /// The same `worker-host` with another isolation (a Python subject is returned unchanged).
     fn with_isolation(&self, isolation: Isolation) -> Subject {
         match self {
@@ -1461,7 +1479,7 @@ fn print_throughput_ratios(reports: &[RunReport], ratios: &[(usize, Vec<f64>)]) 
 fn print_big(reports: &[RunReport], bytes: usize) {
     println!();
     println!(
-        "big payload: echo jobs of a {} byte prompt ({:.1} MiB), concurrency 1, \
+        "big payload: echo jobs of a {} byte prompt ({:.1} MiB) for the C echo, concurrency 1, \
          --max-input-bytes/--max-output-bytes {}:",
         thousands(bytes as u64),
         bytes as f64 / (1024.0 * 1024.0),
@@ -1552,7 +1570,7 @@ fn print_batch(reports: &[RunReport]) {
     let batch = (BATCH_JOBS * BATCH_JOB_BYTES) as f64;
     println!();
     println!(
-        "batch: {BATCH_JOBS} echo jobs of a {} byte prompt taken at once (concurrency {BATCH_JOBS}), {:.0} MiB in all; peak RSS is the host process's VmHWM:",
+        "batch: {BATCH_JOBS} C echo jobs of a {} byte prompt taken at once (concurrency {BATCH_JOBS}), {:.0} MiB in all; peak RSS is the host process's VmHWM:",
         thousands(BATCH_JOB_BYTES as u64),
         batch / (1024.0 * 1024.0)
     );
@@ -1875,9 +1893,25 @@ fn main() -> ExitCode {
     let floors = floor_ratios(&rounds);
     let mut reports = median_rounds(rounds);
     let mut big_reports = Vec::new();
-    if !options.skip_big {
+    // The big-payload and batch runs measure the host with a handler that copies nothing.
+    let big_subjects = if options.skip_big {
+        None
+    } else {
+        match artefact("libc_echo_handler.so") {
+            Ok(c_echo) => {
+                let host = worker_host.with_handler(&c_echo);
+                let in_process = host.with_isolation(Isolation::InProcess);
+                Some((host, in_process))
+            }
+            Err(error) => {
+                eprintln!("queue-bench: {error} (or pass --skip-big)");
+                return ExitCode::FAILURE;
+            }
+        }
+    };
+    if let Some((big_host, big_in_process)) = &big_subjects {
         let prompt = big_prompt(options.big_bytes);
-        for subject in [&worker_host, &in_process, &floor] {
+        for subject in [big_host, big_in_process, &floor] {
             eprintln!(
                 "queue-bench: {}, big payload ({} bytes), concurrency 1, {} jobs...",
                 subject.label(),
@@ -1895,9 +1929,9 @@ fn main() -> ExitCode {
         }
     }
     let mut batch_reports = Vec::new();
-    if !options.skip_big {
+    if let Some((big_host, big_in_process)) = &big_subjects {
         let prompt = big_prompt(BATCH_JOB_BYTES);
-        for subject in [&worker_host, &in_process] {
+        for subject in [big_host, big_in_process] {
             eprintln!(
                 "queue-bench: {}, a batch of {BATCH_JOBS} jobs of {BATCH_JOB_BYTES} bytes, concurrency {BATCH_JOBS}...",
                 subject.label(),
