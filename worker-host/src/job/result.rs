@@ -150,16 +150,12 @@ pub fn job_done_body(
     force_stop_pod: bool,
 ) -> JobDoneBody {
     let stop_pod = result.recycle || force_stop_pod;
-    let outcome = match result.outcome {
+    let mut body = BodyMembers::new();
+    match result.outcome {
         Outcome::Output(output) => {
             let (text, failed) = output.into_done_body(stop_pod);
             return JobDoneBody { text, failed };
         }
-        other => other,
-    };
-    let mut body = BodyMembers::new();
-    match &outcome {
-        Outcome::Output(_) => unreachable!("an output's body is its own"),
         Outcome::Streamed => {
             let chunks: &[RawJson] = aggregate.unwrap_or(&[]);
             body.push("output", Cow::Owned(to_raw(&chunks)));
@@ -186,7 +182,7 @@ pub fn job_done_body(
         Outcome::Failed {
             failure,
             streaming: false,
-        } => body.push("error", Cow::Owned(error_payload(failure, origin))),
+        } => body.push("error", Cow::Owned(error_payload(&failure, origin))),
     }
     let failed = body.has("error");
     if stop_pod {
