@@ -6,6 +6,7 @@
 //! parses, sets up logging, calls [`run`] and maps the result to an exit code ([`exit`]).
 //! [`scaffold`] is apart from that flow: `worker-host new` writes a handler project and runs none.
 
+mod buffers;
 pub mod cli;
 pub mod config;
 pub mod dev_api;

@@ -403,7 +403,7 @@ impl PlatformClient {
         }
         // One byte more than the answer: a job taken alone keeps this buffer as its text, with
         // the NUL the ABI puts after it.
-        let mut body = Vec::with_capacity(
+        let mut body = crate::buffers::take(
             response
                 .content_length()
                 .map_or(0, |length| length as usize)

@@ -66,9 +66,11 @@ impl NulTerminated {
         Self(text)
     }
 
-    /// A copy of `text` with a NUL after it.
+    /// A copy of `text` with a NUL after it, in a kept buffer when it is big (see
+    /// [`crate::buffers`]).
     pub(crate) fn copy(text: &str) -> Self {
-        let mut owned = String::with_capacity(text.len() + 1);
+        let mut owned =
+            String::from_utf8(crate::buffers::take(text.len() + 1)).expect("an empty buffer");
         owned.push_str(text);
         Self::from_string(owned)
     }
@@ -81,6 +83,13 @@ impl NulTerminated {
     /// The text and the NUL after it.
     pub(crate) fn with_nul(&self) -> &[u8] {
         self.0.as_bytes()
+    }
+}
+
+impl Drop for NulTerminated {
+    /// A big text's buffer is kept for the next job's (see [`crate::buffers`]).
+    fn drop(&mut self) {
+        crate::buffers::give_back(std::mem::take(&mut self.0).into_bytes());
     }
 }
 

@@ -86,15 +86,17 @@ impl Output {
     /// with (a reader of the output's text puts it there first).
     pub(crate) const BODY_START: &'static str = r#"{"output":"#;
     /// The room left after the text for the body's end (`,"stopPod":true}`).
-    const BODY_END_ROOM: usize = 16;
+    pub(crate) const BODY_END_ROOM: usize = 16;
 
-    /// Checks `json` and copies it into a buffer of its own (its one copy); the reason when it
-    /// is not UTF-8 JSON.
+    /// Checks `json` and copies it into a buffer of its own (its one copy; a kept one when it
+    /// is big, see `buffers.rs`); the reason when it is not UTF-8 JSON.
     pub fn read(json: &[u8]) -> Result<Self, String> {
         let text = std::str::from_utf8(json).map_err(|error| error.to_string())?;
         let keys = read_keys(text)?;
-        let mut buffer =
-            String::with_capacity(Self::BODY_START.len() + text.len() + Self::BODY_END_ROOM);
+        let mut buffer = String::from_utf8(crate::buffers::take(
+            Self::BODY_START.len() + text.len() + Self::BODY_END_ROOM,
+        ))
+        .expect("an empty buffer");
         buffer.push_str(Self::BODY_START);
         buffer.push_str(text);
         Ok(Self { buffer, keys })
@@ -123,7 +125,8 @@ impl Output {
 
     /// The output's JSON text as bytes, without a copy (an HTTP answer's body).
     pub fn into_json_bytes(self) -> bytes::Bytes {
-        bytes::Bytes::from(self.buffer).slice(Self::BODY_START.len()..)
+        bytes::Bytes::from_owner(crate::buffers::GivenBackOnDrop(self.buffer.into_bytes()))
+            .slice(Self::BODY_START.len()..)
     }
 
     /// The output's truthy `error` value: the SDK's way for a handler to fail a job by

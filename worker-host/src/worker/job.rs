@@ -415,7 +415,8 @@ impl JobTask {
 /// until the result retry time is spent. Every failure and the final give-up are logged.
 /// Returns whether the POST was delivered.
 pub(super) async fn deliver(shared: &Shared, kind: Post, id: &str, body: String) -> bool {
-    let body = bytes::Bytes::from(body);
+    // The body's buffer is kept for the next job's once the POST is done with it.
+    let body = bytes::Bytes::from_owner(crate::buffers::GivenBackOnDrop(body.into_bytes()));
     let deadline = Instant::now() + shared.config.result_retry;
     let mut backoff = Backoff::new();
     let mut attempt = 1;

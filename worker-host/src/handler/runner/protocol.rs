@@ -137,16 +137,18 @@ pub(crate) enum ReadError {
 
 /// Reads the next frame; a body over `max_body` bytes is refused before anything is allocated.
 pub(crate) fn read_frame(reader: &mut impl Read, max_body: u64) -> Result<Frame, ReadError> {
-    read_frame_led(reader, max_body, |_, _| b"")
+    read_frame_led(reader, max_body, |_, _| (b"", 0))
 }
 
 /// As [`read_frame`], with the body read into a buffer that begins with what `lead` gives for
 /// the frame's kind and flags (the start of the job-done body a job's output goes into, so the
-/// output needs no copy of its own); the frame's body is then the lead and the body.
+/// output needs no copy of its own), and has room for as many bytes more as it says (the end of
+/// that body, so finishing it does not reallocate); the frame's body is then the lead and the
+/// body.
 pub(crate) fn read_frame_led(
     reader: &mut impl Read,
     max_body: u64,
-    lead: impl FnOnce(Kind, u8) -> &'static [u8],
+    lead: impl FnOnce(Kind, u8) -> (&'static [u8], usize),
 ) -> Result<Frame, ReadError> {
     let mut header = [0_u8; HEADER_LEN];
     // Distinguish a clean close (no byte of a new frame) from one inside a frame.
@@ -171,9 +173,9 @@ pub(crate) fn read_frame_led(
         )));
     }
     // Read into spare capacity rather than a zeroed buffer: a 20 MiB body is written once.
-    let lead = lead(kind, flags);
-    let mut body = Vec::with_capacity(
-        usize::try_from(length).expect("checked against the limit") + lead.len(),
+    let (lead, room) = lead(kind, flags);
+    let mut body = crate::buffers::take(
+        usize::try_from(length).expect("checked against the limit") + lead.len() + room,
     );
     body.extend_from_slice(lead);
     reader.take(length).read_to_end(&mut body)?;

@@ -137,15 +137,15 @@ fn dispatch(shared: &Shared, runner: &Runner, frame: Frame) -> Result<(), String
     Ok(())
 }
 
-/// What a frame's body is read after: a job's output goes straight after the start of its
-/// job-done body (see [`Output`]).
-fn output_lead(kind: Kind, flags: u8) -> &'static [u8] {
+/// What a frame's body is read after, and the room left after it: a job's output goes straight
+/// after the start of its job-done body, with room for the body's end (see [`Output`]).
+fn output_lead(kind: Kind, flags: u8) -> (&'static [u8], usize) {
     let output = kind == Kind::Done
         && protocol::Outcome::from_flags(flags) == Some(protocol::Outcome::Output);
     if output {
-        Output::BODY_START.as_bytes()
+        (Output::BODY_START.as_bytes(), Output::BODY_END_ROOM)
     } else {
-        b""
+        (b"", 0)
     }
 }
 
