@@ -19,54 +19,80 @@ pub(crate) const MIN_KEPT: usize = 1024 * 1024;
 /// of one job at a time.
 pub(crate) const MAX_KEPT: usize = 3;
 
-/// The kept buffers, each empty, with its capacity.
-static KEPT: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// Kept buffers, each empty, with its capacity.
+struct Pool(Mutex<Vec<Vec<u8>>>);
+
+/// The process's kept buffers.
+static KEPT: Pool = Pool::new();
+
+impl Pool {
+    const fn new() -> Self {
+        Self(Mutex::new(Vec::new()))
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        if capacity < MIN_KEPT {
+            return Vec::with_capacity(capacity);
+        }
+        // Rounded up, so that a job's text, its input's copy and its output, which differ by a
+        // few bytes, can use one another's buffers. Capacity never written is not resident.
+        let capacity = capacity
+            .checked_next_multiple_of(MIN_KEPT)
+            .unwrap_or(capacity);
+        {
+            let mut kept = self.kept();
+            let fitting = kept
+                .iter()
+                .enumerate()
+                .filter(|(_, buffer)| buffer.capacity() >= capacity)
+                .min_by_key(|(_, buffer)| buffer.capacity())
+                .map(|(index, _)| index);
+            if let Some(index) = fitting {
+                return kept.swap_remove(index);
+            }
+        }
+        // Allocated outside the lock.
+        Vec::with_capacity(capacity)
+    }
+
+    fn give_back(&self, mut buffer: Vec<u8>) {
+        if buffer.capacity() < MIN_KEPT {
+            return;
+        }
+        buffer.clear();
+        let freed = {
+            let mut kept = self.kept();
+            kept.push(buffer);
+            if kept.len() <= MAX_KEPT {
+                return;
+            }
+            let smallest = kept
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, buffer)| buffer.capacity())
+                .map(|(index, _)| index)
+                .expect("more than MAX_KEPT");
+            kept.swap_remove(smallest)
+        };
+        // Freed outside the lock.
+        drop(freed);
+    }
+}
 
 /// An empty buffer with room for at least `capacity` bytes: a kept one when one is large enough
 /// (the smallest such), else a new one.
 pub(crate) fn take(capacity: usize) -> Vec<u8> {
-    if capacity >= MIN_KEPT {
-        // Rounded up, so that a job's text, its input's copy and its output, which differ by a
-        // few bytes, can use one another's buffers. Capacity never written is not resident.
-        let capacity = capacity.next_multiple_of(MIN_KEPT);
-        let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
-        let fitting = kept
-            .iter()
-            .enumerate()
-            .filter(|(_, buffer)| buffer.capacity() >= capacity)
-            .min_by_key(|(_, buffer)| buffer.capacity())
-            .map(|(index, _)| index);
-        if let Some(index) = fitting {
-            return kept.swap_remove(index);
-        }
-        return Vec::with_capacity(capacity);
-    }
-    Vec::with_capacity(capacity)
+    KEPT.take(capacity)
 }
 
 /// Drops `buffer`, keeping it for [`take`] if it is big: with [`MAX_KEPT`] kept already, the
 /// smallest of them and it is the one freed.
-pub(crate) fn give_back(mut buffer: Vec<u8>) {
-    if buffer.capacity() < MIN_KEPT {
-        return;
-    }
-    buffer.clear();
-    let freed = {
-        let mut kept = KEPT.lock().unwrap_or_else(PoisonError::into_inner);
-        kept.push(buffer);
-        if kept.len() <= MAX_KEPT {
-            return;
-        }
-        let smallest = kept
-            .iter()
-            .enumerate()
-            .min_by_key(|(_, buffer)| buffer.capacity())
-            .map(|(index, _)| index)
-            .expect("more than MAX_KEPT");
-        kept.swap_remove(smallest)
-    };
-    // Freed outside the lock.
-    drop(freed);
+pub(crate) fn give_back(buffer: Vec<u8>) {
+    KEPT.give_back(buffer);
 }
 
 /// A buffer that goes back through [`give_back`] when the last [`bytes::Bytes`] made of it drops
@@ -89,45 +115,69 @@ impl Drop for GivenBackOnDrop {
 mod tests {
     use super::*;
 
-    /// The kept list is process-wide, so one test does it all, in order.
     #[test]
-    fn big_buffers_are_reused_small_ones_are_not_kept_and_bytes_give_theirs_back() {
-        let big = take(2 * MIN_KEPT);
+    fn big_buffers_are_reused_and_small_ones_are_not_kept() {
+        let pool = Pool::new();
+        let big = pool.take(2 * MIN_KEPT);
         let address = big.as_ptr();
-        give_back(big);
-        let again = take(MIN_KEPT + 1);
+        pool.give_back(big);
+        let again = pool.take(MIN_KEPT + 1);
         assert_eq!(
             again.as_ptr(),
             address,
             "the kept buffer is handed out again"
         );
-        assert!(again.is_empty());
-        give_back(again);
+        assert!(again.is_empty() && again.capacity() >= 2 * MIN_KEPT);
         assert!(
-            take(4 * MIN_KEPT).capacity() >= 4 * MIN_KEPT,
+            pool.kept().is_empty(),
+            "a buffer handed out is no longer kept"
+        );
+        pool.give_back(again);
+        let larger = pool.take(4 * MIN_KEPT);
+        assert!(
+            larger.as_ptr() != address,
             "one too small is not handed out"
         );
-        give_back(Vec::with_capacity(16));
-        for _ in 0..MAX_KEPT + 2 {
-            give_back(Vec::with_capacity(MIN_KEPT));
-        }
-        let kept = KEPT.lock().unwrap();
-        assert_eq!(kept.len(), MAX_KEPT, "at most MAX_KEPT are kept");
-        assert!(
-            kept.iter().any(|buffer| buffer.capacity() >= 2 * MIN_KEPT),
-            "the largest is kept over smaller ones"
-        );
-        drop(kept);
+        assert_eq!(pool.kept().len(), 1, "it stays kept");
+        pool.give_back(Vec::with_capacity(MIN_KEPT - 1));
+        assert_eq!(pool.kept().len(), 1, "a small buffer is not kept");
+    }
 
-        // Bytes made of a buffer give it back when the last of them drops.
-        let mut buffer = take(3 * MIN_KEPT + 7);
+    #[test]
+    fn requests_are_rounded_up_so_that_near_sizes_share_a_buffer() {
+        let pool = Pool::new();
+        let text = pool.take(10 * MIN_KEPT + 40);
+        assert_eq!(text.capacity(), 11 * MIN_KEPT);
+        let address = text.as_ptr();
+        pool.give_back(text);
+        let output = pool.take(10 * MIN_KEPT + 60);
+        assert_eq!(output.as_ptr(), address);
+    }
+
+    #[test]
+    fn at_most_max_kept_are_kept_the_largest() {
+        let pool = Pool::new();
+        pool.give_back(Vec::with_capacity(8 * MIN_KEPT));
+        for _ in 0..MAX_KEPT + 2 {
+            pool.give_back(Vec::with_capacity(MIN_KEPT));
+        }
+        let kept = pool.kept();
+        assert_eq!(kept.len(), MAX_KEPT);
+        assert!(kept.iter().any(|buffer| buffer.capacity() >= 8 * MIN_KEPT));
+    }
+
+    #[test]
+    fn bytes_made_of_a_buffer_give_it_back_when_the_last_drops() {
+        // The process-wide pool: no other unit test moves buffers of a MiB or more.
+        let mut buffer = take(5 * MIN_KEPT);
         buffer.extend_from_slice(b"body");
+        let address = buffer.as_ptr();
         let bytes = bytes::Bytes::from_owner(GivenBackOnDrop(buffer));
-        assert_eq!(&bytes[..], b"body");
+        let retry = bytes.clone();
         drop(bytes);
-        let kept = KEPT.lock().unwrap();
-        assert!(kept
-            .iter()
-            .any(|buffer| buffer.capacity() >= 3 * MIN_KEPT + 7 && buffer.is_empty()));
+        assert_eq!(&retry[..], b"body");
+        drop(retry);
+        let again = take(5 * MIN_KEPT);
+        assert_eq!(again.as_ptr(), address);
     }
 }
