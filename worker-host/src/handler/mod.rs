@@ -274,15 +274,17 @@ pub trait Handler: Send + Sync + std::fmt::Debug {
     }
 
     /// Runs one job as [`Self::run`] does, as a future that waits without holding a thread:
-    /// for handlers whose [`Self::blocks`] is false, polled on the async runtime. The default
-    /// runs `run` when first polled, blocking (so never poll it there when `blocks` is true).
+    /// for handlers whose [`Self::blocks`] is false, polled on the async runtime. It owns the
+    /// job, so it can free the job's text as soon as the handler has it (a runner's copy is in
+    /// its own memory once the job's frame is written). The default runs `run` when first
+    /// polled, blocking (so never poll it there when `blocks` is true).
     fn run_async<'a>(
         &'a self,
-        job: &'a Job,
+        job: Job,
         events: &'a dyn JobEvents,
         cancel: &'a CancelToken,
     ) -> futures_util::future::BoxFuture<'a, JobResult> {
-        Box::pin(async move { self.run(job, events, cancel) })
+        Box::pin(async move { self.run(&job, events, cancel) })
     }
 
     /// The handler's last output lines (its log lines and, in a runner, its stdout and stderr),

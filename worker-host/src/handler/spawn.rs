@@ -46,7 +46,7 @@ pub fn spawn_job<E>(
         let task = async move {
             let running = metrics::get().job_started();
             // Built inside the future, so a panic while building it is caught too.
-            let run = async { handler.run_async(&job, &events, &cancel).await };
+            let run = async { handler.run_async(job, &events, &cancel).await };
             let result = std::panic::AssertUnwindSafe(run).catch_unwind().await;
             drop(running);
             finish(result, &events);

@@ -124,8 +124,9 @@ impl Output {
     }
 
     /// The output's JSON text as bytes, without a copy (an HTTP answer's body).
-    pub fn into_json_bytes(self) -> bytes::Bytes {
-        bytes::Bytes::from_owner(crate::buffers::GivenBackOnDrop(self.buffer.into_bytes()))
+    pub fn into_json_bytes(mut self) -> bytes::Bytes {
+        let buffer = std::mem::take(&mut self.buffer);
+        bytes::Bytes::from_owner(crate::buffers::GivenBackOnDrop(buffer.into_bytes()))
             .slice(Self::BODY_START.len()..)
     }
 
@@ -144,7 +145,7 @@ impl Output {
     /// an object's truthy `error` fails the job, `refresh_worker` becomes `stopPod`, and `{}`
     /// becomes an empty body; `stop_pod` adds `stopPod` in any case. Also says whether the body
     /// fails the job. An output without those keys is finished in its own buffer.
-    pub(super) fn into_done_body(self, stop_pod: bool) -> (String, bool) {
+    pub(super) fn into_done_body(mut self, stop_pod: bool) -> (String, bool) {
         const STOP_POD: &str = r#","stopPod":true}"#;
         let (error, refresh_worker) = match &self.keys {
             Keys::NotAnObject
@@ -153,7 +154,7 @@ impl Output {
                 refresh_worker: None,
                 empty: false,
             } => {
-                let mut body = self.buffer;
+                let mut body = std::mem::take(&mut self.buffer);
                 body.push_str(if stop_pod { STOP_POD } else { "}" });
                 return (body, false);
             }
@@ -196,6 +197,15 @@ impl Output {
             body.push("stopPod", Cow::Owned(to_raw(&true)));
         }
         (body.to_json(), failed)
+    }
+}
+
+impl Drop for Output {
+    /// A big output's buffer is kept for the next job (see [`crate::buffers`]): one that was
+    /// never sent (its job failed or was dropped) or one the runner child has written to the
+    /// channel.
+    fn drop(&mut self) {
+        crate::buffers::give_back(std::mem::take(&mut self.buffer).into_bytes());
     }
 }
 

@@ -427,8 +427,14 @@ fn run_job(serving: &Serving, frame: Frame, cancel: &CancelToken) {
     let (library, sender) = (serving.library, &serving.sender);
     let call = frame.call;
     let parts = protocol::split_job_body(&frame.body);
-    // The handler is promised a NUL after the input: its one copy in the runner.
-    let input = parts.as_ref().map(|parts| [parts.input, &[0]].concat());
+    // The handler is promised a NUL after the input: its one copy in the runner, in a kept
+    // buffer when it is big (as is the frame's body, given back below with it).
+    let input = parts.as_ref().map(|parts| {
+        let mut input = crate::buffers::take(parts.input.len() + 1);
+        input.extend_from_slice(parts.input);
+        input.push(0);
+        input
+    });
     let text = parts
         .zip(input.as_deref())
         .and_then(|(parts, input)| JobText::new(parts.id, input, parts.job_json));
@@ -460,6 +466,9 @@ fn run_job(serving: &Serving, frame: Frame, cancel: &CancelToken) {
             recycle: false,
         },
     };
+    for buffer in [input, Some(frame.body)].into_iter().flatten() {
+        crate::buffers::give_back(buffer);
+    }
     // What the handler printed with C's stdio sits in its buffers (block-buffered on a pipe)
     // until flushed: push it out now, so it is logged with this job and not at the exit.
     crate::handler::inproc::flush_c_stdio();

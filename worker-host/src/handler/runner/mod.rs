@@ -167,7 +167,7 @@ fn placed(
 
 /// A job on a runner, waiting for its result.
 struct Wait<'a> {
-    job: &'a Job,
+    job_id: &'a str,
     runner: Arc<process::Runner>,
     call: u64,
     streaming: bool,
@@ -177,9 +177,9 @@ struct Wait<'a> {
 }
 
 impl<'a> Wait<'a> {
-    fn new(handler: &Supervised, job: &'a Job, runner: Arc<process::Runner>, call: u64) -> Self {
+    fn new(handler: &Supervised, job_id: &'a str, runner: Arc<process::Runner>, call: u64) -> Self {
         Self {
-            job,
+            job_id,
             runner,
             call,
             streaming: handler.info().streaming,
@@ -197,7 +197,7 @@ impl<'a> Wait<'a> {
             self.runner.pid()
         );
         self.runner.kill(KillReason::HardStop {
-            job_id: self.job.id().to_owned(),
+            job_id: self.job_id.to_owned(),
             grace_secs: self.grace.as_secs_f64(),
         });
         self.hard_stop_at = None;
@@ -307,7 +307,7 @@ impl Handler for Supervised {
                 Err(failure) => return self.failed(failure),
             }
         };
-        let mut wait = Wait::new(self, job, runner, call);
+        let mut wait = Wait::new(self, job.id(), runner, call);
         loop {
             let cancel_frame = |runner: &process::Runner, call| {
                 let _ = runner.send(Kind::Cancel, call, &[]);
@@ -342,7 +342,7 @@ impl Handler for Supervised {
 
     fn run_async<'a>(
         &'a self,
-        job: &'a Job,
+        job: Job,
         events: &'a dyn JobEvents,
         cancel: &'a CancelToken,
     ) -> BoxFuture<'a, JobResult> {
@@ -376,7 +376,11 @@ impl Handler for Supervised {
                     Err(failure) => return self.failed(failure),
                 }
             };
-            let mut wait = Wait::new(self, job, runner, call);
+            // The runner has the job's text now: a big one's buffer goes back for the next take
+            // while the job runs (only the id is kept, for a hard stop's report).
+            let job_id = job.id().to_owned();
+            drop(job);
+            let mut wait = Wait::new(self, &job_id, runner, call);
             loop {
                 let cancel_frame = |runner: &process::Runner, call| {
                     let _ = runner.send_from_task(Kind::Cancel, call, &[]);
