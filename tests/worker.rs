@@ -523,6 +523,40 @@ fn undeliverable_results_stop_the_taking() {
     assert_eq!(platform.pending_jobs(), 18, "{}", worker.stderr());
 }
 
+/// A big job (a text of a MiB or more) holds the take-ahead too: while its result waits for
+/// delivery no next job is taken, so a worker moving big payloads never holds a second job's
+/// buffers beside a result in flight.
+#[test]
+fn a_big_job_waits_for_its_delivery_before_the_next_take() {
+    let platform = Platform::start();
+    platform.inject(Route::Done, Fault::Status(503), 10_000);
+    let big = "b".repeat(1536 * 1024);
+    platform.push_job(json!({"id": "big", "input": {"prompt": big}}));
+    for job in jobs(5, "s") {
+        platform.push_job(job);
+    }
+    let worker = WorkerProcess::start(&platform, Sample::Echo, &["--result-retry-secs", "60"], &[]);
+    let deadline = std::time::Instant::now() + WAIT;
+    while !worker
+        .stderr()
+        .contains("Results of earlier jobs are still being delivered")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never paused its takes: {}",
+            worker.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        platform.pending_jobs(),
+        5,
+        "only the big job is taken while its result is refused: {}",
+        worker.stderr()
+    );
+}
+
 /// With `--refresh-worker`, the worker takes no second job: the slot frees only after taking
 /// has stopped, so the pod is not handed a job it is about to drop.
 #[test]

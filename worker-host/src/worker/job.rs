@@ -15,10 +15,19 @@ use std::time::Instant;
 use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
+/// The size of a job's text from which it also holds a spare hold while one is free (see
+/// [`accept`]).
+const BIG_JOB_BYTES: usize = 1024 * 1024;
+
 /// Starts a taken job (or reports an invalid one). `permits` is `None` for a job beyond what
 /// was asked for: it waits for a slot of its own.
+///
+/// A big job (a text of [`BIG_JOB_BYTES`] or more) also holds a spare hold when one is free, so
+/// the next take waits for its result to be delivered instead of running beside its post: a
+/// worker moving 10 MiB jobs then holds one job's buffers at a time, not a result in flight
+/// beside the next job's text, its input's copy and its output.
 pub(super) fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Permits>) {
-    let (slot, hold) = permits.unzip();
+    let (slot, mut hold) = permits.unzip();
     let job = match taken {
         TakenJob::Valid(job) => job,
         TakenJob::Invalid { id: None, reason } => {
@@ -55,6 +64,14 @@ pub(super) fn accept(shared: &Arc<Shared>, taken: TakenJob, permits: Option<Perm
             return;
         }
     };
+    if let Some(hold) = hold
+        .as_mut()
+        .filter(|_| job.job_json().len() >= BIG_JOB_BYTES)
+    {
+        if let Ok(spare) = shared.holds.clone().try_acquire_owned() {
+            hold.merge(spare);
+        }
+    }
     let (interrupt, interrupts) = mpsc::unbounded_channel();
     let cancel = CancelToken::new();
     {

@@ -7,7 +7,9 @@
 //!   exponentially with jitter; 429 honours `Retry-After`. A job is also *held* from its take
 //!   until its result is delivered, and at most twice `--concurrency` jobs are held: a job's
 //!   result is posted while the next job runs, but when the platform stops accepting results
-//!   the worker stops taking jobs it could not report.
+//!   the worker stops taking jobs it could not report. A big job (a MiB of text or more) holds
+//!   a spare hold too while one is free, so its result is delivered before the next job is
+//!   taken and a worker holds one big job's buffers at a time.
 //! - **stop**: long-polls job-stop and cancels the named jobs (nothing is posted for them).
 //! - **heartbeat**: pings at a fixed period with the in-flight ids, on its own timer.
 //! - **one task per job**: runs the handler off the async runtime's threads (a blocking thread
