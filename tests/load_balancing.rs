@@ -637,3 +637,27 @@ fn a_stream_nobody_reads_is_cancelled_past_64_mib() {
     assert_eq!(next.status(), StatusCode::OK);
     assert_eq!(next.text().unwrap(), "1\n");
 }
+
+/// `--io-threads` sets the threads of the host's async runtime (named `worker-host-io`), which
+/// serve every request; the server answers with them.
+#[test]
+fn io_threads_sets_the_runtime_s_threads() {
+    let server = LoadBalancer::start(Sample::Echo, &["--io-threads", "3"]);
+    let http = client();
+    wait_for("the health check to turn 200", || {
+        let status = http.get(server.url("/ping")).send().ok()?.status();
+        (status == StatusCode::OK).then_some(())
+    });
+    let answer = http
+        .post(server.url("/echo"))
+        .json(&json!({"n": 1}))
+        .send()
+        .expect("the request is answered");
+    assert_eq!(answer.json::<Value>().unwrap(), json!({"n": 1}));
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap();
+    let runtime_threads = tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|name| name.trim() == "worker-host-io")
+        .count();
+    assert_eq!(runtime_threads, 3, "{}", server.stderr());
+}

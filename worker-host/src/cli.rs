@@ -235,6 +235,17 @@ pub struct WorkerArgs {
         action = clap::ArgAction::Set
     )]
     pub claim_on_init_failure: bool,
+
+    /// The threads of the host's async runtime (HTTP, the platform's API, the runner channel) in
+    /// every serving mode; default: half the CPUs this process may use, at least 1, so the
+    /// handler keeps the rest
+    #[arg(
+        long,
+        env = "WORKER_HOST_IO_THREADS",
+        value_name = "N",
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub io_threads: Option<u16>,
 }
 
 /// The local dev API: RunPod's public endpoint API on this machine.

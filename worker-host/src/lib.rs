@@ -97,10 +97,12 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
         handler_config,
         swaps,
         results,
+        io_threads,
         ..
     } = settings;
     let serving = |first| Serving {
         first,
+        io_threads,
         spec,
         config: handler_config.clone(),
         swaps,
@@ -147,6 +149,8 @@ pub fn run(settings: Settings) -> Result<u8, HostError> {
 /// What a serving mode needs to start its handler and swap it later.
 struct Serving {
     first: Arc<Generation>,
+    /// The async runtime's threads (`--io-threads`).
+    io_threads: usize,
     spec: handler::HandlerSpec,
     config: String,
     swaps: config::Swaps,
@@ -247,7 +251,7 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
     // Bound before init, so a port in use is reported before a slow model load; connections
     // that arrive during init wait in the backlog.
     let listener = dev_api::bind(&dev.host, dev.port)?;
-    let runtime = io_runtime()?;
+    let runtime = io_runtime(serving.io_threads)?;
     let hangups = Serving::listen_for_hangups(&runtime);
     let shutdown = serving.listen_for_shutdown(&runtime);
     // Listening during init: /ping answers 204, other requests wait for the handler.
@@ -284,7 +288,7 @@ fn run_dev_api(serving: Serving, dev: config::DevApi) -> Result<u8, HostError> {
 /// Serves the handler over HTTP for a load-balancing endpoint until a shutdown signal (or until
 /// its handler cannot serve any more).
 fn run_load_balancing(serving: Serving, config: serve::ServeConfig) -> Result<u8, HostError> {
-    let runtime = io_runtime()?;
+    let runtime = io_runtime(serving.io_threads)?;
     let hangups = Serving::listen_for_hangups(&runtime);
     let concurrency = config.concurrency;
     let shutdown = serving.listen_for_shutdown(&runtime);
@@ -369,9 +373,10 @@ fn worker_exit(exit: worker::WorkerExit) -> Result<u8, HostError> {
 /// pages a thread touches cost memory.
 const HANDLER_STACK_SIZE: usize = handler::HANDLER_STACK_SIZE;
 
-/// The async runtime for the worker and the dev API.
-fn io_runtime() -> Result<tokio::runtime::Runtime, HostError> {
+/// The async runtime for the serving modes, with `threads` worker threads.
+fn io_runtime(threads: usize) -> Result<tokio::runtime::Runtime, HostError> {
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads)
         .enable_all()
         .thread_name("worker-host-io")
         .thread_stack_size(HANDLER_STACK_SIZE)
@@ -402,7 +407,7 @@ fn worker_settings(info: &HandlerInfo, config: worker::WorkerConfig) -> worker::
 /// Runs the queue worker until a shutdown signal (or, with refresh_worker, one job).
 fn run_worker(serving: Serving, worker: config::Worker) -> Result<u8, HostError> {
     let client = runpod::PlatformClient::new(&worker.urls, worker.max_input_bytes)?;
-    let runtime = io_runtime()?;
+    let runtime = io_runtime(serving.io_threads)?;
     if let Some(address) = worker.metrics_address.clone() {
         serve_metrics(&runtime, address)?;
     }
