@@ -201,7 +201,7 @@ impl Output {
 }
 
 impl Drop for Output {
-    /// A big output's buffer is kept for the next job (see [`crate::buffers`]): one that was
+    /// A big output's buffer is kept for the next job (see `buffers.rs`): one that was
     /// never sent (its job failed or was dropped) or one the runner child has written to the
     /// channel.
     fn drop(&mut self) {
