@@ -551,6 +551,26 @@ fn a_big_job_waits_for_its_delivery_before_the_next_take() {
     );
 }
 
+/// A big job whose handler runs for seconds holds the spare hold all along, but nothing is
+/// waiting for a delivery: the worker does not say so.
+#[test]
+fn a_long_big_job_is_not_reported_as_an_undelivered_result() {
+    let platform = Platform::start();
+    let pad = "p".repeat(1536 * 1024);
+    platform.push_job(json!({"id": "long", "input": {"mode": "sleep", "ms": 1500, "pad": pad}}));
+    platform.push_job(json!({"id": "after", "input": {"mode": "echo"}}));
+    let worker = WorkerProcess::start(&platform, Sample::Faulty, &[], &[]);
+    let requests = platform.wait_for(WAIT, "two results", |r| results(r).len() >= 2);
+    assert!(results_by_id(&requests).contains_key("after"));
+    assert!(
+        !worker
+            .stderr()
+            .contains("Results of earlier jobs are still being delivered"),
+        "{}",
+        worker.stderr()
+    );
+}
+
 /// With `--refresh-worker`, the worker takes no second job: the slot frees only after taking
 /// has stopped, so the pod is not handed a job it is about to drop.
 #[test]

@@ -118,7 +118,7 @@ pub struct Settings {
 /// The async runtime's threads when `--io-threads` is not given: half the CPUs this process
 /// may use (its affinity and cgroup quota count), at least 1. The host's I/O needs little CPU
 /// next to a handler's, and on a small machine fewer runtime threads wake one another less: on
-/// 2 cores, one thread serves load-balancing echo requests through a runner about a fifth
+/// 2 cores, one thread serves load-balancing echo requests through a runner about a quarter
 /// faster than two (README, Performance).
 pub fn default_io_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |cpus| (cpus.get() / 2).max(1))

@@ -24,12 +24,16 @@ async fn first_permits(shared: &Shared) -> Option<Permits> {
                 break hold.expect("the semaphore is never closed");
             }
             // A result still in flight when the next job could start is normal (it is posted
-            // while that job runs); one that holds the taking up for long is worth a line.
+            // while that job runs); one that holds the taking up for long is worth a line. With
+            // no slot free the wait is for a running job (a big one holds a spare hold too), not
+            // for a delivery: looked at again a period later.
             () = tokio::time::sleep(HOLD_WARNING_AFTER), if !warned => {
-                tracing::warn!(
-                    "Results of earlier jobs are still being delivered: no new job is taken until one is."
-                );
-                warned = true;
+                if shared.slots.available_permits() > 0 {
+                    tracing::warn!(
+                        "Results of earlier jobs are still being delivered: no new job is taken until one is."
+                    );
+                    warned = true;
+                }
             }
         }
     };
