@@ -16,8 +16,8 @@ use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tracing::Instrument;
 
 /// The size of a job's text from which it also holds a spare hold while one is free (see
-/// [`accept`]).
-const BIG_JOB_BYTES: usize = 1024 * 1024;
+/// [`accept`]): that of a buffer worth keeping for the next job.
+const BIG_JOB_BYTES: usize = crate::buffers::MIN_KEPT;
 
 /// Starts a taken job (or reports an invalid one). `permits` is `None` for a job beyond what
 /// was asked for: it waits for a slot of its own.

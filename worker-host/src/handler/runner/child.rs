@@ -9,6 +9,7 @@
 
 use super::coalesce::LatestProgress;
 use super::protocol::{self, read_frame, write_frame, Frame, Kind, Outcome, RECYCLE};
+use crate::buffers::GivenBackOnDrop;
 use crate::handler::inproc::{HandlerLibrary, HandlerLog, JobText};
 use crate::handler::{CancelToken, JobEvents, Limits};
 use crate::job::{self, Failure, RawJson};
@@ -426,18 +427,20 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 fn run_job(serving: &Serving, frame: Frame, cancel: &CancelToken) {
     let (library, sender) = (serving.library, &serving.sender);
     let call = frame.call;
-    let parts = protocol::split_job_body(&frame.body);
-    // The handler is promised a NUL after the input: its one copy in the runner, in a kept
-    // buffer when it is big (as is the frame's body, given back below with it).
+    // The frame's body and the input's copy are kept buffers when big: given back when the
+    // job is done, for the next job's.
+    let body = GivenBackOnDrop(frame.body);
+    let parts = protocol::split_job_body(&body.0);
+    // The handler is promised a NUL after the input: its one copy in the runner.
     let input = parts.as_ref().map(|parts| {
         let mut input = crate::buffers::take(parts.input.len() + 1);
         input.extend_from_slice(parts.input);
         input.push(0);
-        input
+        GivenBackOnDrop(input)
     });
     let text = parts
-        .zip(input.as_deref())
-        .and_then(|(parts, input)| JobText::new(parts.id, input, parts.job_json));
+        .zip(input.as_ref())
+        .and_then(|(parts, input)| JobText::new(parts.id, &input.0, parts.job_json));
     let result = match text {
         Some(text) => {
             let events = FrameEvents {
@@ -466,9 +469,6 @@ fn run_job(serving: &Serving, frame: Frame, cancel: &CancelToken) {
             recycle: false,
         },
     };
-    for buffer in [input, Some(frame.body)].into_iter().flatten() {
-        crate::buffers::give_back(buffer);
-    }
     // What the handler printed with C's stdio sits in its buffers (block-buffered on a pipe)
     // until flushed: push it out now, so it is logged with this job and not at the exit.
     crate::handler::inproc::flush_c_stdio();
