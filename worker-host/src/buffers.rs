@@ -17,7 +17,7 @@ use std::sync::{Mutex, PoisonError};
 pub(crate) const MIN_KEPT: usize = 1024 * 1024;
 /// How many buffers are kept at most: a job's text, its input copy and its output, the live set
 /// of one job at a time.
-pub(crate) const MAX_KEPT: usize = 3;
+const MAX_KEPT: usize = 3;
 
 /// Kept buffers, each empty, with its capacity.
 struct Pool(Mutex<Vec<Vec<u8>>>);

@@ -86,7 +86,9 @@ impl Output {
     /// with (a reader of the output's text puts it there first).
     pub(crate) const BODY_START: &'static str = r#"{"output":"#;
     /// The room left after the text for the body's end (`,"stopPod":true}`).
-    pub(crate) const BODY_END_ROOM: usize = 16;
+    pub(crate) const BODY_END_ROOM: usize = Self::STOP_POD_END.len();
+    /// The longest end a body is finished with (the other is `}`).
+    const STOP_POD_END: &'static str = r#","stopPod":true}"#;
 
     /// Checks `json` and copies it into a buffer of its own (its one copy; a kept one when it
     /// is big, see `buffers.rs`); the reason when it is not UTF-8 JSON.
@@ -146,7 +148,6 @@ impl Output {
     /// becomes an empty body; `stop_pod` adds `stopPod` in any case. Also says whether the body
     /// fails the job. An output without those keys is finished in its own buffer.
     pub(super) fn into_done_body(mut self, stop_pod: bool) -> (String, bool) {
-        const STOP_POD: &str = r#","stopPod":true}"#;
         let (error, refresh_worker) = match &self.keys {
             Keys::NotAnObject
             | Keys::Object {
@@ -155,7 +156,7 @@ impl Output {
                 empty: false,
             } => {
                 let mut body = std::mem::take(&mut self.buffer);
-                body.push_str(if stop_pod { STOP_POD } else { "}" });
+                body.push_str(if stop_pod { Self::STOP_POD_END } else { "}" });
                 return (body, false);
             }
             Keys::Object {
