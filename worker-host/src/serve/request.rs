@@ -63,32 +63,8 @@ pub fn job(
             .map_err(|error| RequestError::NotJson(error.to_string()))?
             .get()
     };
-    let mut shown: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in headers {
-        // The caller's credentials for this host (or a proxy in front of it) are not the
-        // handler's business.
-        if name == header::AUTHORIZATION || name == header::PROXY_AUTHORIZATION {
-            continue;
-        }
-        // Repeated Cookie headers join as one cookie list does; others as HTTP joins them.
-        let separator = if name == header::COOKIE { "; " } else { ", " };
-        let value = String::from_utf8_lossy(value.as_bytes());
-        shown
-            .entry(name.as_str().to_owned())
-            .and_modify(|joined| {
-                joined.push_str(separator);
-                joined.push_str(&value);
-            })
-            .or_insert_with(|| value.into_owned());
-    }
-    let http = serde_json::json!({
-        "method": method.as_str(),
-        "path": uri.path(),
-        "query": query,
-        "headers": shown,
-    });
-    let id_json = serde_json::to_string(id).expect("a string serializes");
-    let http = http.to_string();
+    let http = http_json(method, uri.path(), query, headers);
+    let id_json = json_string(id);
     let mut text = String::with_capacity(id_json.len() + input.len() + http.len() + 29);
     text.push_str(r#"{"id":"#);
     text.push_str(&id_json);
@@ -100,6 +76,59 @@ pub fn job(
     text.push_str(&http);
     text.push('}');
     Ok(Job::from_parts(id.to_owned(), text, input_range))
+}
+
+/// The job's `http` object: `{"method", "path", "query", "headers"}`, written straight into its
+/// text (this runs for every request).
+fn http_json(method: &Method, path: &str, query: &str, headers: &HeaderMap) -> String {
+    let mut text = Vec::with_capacity(128 + 48 * headers.len());
+    for (key, value) in [
+        (&br#"{"method":"#[..], method.as_str()),
+        (br#","path":"#, path),
+        (br#","query":"#, query),
+    ] {
+        text.extend_from_slice(key);
+        write_json_string(&mut text, value);
+    }
+    text.extend_from_slice(br#","headers":{"#);
+    let mut first = true;
+    for name in headers.keys() {
+        // The caller's credentials for this host (or a proxy in front of it) are not the
+        // handler's business.
+        if name == header::AUTHORIZATION || name == header::PROXY_AUTHORIZATION {
+            continue;
+        }
+        // Repeated Cookie headers join as one cookie list does; others as HTTP joins them.
+        let separator = if name == header::COOKIE { "; " } else { ", " };
+        let mut values = headers
+            .get_all(name)
+            .iter()
+            .map(|value| String::from_utf8_lossy(value.as_bytes()));
+        let mut joined = values.next().unwrap_or_default();
+        for value in values {
+            let joined = joined.to_mut();
+            joined.push_str(separator);
+            joined.push_str(&value);
+        }
+        if !first {
+            text.push(b',');
+        }
+        first = false;
+        write_json_string(&mut text, name.as_str());
+        text.push(b':');
+        write_json_string(&mut text, &joined);
+    }
+    text.extend_from_slice(b"}}");
+    String::from_utf8(text).expect("JSON text written from strings is UTF-8")
+}
+
+/// `text` as a JSON string.
+fn json_string(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serializes")
+}
+
+fn write_json_string(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("a string serializes into memory");
 }
 
 fn to_raw(value: &impl serde::Serialize) -> RawJson {
