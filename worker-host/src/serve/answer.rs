@@ -38,12 +38,13 @@ const RETRY_AFTER_SECS: u64 = 1;
 /// cannot make the host hold a fast handler's whole output.
 const MAX_UNREAD_STREAM_BYTES: usize = 64 * 1024 * 1024;
 
-/// What the handler thread sends to the request.
+/// What the handler thread sends to the request. Kept small (the result boxed): the request's
+/// channel allocates room for 32 messages when it is made.
 enum Message {
     Chunk(RawJson),
     /// The client did not read fast enough: [`MAX_UNREAD_STREAM_BYTES`] were waiting.
     Overflow,
-    Done(JobResult),
+    Done(Box<JobResult>),
 }
 
 /// Where a job's chunks and result go: the request's channel, with the bytes of chunks sent and
@@ -327,7 +328,7 @@ async fn run_job(
         move |result, events| {
             // The result is on its way before the slot frees (a shutdown waits for the slots, and
             // then ends what is still running), and the slot frees only once the handler returned.
-            let _ = events.sender.send(Message::Done(result));
+            let _ = events.sender.send(Message::Done(Box::new(result)));
             drop(permit);
         },
     );
@@ -356,7 +357,7 @@ async fn run_job(
             } else {
                 guard.end(JobOutcome::completed);
             }
-            finished(&state, result, streaming, format)
+            finished(&state, *result, streaming, format)
         }
         Some(Message::Chunk(chunk)) => stream(state, guard, receiver, unread, chunk, format),
         // Cannot come first: a chunk over the whole limit is refused by the handler's own

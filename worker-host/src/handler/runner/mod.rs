@@ -243,9 +243,9 @@ impl<'a> Wait<'a> {
                 {
                     *of_a_stream = self.streaming;
                 }
-                return Some(result);
+                return Some(*result);
             }
-            Some(ToJob::Died(failure)) => return Some(failed(failure)),
+            Some(ToJob::Died(failure)) => return Some(failed(*failure)),
             Some(ToJob::Cancel) => {
                 // The clock starts before the write, which may wait for the channel. A soft
                 // cancel (a load-balancing client gone) never kills the runner.

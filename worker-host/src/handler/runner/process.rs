@@ -20,12 +20,15 @@ pub(super) const EXIT_WAIT: Duration = Duration::from_secs(2);
 
 /// What a job's thread receives while its job runs on a runner.
 #[derive(Debug)]
+///
+/// Kept small (results and failures boxed): a job's channel allocates room for 32 messages when
+/// it is made, once per job.
 pub(super) enum ToJob {
     Chunk(RawJson),
     Progress(RawJson),
-    Done(JobResult),
+    Done(Box<JobResult>),
     /// The runner ended before the job did.
-    Died(Failure),
+    Died(Box<Failure>),
     /// The job's cancel token fired: tell the runner, start the hard-stop clock.
     Cancel,
 }

@@ -186,7 +186,7 @@ fn job_frame(
             let Some(entry) = runner.end_call(call) else {
                 return Err(format!("a result for call {call}, which is not running"));
             };
-            entry.to_job.send(ToJob::Done(result));
+            entry.to_job.send(ToJob::Done(Box::new(result)));
             return Ok(());
         }
     };

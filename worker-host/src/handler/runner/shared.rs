@@ -231,7 +231,7 @@ impl Shared {
             call.span.in_scope(|| {
                 tracing::error!("{}: {}", failure.error_type, first_line(&failure.message));
             });
-            call.to_job.send(ToJob::Died(failure));
+            call.to_job.send(ToJob::Died(Box::new(failure)));
         }
     }
 }
