@@ -522,6 +522,56 @@ fn a_disconnect_never_fails_the_jobs_beside_it() {
     );
 }
 
+/// A handler that never returns, whose client went away, does not hold its slot for good: when
+/// a request needs the slot and every running job was given up by its client past
+/// `--cancel-grace-secs`, they are stopped hard and their runner is restarted, and the waiting
+/// request is served.
+#[test]
+fn jobs_given_up_by_their_clients_do_not_wedge_the_worker() {
+    let server = LoadBalancer::start(
+        Sample::Faulty,
+        &["--concurrency", "1", "--cancel-grace-secs", "0.3"],
+    );
+    let address = server.base_url().trim_start_matches("http://").to_owned();
+    let mut socket = std::net::TcpStream::connect(&address).unwrap();
+    let body = r#"{"mode": "hang"}"#;
+    write!(
+        socket,
+        "POST / HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    wait_for("the hanging job to run", || {
+        (metric(&server, "worker_host_jobs_in_flight") == 1.0).then_some(())
+    });
+    drop(socket);
+    wait_for("the client's going to be counted", || {
+        (metric(&server, "worker_host_jobs_total{outcome=\"cancelled\"}") == 1.0).then_some(())
+    });
+    let answer = client()
+        .post(server.url("/"))
+        .json(&json!({"after": "the hang"}))
+        .send()
+        .unwrap();
+    assert_eq!(answer.status(), StatusCode::OK, "{}", server.stderr());
+    assert_eq!(
+        answer.json::<Value>().unwrap(),
+        json!({"after": "the hang"})
+    );
+    assert_eq!(
+        metric(
+            &server,
+            "worker_host_runner_restarts_total{reason=\"hung\"}"
+        ),
+        1.0
+    );
+    assert!(
+        server.stderr().contains("was given up by its client"),
+        "{}",
+        server.stderr()
+    );
+}
+
 /// A client that sends its body slowly (or never) holds a waiting place, never a slot: with the
 /// only slot free, the next request is served at once.
 #[test]

@@ -85,8 +85,8 @@ impl JobEvents for DiscardEvents {
     fn progress(&self, _progress: RawJson) {}
 }
 
-/// What a [`CancelToken`] runs when it is cancelled.
-type Waker = Box<dyn FnOnce() + Send>;
+/// What a [`CancelToken`] runs when it is cancelled (again when a soft cancel turns hard).
+type Waker = Arc<dyn Fn() + Send + Sync>;
 
 /// The shared state of a [`CancelToken`].
 #[derive(Default)]
@@ -94,7 +94,8 @@ struct CancelState {
     cancelled: bool,
     /// Cancelled without a hard stop (see [`CancelToken::cancel_softly`]).
     soft: bool,
-    /// Run once, at the cancel: whoever waits on the job is woken.
+    /// Run at the cancel, and again when a soft cancel turns hard: whoever waits on the job is
+    /// woken.
     wakers: Vec<Waker>,
 }
 
@@ -122,8 +123,9 @@ impl CancelToken {
         self.0.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Cancels the job, and runs the wakers registered so far (once; a second cancel does
-    /// nothing).
+    /// Cancels the job, and runs the wakers registered so far. A second cancel does nothing,
+    /// unless the first was soft ([`Self::cancel_softly`]): then the cancel turns hard, and the
+    /// wakers run again (the runner proxy starts the hard-stop clock then).
     pub fn cancel(&self) {
         self.cancel_with(false);
     }
@@ -139,12 +141,13 @@ impl CancelToken {
     fn cancel_with(&self, soft: bool) {
         let wakers = {
             let mut state = self.state();
-            if state.cancelled {
+            let turns_hard = state.cancelled && state.soft && !soft;
+            if state.cancelled && !turns_hard {
                 return;
             }
             state.cancelled = true;
             state.soft = soft;
-            std::mem::take(&mut state.wakers)
+            state.wakers.clone()
         };
         for wake in wakers {
             wake();
@@ -162,14 +165,14 @@ impl CancelToken {
     }
 
     /// Runs `wake` when the job is cancelled: now, on this thread, if it already is; otherwise
-    /// on the thread that cancels it.
-    pub fn on_cancel(&self, wake: impl FnOnce() + Send + 'static) {
+    /// on the thread that cancels it. It runs again if a soft cancel turns hard.
+    pub fn on_cancel(&self, wake: impl Fn() + Send + Sync + 'static) {
+        let wake: Waker = Arc::new(wake);
         let mut state = self.state();
+        state.wakers.push(wake.clone());
         if state.cancelled {
             drop(state);
             wake();
-        } else {
-            state.wakers.push(Box::new(wake));
         }
     }
 }

@@ -155,14 +155,19 @@ struct JobGuard {
     cancel: CancelToken,
     ended: bool,
     span: tracing::Span,
+    /// Where the job counts as running, and its number there (marked abandoned at a drop).
+    running: Arc<ServeState>,
+    number: u64,
 }
 
 impl JobGuard {
-    fn new(cancel: CancelToken) -> Self {
+    fn new(cancel: CancelToken, running: Arc<ServeState>, number: u64) -> Self {
         Self {
             cancel,
             ended: false,
             span: tracing::Span::current(),
+            running,
+            number,
         }
     }
 
@@ -202,7 +207,9 @@ impl Drop for JobGuard {
     fn drop(&mut self) {
         if !self.ended {
             // Softly: a handler that ignores it runs on rather than its runner being killed
-            // with every other job on it.
+            // with every other job on it (unless such jobs come to hold every slot: see
+            // `abandoned`).
+            self.running.running_jobs.abandoned(self.number);
             self.cancel.cancel_softly();
             let _entered = self.span.enter();
             tracing::info!("The client went away: the job is cancelled.");
@@ -235,12 +242,36 @@ pub(super) fn admit(state: &ServeState) -> Option<Admission<'_>> {
 }
 
 impl Admission<'_> {
-    /// Waits for a slot (the request leaves the waiting ones then).
+    /// Waits for a slot (the request leaves the waiting ones then). While it waits, jobs whose
+    /// clients went away and that hold every slot are stopped hard ([`stop_wedged_jobs`]).
     pub(super) async fn slot(self) -> Result<OwnedSemaphorePermit, Response> {
-        tokio::select! {
-            permit = self.state.running.clone().acquire_owned() => Ok(permit.expect("the semaphore is never closed")),
-            () = self.state.stop_jobs.cancelled() => Err(shutting_down()),
+        let grace = self.state.config.abandoned_grace;
+        let acquire = self.state.running.clone().acquire_owned();
+        tokio::pin!(acquire);
+        loop {
+            tokio::select! {
+                permit = &mut acquire => return Ok(permit.expect("the semaphore is never closed")),
+                () = self.state.stop_jobs.cancelled() => return Err(shutting_down()),
+                // Checked each grace while it waits: a job counts once it was abandoned a grace
+                // ago, so the hard stop comes within two graces of the last one's client going.
+                () = tokio::time::sleep(grace.max(MIN_WEDGE_CHECK)) => stop_wedged_jobs(self.state),
+            }
         }
+    }
+}
+
+/// The shortest pause between two checks of a waiting request for wedged jobs.
+const MIN_WEDGE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Stops hard the running jobs when every one was given up by its client a grace ago (see
+/// `abandoned`), and says so.
+pub(super) fn stop_wedged_jobs(state: &ServeState) {
+    let grace = state.config.abandoned_grace;
+    let stopped = state.running_jobs.stop_if_all_abandoned(grace);
+    if stopped > 0 {
+        tracing::warn!(
+            "Every running job ({stopped}) was given up by its client and its handler ignored the cancel for {grace:?}, while requests wait for a slot: stopping them hard (a runner whose handler does not return within --cancel-grace-secs is restarted)."
+        );
     }
 }
 
@@ -309,7 +340,8 @@ async fn run_job(
     };
     let streaming = lease.info().streaming;
     let cancel = CancelToken::new();
-    let mut guard = JobGuard::new(cancel.clone());
+    let number = state.running_jobs.started(cancel.clone());
+    let mut guard = JobGuard::new(cancel.clone(), state.clone(), number);
     let (sender, mut receiver) = mpsc::unbounded_channel();
     let unread = Arc::new(AtomicUsize::new(0));
     let events = ChannelEvents {
@@ -319,6 +351,7 @@ async fn run_job(
         overflowed: false.into(),
     };
     tracing::info!("Started.");
+    let running = state.clone();
     crate::handler::spawn_job(
         lease,
         build_slot,
@@ -329,6 +362,7 @@ async fn run_job(
             // The result is on its way before the slot frees (a shutdown waits for the slots, and
             // then ends what is still running), and the slot frees only once the handler returned.
             let _ = events.sender.send(Message::Done(Box::new(result)));
+            running.running_jobs.ended(number);
             drop(permit);
         },
     );
@@ -551,6 +585,7 @@ pub(super) fn shutting_down() -> Response {
 
 /// The 429 of a worker whose slots and waiting places are all taken.
 pub(super) fn busy(state: &ServeState) -> Response {
+    stop_wedged_jobs(state);
     let mut response = error_answer(
         StatusCode::TOO_MANY_REQUESTS,
         format!(

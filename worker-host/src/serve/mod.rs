@@ -19,6 +19,7 @@
 //! requests (running or waiting) go on for the grace period (`--shutdown-grace-secs`); those
 //! still running then are cancelled and answered with a shutdown error; then the server stops.
 
+mod abandoned;
 mod answer;
 pub mod request;
 
@@ -70,6 +71,10 @@ pub struct ServeConfig {
     pub max_input_bytes: usize,
     /// How long admitted requests may go on after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// How long a job's handler may ignore the cancel of a client that went away before, when
+    /// every slot is held so and a request needs one, it is stopped hard (`--cancel-grace-secs`;
+    /// see `abandoned`).
+    pub abandoned_grace: Duration,
     /// Where error payloads say they come from.
     pub origin: Origin,
 }
@@ -122,6 +127,8 @@ pub(crate) struct ServeState {
     waiting: AtomicUsize,
     /// Cancelled at the end of the shutdown grace: jobs still running are ended.
     stop_jobs: CancellationToken,
+    /// The jobs running, and which were given up by their clients.
+    running_jobs: abandoned::RunningJobs,
     config: ServeConfig,
 }
 
@@ -162,6 +169,7 @@ impl Server {
             slots: AtomicUsize::new(slots),
             waiting: AtomicUsize::new(0),
             stop_jobs: CancellationToken::new(),
+            running_jobs: abandoned::RunningJobs::default(),
             config,
         });
         let stop_accepting = CancellationToken::new();

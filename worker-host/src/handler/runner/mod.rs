@@ -248,7 +248,8 @@ impl<'a> Wait<'a> {
             Some(ToJob::Died(failure)) => return Some(failed(*failure)),
             Some(ToJob::Cancel) => {
                 // The clock starts before the write, which may wait for the channel. A soft
-                // cancel (a load-balancing client gone) never kills the runner.
+                // cancel (a load-balancing client gone) never kills the runner; it comes again
+                // if it turns hard.
                 if !cancel.is_soft() {
                     self.hard_stop_at.get_or_insert(Instant::now() + self.grace);
                 }
