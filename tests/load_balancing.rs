@@ -566,7 +566,9 @@ fn jobs_given_up_by_their_clients_do_not_wedge_the_worker() {
         1.0
     );
     assert!(
-        server.stderr().contains("was given up by its client"),
+        server
+            .stderr()
+            .contains("is held by a job whose client went away"),
         "{}",
         server.stderr()
     );

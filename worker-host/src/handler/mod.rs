@@ -94,6 +94,8 @@ struct CancelState {
     cancelled: bool,
     /// Cancelled without a hard stop (see [`CancelToken::cancel_softly`]).
     soft: bool,
+    /// Stopped hard with no grace (see [`CancelToken::stop_at_once`]).
+    at_once: bool,
     /// Run at the cancel, and again when a soft cancel turns hard: whoever waits on the job is
     /// woken.
     wakers: Vec<Waker>,
@@ -127,7 +129,7 @@ impl CancelToken {
     /// unless the first was soft ([`Self::cancel_softly`]): then the cancel turns hard, and the
     /// wakers run again (the runner proxy starts the hard-stop clock then).
     pub fn cancel(&self) {
-        self.cancel_with(false);
+        self.cancel_with(false, false);
     }
 
     /// Cancels the job as [`Self::cancel`] does, but asks for no hard stop: the handler sees
@@ -135,18 +137,26 @@ impl CancelToken {
     /// its runner killed, which would fail every other job on it. For a load-balancing client
     /// that went away: a routine event, not a deliberate stop.
     pub fn cancel_softly(&self) {
-        self.cancel_with(true);
+        self.cancel_with(true, false);
     }
 
-    fn cancel_with(&self, soft: bool) {
+    /// Cancels the job hard with no grace: a runner running it is killed at once if the job
+    /// has not ended (the wakers run again if it was cancelled before). For jobs that already
+    /// ignored a soft cancel for a grace.
+    pub fn stop_at_once(&self) {
+        self.cancel_with(false, true);
+    }
+
+    fn cancel_with(&self, soft: bool, at_once: bool) {
         let wakers = {
             let mut state = self.state();
-            let turns_hard = state.cancelled && state.soft && !soft;
-            if state.cancelled && !turns_hard {
+            let harder = (state.soft && !soft) || (at_once && !state.at_once);
+            if state.cancelled && !harder {
                 return;
             }
             state.cancelled = true;
             state.soft = soft;
+            state.at_once |= at_once;
             state.wakers.clone()
         };
         for wake in wakers {
@@ -157,6 +167,11 @@ impl CancelToken {
     /// Whether the cancel asks for no hard stop ([`Self::cancel_softly`]).
     pub fn is_soft(&self) -> bool {
         self.state().soft
+    }
+
+    /// Whether the cancel asks for a hard stop with no grace ([`Self::stop_at_once`]).
+    pub fn is_at_once(&self) -> bool {
+        self.state().at_once
     }
 
     /// Whether the job was cancelled.

@@ -5,12 +5,14 @@
 //! and one that ignores it runs on, because stopping it hard kills its runner and with it every
 //! other job there. But a handler that never returns would hold its slot for good; once every
 //! slot is held so, each request waits (or gets 429) while the health check says 200, and the
-//! worker is lost until someone restarts it. So when a request finds no slot, and every running
-//! job was given up by its client more than the cancel grace (`--cancel-grace-secs`) ago, those
-//! jobs are stopped hard: their handlers get one more grace to return, and then their runner is
-//! killed and started again (counted in `runner_restarts_total{reason="hung"}`). No client that
-//! still waits loses its job to it: there is none on that runner. With `--isolation none` a
-//! handler's thread cannot be stopped, and the slot stays taken.
+//! worker is lost until someone restarts it. So when a request finds no slot, every slot is held
+//! by a running job, and every one of those was given up by its client more than the cancel
+//! grace (`--cancel-grace-secs`) ago, they are stopped at once: they had their grace, so their
+//! runner is killed and started again (counted in `runner_restarts_total{reason="hung"}`). No
+//! client that still waits loses its job to it: every slot, so every job on that runner, is one
+//! of those (a job that returns at that very moment frees a slot a waiting request may take just
+//! before the kill: a window of microseconds). With `--isolation none` a handler's thread cannot
+//! be stopped, and the slots stay taken.
 
 use crate::handler::CancelToken;
 use std::collections::HashMap;
@@ -63,15 +65,15 @@ impl RunningJobs {
         self.jobs().remove(&number);
     }
 
-    /// When at least one job runs and every one was abandoned more than `grace` ago, stops hard
-    /// those not stopped yet and says how many; otherwise 0.
-    pub(super) fn stop_if_all_abandoned(&self, grace: Duration) -> usize {
+    /// When the jobs running hold all `slots` and every one was abandoned more than `grace` ago,
+    /// stops at once those not stopped yet and says how many; otherwise 0.
+    pub(super) fn stop_if_all_abandoned(&self, grace: Duration, slots: usize) -> usize {
         let stopped: Vec<CancelToken> = {
             let mut jobs = self.jobs();
             let wedged = jobs
                 .values()
                 .all(|running| running.abandoned_at.is_some_and(|at| at.elapsed() >= grace));
-            if !wedged {
+            if jobs.len() < slots.max(1) || !wedged {
                 return 0;
             }
             jobs.values_mut()
@@ -82,7 +84,7 @@ impl RunningJobs {
                 .collect()
         };
         for cancel in &stopped {
-            cancel.cancel();
+            cancel.stop_at_once();
         }
         stopped.len()
     }
@@ -92,26 +94,29 @@ impl RunningJobs {
 mod tests {
     use super::*;
 
-    /// Only when every running job was abandoned long enough are they stopped, and hard.
+    /// Only when abandoned jobs hold every slot, each for long enough, are they stopped, hard
+    /// and at once.
     #[test]
-    fn jobs_are_stopped_only_when_every_one_was_abandoned_long_enough() {
+    fn jobs_are_stopped_only_when_abandoned_ones_hold_every_slot_long_enough() {
         let jobs = RunningJobs::default();
-        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO), 0);
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO, 1), 0);
         let (gone, live) = (CancelToken::new(), CancelToken::new());
         let gone_number = jobs.started(gone.clone());
         let live_number = jobs.started(live.clone());
         jobs.abandoned(gone_number);
         gone.cancel_softly();
-        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO), 0);
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO, 2), 0);
         assert!(!live.is_cancelled());
         jobs.ended(live_number);
-        assert_eq!(jobs.stop_if_all_abandoned(Duration::from_secs(3600)), 0);
+        // A free slot: nothing is wedged.
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO, 2), 0);
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::from_secs(3600), 1), 0);
         assert!(gone.is_soft());
-        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO), 1);
-        assert!(gone.is_cancelled() && !gone.is_soft());
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO, 1), 1);
+        assert!(gone.is_cancelled() && !gone.is_soft() && gone.is_at_once());
         // Once only.
-        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO), 0);
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO, 1), 0);
         jobs.ended(gone_number);
-        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO), 0);
+        assert_eq!(jobs.stop_if_all_abandoned(Duration::ZERO, 1), 0);
     }
 }

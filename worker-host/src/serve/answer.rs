@@ -188,6 +188,10 @@ impl JobGuard {
             return;
         }
         self.ended = true;
+        if outcome == JobOutcome::cancelled {
+            // Its client did not read its stream: given up as a client that went away is.
+            self.running.running_jobs.abandoned(self.number);
+        }
         metrics::get().job_ended(outcome);
         let _entered = self.span.enter();
         match (outcome, failure) {
@@ -252,8 +256,9 @@ impl Admission<'_> {
             tokio::select! {
                 permit = &mut acquire => return Ok(permit.expect("the semaphore is never closed")),
                 () = self.state.stop_jobs.cancelled() => return Err(shutting_down()),
-                // Checked each grace while it waits: a job counts once it was abandoned a grace
-                // ago, so the hard stop comes within two graces of the last one's client going.
+                // Checked each grace (from when it began to wait): a job counts once it was
+                // abandoned a grace ago, so the stop comes within two graces of the last client's
+                // going.
                 () = tokio::time::sleep(grace.max(MIN_WEDGE_CHECK)) => stop_wedged_jobs(self.state),
             }
         }
@@ -263,14 +268,15 @@ impl Admission<'_> {
 /// The shortest pause between two checks of a waiting request for wedged jobs.
 const MIN_WEDGE_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
-/// Stops hard the running jobs when every one was given up by its client a grace ago (see
-/// `abandoned`), and says so.
+/// Stops at once the running jobs when they hold every slot and every one was given up by its
+/// client a grace ago (see `abandoned`), and says so.
 pub(super) fn stop_wedged_jobs(state: &ServeState) {
     let grace = state.config.abandoned_grace;
-    let stopped = state.running_jobs.stop_if_all_abandoned(grace);
+    let slots = state.slots.load(Ordering::Acquire);
+    let stopped = state.running_jobs.stop_if_all_abandoned(grace, slots);
     if stopped > 0 {
         tracing::warn!(
-            "Every running job ({stopped}) was given up by its client and its handler ignored the cancel for {grace:?}, while requests wait for a slot: stopping them hard (a runner whose handler does not return within --cancel-grace-secs is restarted)."
+            "Every slot ({stopped}) is held by a job whose client went away and whose handler ignored the cancel for {grace:?}: stopping them (a handler's runner is restarted; with --isolation none they run on)."
         );
     }
 }

@@ -36,6 +36,12 @@ pub(crate) enum KillReason {
         /// The grace, in seconds.
         grace_secs: f64,
     },
+    /// Every slot was held by a job whose client went away and whose handler ignored the
+    /// cancel for the cancel grace; this was one of them.
+    Abandoned {
+        /// The job.
+        job_id: String,
+    },
     /// The runner broke the channel protocol.
     Protocol(String),
     /// The host is shutting down and the runner did not exit in time.
@@ -93,6 +99,9 @@ pub(crate) fn describe_kill(reason: &KillReason) -> String {
     match reason {
         KillReason::HardStop { job_id, grace_secs } => format!(
             "was killed by the host because job {job_id} was stopped and its handler did not return within {grace_secs} s (--cancel-grace-secs)"
+        ),
+        KillReason::Abandoned { job_id } => format!(
+            "was killed by the host because every slot was held by a job whose client went away and whose handler ignored the cancel past --cancel-grace-secs (job {job_id} among them)"
         ),
         KillReason::Protocol(problem) => {
             format!("was killed by the host because it broke the runner protocol ({problem})")

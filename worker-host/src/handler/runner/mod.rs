@@ -190,16 +190,27 @@ impl<'a> Wait<'a> {
 
     /// The stopped job's handler did not return within the grace: its runner is killed (the
     /// job's Died follows).
-    fn hard_stop(&mut self) {
-        tracing::warn!(
-            "The job's handler did not return within {:?} of the stop: killing its runner process (pid {}).",
-            self.grace,
-            self.runner.pid()
-        );
-        self.runner.kill(KillReason::HardStop {
-            job_id: self.job_id.to_owned(),
-            grace_secs: self.grace.as_secs_f64(),
-        });
+    /// `at_once`: it was stopped with no grace ([`CancelToken::stop_at_once`]).
+    fn hard_stop(&mut self, at_once: bool) {
+        let job_id = self.job_id.to_owned();
+        let reason = if at_once {
+            tracing::warn!(
+                "The job's client went away and its handler ignored the cancel: killing its runner process (pid {}).",
+                self.runner.pid()
+            );
+            KillReason::Abandoned { job_id }
+        } else {
+            tracing::warn!(
+                "The job's handler did not return within {:?} of the stop: killing its runner process (pid {}).",
+                self.grace,
+                self.runner.pid()
+            );
+            KillReason::HardStop {
+                job_id,
+                grace_secs: self.grace.as_secs_f64(),
+            }
+        };
+        self.runner.kill(reason);
         self.hard_stop_at = None;
     }
 
@@ -218,7 +229,7 @@ impl<'a> Wait<'a> {
                 return Some(result);
             }
         }
-        self.hard_stop();
+        self.hard_stop(cancel.is_at_once());
         None
     }
 
@@ -250,7 +261,9 @@ impl<'a> Wait<'a> {
                 // The clock starts before the write, which may wait for the channel. A soft
                 // cancel (a load-balancing client gone) never kills the runner; it comes again
                 // if it turns hard.
-                if !cancel.is_soft() {
+                if cancel.is_at_once() {
+                    self.hard_stop_at = Some(Instant::now());
+                } else if !cancel.is_soft() {
                     self.hard_stop_at.get_or_insert(Instant::now() + self.grace);
                 }
                 cancel_frame(&self.runner, self.call);
