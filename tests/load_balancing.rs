@@ -361,20 +361,26 @@ fn overload_is_429_with_retry_after() {
     assert_eq!(waiting.join().unwrap(), StatusCode::OK);
 }
 
-/// A client that goes away while its job runs cancels the job: the handler sees the cancel,
-/// and it is counted as cancelled.
-#[test]
-fn a_client_that_disconnects_cancels_its_job() {
-    let server = LoadBalancer::start(Sample::Faulty, &[]);
+/// Sends `POST /` with the JSON `body` on a connection of its own, and returns the connection
+/// without reading the answer: dropping it is the client going away.
+fn post_and_hold(server: &LoadBalancer, body: &str) -> std::net::TcpStream {
     let address = server.base_url().trim_start_matches("http://").to_owned();
     let mut socket = std::net::TcpStream::connect(&address).unwrap();
-    let body = r#"{"mode": "sleep", "ms": 20000}"#;
     write!(
         socket,
         "POST / HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     )
     .unwrap();
+    socket
+}
+
+/// A client that goes away while its job runs cancels the job: the handler sees the cancel,
+/// and it is counted as cancelled.
+#[test]
+fn a_client_that_disconnects_cancels_its_job() {
+    let server = LoadBalancer::start(Sample::Faulty, &[]);
+    let socket = post_and_hold(&server, r#"{"mode": "sleep", "ms": 20000}"#);
     wait_for("the job to run", || {
         (metric(&server, "worker_host_jobs_in_flight") == 1.0).then_some(())
     });
@@ -497,15 +503,10 @@ fn a_disconnect_never_fails_the_jobs_beside_it() {
     wait_for("the sibling to run", || {
         (metric(&server, "worker_host_jobs_in_flight") == 1.0).then_some(())
     });
-    let address = server.base_url().trim_start_matches("http://").to_owned();
-    let mut socket = std::net::TcpStream::connect(&address).unwrap();
-    let body = r#"{"mode": "sleep", "ms": 1000, "ignore_cancel": true}"#;
-    write!(
-        socket,
-        "POST / HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let socket = post_and_hold(
+        &server,
+        r#"{"mode": "sleep", "ms": 1000, "ignore_cancel": true}"#,
+    );
     wait_for("both jobs to run", || {
         (metric(&server, "worker_host_jobs_in_flight") == 2.0).then_some(())
     });
@@ -532,15 +533,7 @@ fn jobs_given_up_by_their_clients_do_not_wedge_the_worker() {
         Sample::Faulty,
         &["--concurrency", "1", "--cancel-grace-secs", "0.3"],
     );
-    let address = server.base_url().trim_start_matches("http://").to_owned();
-    let mut socket = std::net::TcpStream::connect(&address).unwrap();
-    let body = r#"{"mode": "hang"}"#;
-    write!(
-        socket,
-        "POST / HTTP/1.1\r\nHost: {address}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .unwrap();
+    let socket = post_and_hold(&server, r#"{"mode": "hang"}"#);
     wait_for("the hanging job to run", || {
         (metric(&server, "worker_host_jobs_in_flight") == 1.0).then_some(())
     });
