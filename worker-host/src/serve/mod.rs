@@ -8,8 +8,9 @@
 //!   take a job**, 503 while it cannot (its runner is being restarted, a drain-first swap, or it
 //!   is shutting down). The listener is up before `init` starts.
 //! - `GET /metrics`: the host's metrics ([`crate::metrics`]).
-//! - every other path and method runs one job ([`request`] says what the job holds, `answer`
-//!   how it is answered, streamed, limited and cancelled).
+//! - every other path and method runs one job ([`request`] says what the job holds, `admission`
+//!   when it may run or gets 429, `answer` how it is answered, streamed, limited and cancelled,
+//!   and `abandoned` what becomes of jobs whose clients went away).
 //!
 //! Every error is JSON (`{"error": "..."}`); `--api-key` guards everything but the health path.
 //! A request body over `--max-input-bytes` (30 MB by default in this mode, the platform's limit)
@@ -20,6 +21,7 @@
 //! still running then are cancelled and answered with a shutdown error; then the server stops.
 
 mod abandoned;
+mod admission;
 mod answer;
 pub mod request;
 
@@ -447,8 +449,8 @@ async fn job(State(state): State<Arc<ServeState>>, request: Request) -> Response
     let span = tracing::info_span!("job", job_id = %id);
     async move {
         let admitted = async {
-            let Some(admission) = answer::admit(&state) else {
-                return Err(answer::busy(&state));
+            let Some(admission) = admission::admit(&state) else {
+                return Err(admission::busy(&state));
             };
             let limit = state.config.max_input_bytes;
             let (parts, body) = request.into_parts();
