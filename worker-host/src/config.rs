@@ -279,7 +279,7 @@ impl Settings {
                         "--shutdown-grace-secs",
                         cli.worker.shutdown_grace_secs,
                     )?,
-                    abandoned_grace: cancel_grace,
+                    cancel_grace,
                     origin: Origin {
                         worker_id: worker_id.clone(),
                         ..origin.clone()

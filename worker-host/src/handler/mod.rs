@@ -88,14 +88,23 @@ impl JobEvents for DiscardEvents {
 /// What a [`CancelToken`] runs when it is cancelled (again when a soft cancel turns hard).
 type Waker = Arc<dyn Fn() + Send + Sync>;
 
+/// How hard a job was cancelled, in order: a token only ever moves up.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Stop {
+    #[default]
+    None,
+    /// Without a hard stop (see [`CancelToken::cancel_softly`]).
+    Soft,
+    /// Hard, after the cancel grace ([`CancelToken::cancel`]).
+    Hard,
+    /// Hard with no grace (see [`CancelToken::stop_at_once`]).
+    AtOnce,
+}
+
 /// The shared state of a [`CancelToken`].
 #[derive(Default)]
 struct CancelState {
-    cancelled: bool,
-    /// Cancelled without a hard stop (see [`CancelToken::cancel_softly`]).
-    soft: bool,
-    /// Stopped hard with no grace (see [`CancelToken::stop_at_once`]).
-    at_once: bool,
+    stop: Stop,
     /// Run at the cancel, and again when a soft cancel turns hard: whoever waits on the job is
     /// woken.
     wakers: Vec<Waker>,
@@ -129,7 +138,7 @@ impl CancelToken {
     /// unless the first was soft ([`Self::cancel_softly`]): then the cancel turns hard, and the
     /// wakers run again (the runner proxy starts the hard-stop clock then).
     pub fn cancel(&self) {
-        self.cancel_with(false, false);
+        self.cancel_with(Stop::Hard);
     }
 
     /// Cancels the job as [`Self::cancel`] does, but asks for no hard stop: the handler sees
@@ -137,26 +146,23 @@ impl CancelToken {
     /// its runner killed, which would fail every other job on it. For a load-balancing client
     /// that went away: a routine event, not a deliberate stop.
     pub fn cancel_softly(&self) {
-        self.cancel_with(true, false);
+        self.cancel_with(Stop::Soft);
     }
 
     /// Cancels the job hard with no grace: a runner running it is killed at once if the job
     /// has not ended (the wakers run again if it was cancelled before). For jobs that already
     /// ignored a soft cancel for a grace.
     pub fn stop_at_once(&self) {
-        self.cancel_with(false, true);
+        self.cancel_with(Stop::AtOnce);
     }
 
-    fn cancel_with(&self, soft: bool, at_once: bool) {
+    fn cancel_with(&self, stop: Stop) {
         let wakers = {
             let mut state = self.state();
-            let harder = (state.soft && !soft) || (at_once && !state.at_once);
-            if state.cancelled && !harder {
+            if stop <= state.stop {
                 return;
             }
-            state.cancelled = true;
-            state.soft = soft;
-            state.at_once |= at_once;
+            state.stop = stop;
             state.wakers.clone()
         };
         for wake in wakers {
@@ -166,17 +172,17 @@ impl CancelToken {
 
     /// Whether the cancel asks for no hard stop ([`Self::cancel_softly`]).
     pub fn is_soft(&self) -> bool {
-        self.state().soft
+        self.state().stop == Stop::Soft
     }
 
     /// Whether the cancel asks for a hard stop with no grace ([`Self::stop_at_once`]).
     pub fn is_at_once(&self) -> bool {
-        self.state().at_once
+        self.state().stop == Stop::AtOnce
     }
 
     /// Whether the job was cancelled.
     pub fn is_cancelled(&self) -> bool {
-        self.state().cancelled
+        self.state().stop != Stop::None
     }
 
     /// Runs `wake` when the job is cancelled: now, on this thread, if it already is; otherwise
@@ -185,7 +191,7 @@ impl CancelToken {
         let wake: Waker = Arc::new(wake);
         let mut state = self.state();
         state.wakers.push(wake.clone());
-        if state.cancelled {
+        if state.stop != Stop::None {
             drop(state);
             wake();
         }

@@ -42,7 +42,7 @@ impl Admission<'_> {
     /// Waits for a slot (the request leaves the waiting ones then). While it waits, jobs whose
     /// clients went away and that hold every slot are stopped hard ([`stop_wedged_jobs`]).
     pub(super) async fn slot(self) -> Result<OwnedSemaphorePermit, Response> {
-        let grace = self.state.config.abandoned_grace;
+        let grace = self.state.config.cancel_grace;
         let acquire = self.state.running.clone().acquire_owned();
         tokio::pin!(acquire);
         loop {
@@ -64,7 +64,7 @@ const MIN_WEDGE_CHECK: std::time::Duration = std::time::Duration::from_millis(10
 /// Stops at once the running jobs when they hold every slot and every one was given up by its
 /// client a grace ago (see `abandoned`), and says so.
 pub(super) fn stop_wedged_jobs(state: &ServeState) {
-    let grace = state.config.abandoned_grace;
+    let grace = state.config.cancel_grace;
     let slots = state.slots.load(Ordering::Acquire);
     let stopped = state.running_jobs.stop_if_all_abandoned(grace, slots);
     if stopped > 0 {

@@ -73,10 +73,10 @@ pub struct ServeConfig {
     pub max_input_bytes: usize,
     /// How long admitted requests may go on after a shutdown signal.
     pub shutdown_grace: Duration,
-    /// How long a job's handler may ignore the cancel of a client that went away before, when
-    /// every slot is held so and a request needs one, it is stopped hard (`--cancel-grace-secs`;
-    /// see `abandoned`).
-    pub abandoned_grace: Duration,
+    /// The cancel grace (`--cancel-grace-secs`): here, how long a job's handler may ignore the
+    /// cancel of a client that went away before, when every slot is held so and a request needs
+    /// one, it is stopped (see `abandoned`).
+    pub cancel_grace: Duration,
     /// Where error payloads say they come from.
     pub origin: Origin,
 }
